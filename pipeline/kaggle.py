@@ -1,0 +1,157 @@
+"""The Kaggle Facial Keypoints CSV layout: column names, flip pairs, reading and writing.
+
+The reader validates as it reads, so a bad file is rejected with one line naming the file,
+the row and the problem instead of failing somewhere deep in training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import PipelineError
+
+IMAGE_SIZE = 96
+N_PIXELS = IMAGE_SIZE * IMAGE_SIZE
+
+KEYPOINTS = (
+    "left_eye_center",
+    "right_eye_center",
+    "left_eye_inner_corner",
+    "left_eye_outer_corner",
+    "right_eye_inner_corner",
+    "right_eye_outer_corner",
+    "left_eyebrow_inner_end",
+    "left_eyebrow_outer_end",
+    "right_eyebrow_inner_end",
+    "right_eyebrow_outer_end",
+    "nose_tip",
+    "mouth_left_corner",
+    "mouth_right_corner",
+    "mouth_center_top_lip",
+    "mouth_center_bottom_lip",
+)
+KEYPOINT_COLUMNS = tuple(f"{name}_{axis}" for name in KEYPOINTS for axis in ("x", "y"))
+COLUMNS = KEYPOINT_COLUMNS + ("Image",)
+
+# "left" is the subject's left, on the image's right: a horizontal flip swaps each pair.
+FLIP_PAIRS = (
+    (0, 2), (1, 3), (4, 8), (5, 9), (6, 10), (7, 11),
+    (12, 16), (13, 17), (14, 18), (15, 19), (22, 24), (23, 25),
+)
+
+# Column means of the published training.csv, in pixels, in KEYPOINT_COLUMNS order.
+KAGGLE_MEANS = np.array([
+    66.4, 37.7, 30.3, 38.0, 59.2, 37.9, 73.3, 37.7, 36.7, 38.0, 22.4, 38.0,
+    56.1, 29.3, 79.5, 29.7, 39.3, 29.5, 15.9, 30.4, 48.4, 62.7,
+    63.3, 76.0, 32.9, 76.2, 48.0, 72.9, 48.6, 79.0,
+])
+
+
+class KaggleFormatError(PipelineError):
+    pass
+
+
+def read_training_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a file in the Kaggle training.csv layout, validating every row.
+
+    Returns images as uint8 (n, 96, 96) and keypoints as float64 (n, 30) pixels, NaN where a
+    keypoint is not labelled. Rows are numbered as in the file: the header is line 1.
+    """
+    path = Path(path)
+    table = _read_table(path)
+    keypoints = _parse_keypoints(path, table)
+    images = _parse_images(path, table["Image"])
+    return images, keypoints
+
+
+def write_training_csv(path: Path, images: np.ndarray, keypoints: np.ndarray) -> None:
+    """Write images (n, 96, 96) uint8 and keypoints (n, 30) pixels (NaN = missing) as Kaggle does."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(keypoints, columns=KEYPOINT_COLUMNS)
+    frame["Image"] = [" ".join(map(str, image.ravel().tolist())) for image in images]
+    temporary = path.with_name(path.name + ".tmp")
+    frame.to_csv(temporary, index=False, float_format="%.6f")
+    temporary.replace(path)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise KaggleFormatError(f"{path}: no such file")
+    try:
+        header = pd.read_csv(path, nrows=0).columns.tolist()
+    except pd.errors.EmptyDataError:
+        raise KaggleFormatError(f"{path}: the file is empty") from None
+    for position, expected in enumerate(COLUMNS):
+        if position >= len(header):
+            raise KaggleFormatError(f"{path}: line 1: column {expected!r} is missing")
+        if header[position] != expected:
+            found = header[position]
+            problem = "misordered" if found in COLUMNS else "unexpected"
+            raise KaggleFormatError(
+                f"{path}: line 1: {problem} column {found!r} at position {position + 1}, expected {expected!r}"
+            )
+    if len(header) > len(COLUMNS):
+        raise KaggleFormatError(f"{path}: line 1: unexpected extra column {header[len(COLUMNS)]!r}")
+    try:
+        # Everything as text: a value that is not a number is reported, not silently turned into NaN.
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, engine="c")
+    except pd.errors.ParserError as error:
+        raise KaggleFormatError(f"{path}: {_parser_problem(error)}") from None
+    if table.empty:
+        raise KaggleFormatError(f"{path}: the file has a header but no rows")
+    return table
+
+
+def _parser_problem(error: Exception) -> str:
+    # pandas says "Expected 31 fields in line 5, saw 32"; keep it to one line.
+    return " ".join(str(error).replace("Error tokenizing data. C error: ", "").split())
+
+
+def _parse_keypoints(path: Path, table: pd.DataFrame) -> np.ndarray:
+    keypoints = np.empty((len(table), len(KEYPOINT_COLUMNS)))
+    for index, column in enumerate(KEYPOINT_COLUMNS):
+        text = table[column].str.strip()
+        values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float)
+        not_a_number = np.isnan(values) & (text != "").to_numpy()
+        if not_a_number.any():
+            row = int(np.argmax(not_a_number))
+            raise KaggleFormatError(
+                f"{path}: line {row + 2}: {column} is {table[column].iloc[row]!r}, not a number"
+            )
+        outside = ~np.isnan(values) & ~((values >= 0) & (values <= IMAGE_SIZE))
+        if outside.any():
+            row = int(np.argmax(outside))
+            raise KaggleFormatError(
+                f"{path}: line {row + 2}: {column} is {values[row]:g}, outside 0..{IMAGE_SIZE}"
+            )
+        keypoints[:, index] = values
+    return keypoints
+
+
+def _parse_images(path: Path, column: pd.Series) -> np.ndarray:
+    pixels = np.empty((len(column), N_PIXELS), dtype=np.float32)
+    for row, text in enumerate(column):
+        try:
+            values = np.fromstring(text, dtype=np.float32, sep=" ")
+        except ValueError:
+            raise KaggleFormatError(
+                f"{path}: line {row + 2}: Image is not {N_PIXELS} space-separated integers"
+            ) from None
+        if values.size != N_PIXELS:
+            raise KaggleFormatError(
+                f"{path}: line {row + 2}: Image has {values.size} values, expected {N_PIXELS}"
+            )
+        pixels[row] = values
+    # One vectorised check over all rows is far cheaper than one per row.
+    bad = ((pixels < 0) | (pixels > 255) | (pixels != np.floor(pixels))).any(axis=1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        value = pixels[row][(pixels[row] < 0) | (pixels[row] > 255) | (pixels[row] != np.floor(pixels[row]))][0]
+        raise KaggleFormatError(
+            f"{path}: line {row + 2}: Image value {value:g} is not an integer in 0..255"
+        )
+    return pixels.astype(np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)

@@ -1,0 +1,48 @@
+"""Stage `prepare`: the chosen CSV -> complete, shuffled, scaled faces split into train and test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import load_config
+from pipeline.data import content_hash, load, save_faces, split, unscale_keypoints, write_json
+from pipeline.errors import reports_errors
+from pipeline.plots import face_grid
+
+N_SAMPLE_FACES = 16
+
+
+@reports_errors
+def main() -> None:
+    config = load_config()
+    source = config.source_csv
+    faces, report = load(source, seed=config.prepare.seed)
+    train, test = split(faces, config.prepare.test_fraction, seed=config.prepare.seed)
+    save_faces(config.paths.train_faces, train)
+    save_faces(config.paths.test_faces, test)
+    summary = {
+        "source": str(source),
+        "n_rows": report.n_rows,
+        "n_dropped_incomplete": report.n_dropped,
+        "n_train": len(train),
+        "n_test": len(test),
+        "data_hash": content_hash(train, test),
+    }
+    write_json(config.paths.prepared_summary, summary)
+    samples = train.take(slice(0, N_SAMPLE_FACES))
+    face_grid(
+        Path(config.paths.plots) / "samples.png",
+        images=np.rint(samples.X[:, 0] * 255).astype(np.uint8),
+        keypoints=unscale_keypoints(samples.y),
+        title=f"{N_SAMPLE_FACES} training faces from {source}",
+    )
+    print(
+        f"prepare: {source}: {report.n_rows} rows, {report.n_dropped} dropped for missing keypoints, "
+        f"{len(train)} train + {len(test)} test, data hash {summary['data_hash']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
