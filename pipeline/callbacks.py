@@ -60,9 +60,9 @@ class EpochTable(Callback):
     GREEN, CYAN, RESET = "\033[32m", "\033[36m", "\033[0m"
     PROGRESS_AFTER_SECONDS = 2.0  # short epochs would only flicker
 
-    def __init__(self, stream: TextIO = sys.stdout):
-        self.stream = stream
-        self.interactive = stream.isatty()
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream or sys.stdout
+        self.interactive = self.stream.isatty()
         self.epoch_started = 0.0
 
     def on_train_begin(self, trainer: Trainer) -> None:

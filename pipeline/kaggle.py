@@ -141,6 +141,8 @@ def _parse_images(path: Path, column: pd.Series) -> np.ndarray:
             raise KaggleFormatError(
                 f"{path}: line {row + 2}: Image is not {N_PIXELS} space-separated integers"
             ) from None
+        if values.size == 0:
+            raise KaggleFormatError(f"{path}: line {row + 2}: Image is empty (or the row has fewer than {len(COLUMNS)} fields)")
         if values.size != N_PIXELS:
             raise KaggleFormatError(
                 f"{path}: line {row + 2}: Image has {values.size} values, expected {N_PIXELS}"

@@ -50,7 +50,7 @@ def training_run(net_name: str, params: dict, tags: dict) -> Iterator[mlflow.Act
     `mlflow run` hands its own run to the command through MLFLOW_RUN_ID; a plain start_run()
     would resume and overwrite that run, so the training becomes its child instead.
     """
-    parent_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    parent_run_id = os.environ.get("MLFLOW_RUN_ID")
     experiment_id = mlflow.set_experiment(EXPERIMENT).experiment_id
     commit, dirty = git_state()
     run_tags = {

@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import flatten, load_config
+from pipeline.errors import PipelineError
+
+PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def write_params(tmp_path, change):
+    params = yaml.safe_load(PROJECT_PARAMS.read_text())
+    change(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_project_params_load():
+    config = load_config(PROJECT_PARAMS)
+    assert config.data.source == "synthetic"
+    assert set(config.nets) == {"net4", "net5"}
+    assert config.nets["net5"].flip and not config.nets["net4"].flip
+    assert config.train.schedules["lr"].start == 0.03 and config.train.schedules["lr"].stop == 0.0001
+    assert config.train.schedules["momentum"].start == 0.9 and config.train.schedules["momentum"].stop == 0.999
+    assert flatten(config.to_dict())["train.schedules.lr.start"] == 0.03
+
+
+def expect_error(tmp_path, change, *fragments):
+    with pytest.raises(PipelineError) as caught:
+        load_config(write_params(tmp_path, change))
+    message = str(caught.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    expect_error(tmp_path, lambda p: p["train"].update(max_epoch=3), "unknown key train.max_epoch", "did you mean train.max_epochs")
+
+
+def test_missing_key_is_named(tmp_path):
+    expect_error(tmp_path, lambda p: p["train"].pop("batch_size"), "missing key train.batch_size")
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("max_epochs", 0, "train.max_epochs must be at least 1"),
+    ("max_epochs", 2.5, "train.max_epochs must be an integer"),
+    ("max_epochs", True, "train.max_epochs must be an integer"),
+    ("valid_fraction", 1.0, "train.valid_fraction must be strictly between 0 and 1"),
+    ("device", "tpu", "train.device must be"),
+])
+def test_bad_train_values_are_named(tmp_path, key, value, fragment):
+    expect_error(tmp_path, lambda p: p["train"].update({key: value}), fragment)
+
+
+def test_bad_schedule_values_are_named(tmp_path):
+    expect_error(tmp_path, lambda p: p["train"]["schedules"]["lr"].update(start=-1), "train.schedules.lr")
+    expect_error(tmp_path, lambda p: p["train"]["schedules"]["momentum"].update(stop=1.0), "train.schedules.momentum")
+
+
+def test_bad_source_and_flip(tmp_path):
+    expect_error(tmp_path, lambda p: p["data"].update(source="kaggle"), "data.source must be synthetic or csv")
+    expect_error(tmp_path, lambda p: p["nets"]["net5"].update(flip="yes"), "nets.net5.flip must be true or false")
+
+
+def test_unknown_net_is_named():
+    with pytest.raises(PipelineError, match="unknown net 'net9'"):
+        load_config(PROJECT_PARAMS).net("net9")
+
+
+def test_broken_yaml_is_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(PipelineError, match="not valid YAML") as caught:
+        load_config(path)
+    assert "\n" not in str(caught.value)

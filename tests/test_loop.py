@@ -1,0 +1,130 @@
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.augment import flip_random_half
+from pipeline.callbacks import AdjustHyperparameter, Callback, EpochTable
+from pipeline.data import FaceSet
+from pipeline.errors import PipelineError
+from pipeline.loop import Tensors, Trainer, fit
+from pipeline.model import KeypointNet
+
+
+def bright_square_faces(n, seed):
+    """Images with one bright square whose position is the target: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    X = np.zeros((n, 1, 96, 96), dtype=np.float32)
+    y = np.zeros((n, 30), dtype=np.float32)
+    for i in range(n):
+        row, column = rng.integers(10, 80, size=2)
+        X[i, 0, row:row + 8, column:column + 8] = 1
+        y[i, 0::2] = (column + 4 - 48) / 48
+        y[i, 1::2] = (row + 4 - 48) / 48
+    return FaceSet(X, y)
+
+
+def make_trainer(max_epochs, callbacks=(), augment=None, lr=0.01, momentum=0.9):
+    torch.manual_seed(0)
+    model = KeypointNet().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True)
+    return Trainer(model, optimizer, max_epochs, batch_size=16, generator=torch.Generator().manual_seed(0),
+                   augment=augment, callbacks=list(callbacks))
+
+
+def data(n=64, seed=0):
+    return Tensors.of(bright_square_faces(n, seed), torch.device("cpu"))
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.calls = []
+
+    def on_train_begin(self, trainer):
+        self.calls.append("train_begin")
+
+    def on_epoch_begin(self, trainer, epoch):
+        self.calls.append(f"epoch_begin {epoch}")
+
+    def on_batch_end(self, trainer, batch, n_batches):
+        self.calls.append(f"batch {batch}/{n_batches}")
+
+    def on_epoch_finished(self, trainer, history):
+        self.calls.append(f"epoch_finished {history[-1]['epoch']}")
+
+    def on_train_end(self, trainer, history):
+        self.calls.append("train_end")
+
+
+def test_loss_falls_on_a_learnable_task():
+    history = fit(make_trainer(4, lr=0.1), data(256), data(32, seed=1))
+    assert history[-1]["train_loss"] < 0.2 * history[0]["train_loss"]
+    assert history[-1]["valid_loss"] < history[0]["valid_loss"]
+
+
+def test_history_rows_hold_every_epoch_figure():
+    history = fit(make_trainer(2), data(32), data(16, seed=1))
+    assert [row["epoch"] for row in history] == [1, 2]
+    row = history[0]
+    assert set(row) == {"epoch", "train_loss", "valid_loss", "train_valid_ratio", "valid_rmse_px",
+                        "learning_rate", "momentum", "epoch_seconds"}
+    assert row["train_valid_ratio"] == pytest.approx(row["train_loss"] / row["valid_loss"])
+    assert row["valid_rmse_px"] == pytest.approx(row["valid_loss"] ** 0.5 * 48)
+
+
+def test_hooks_run_in_order():
+    recorder = Recorder()
+    fit(make_trainer(2, callbacks=[recorder]), data(32), data(16, seed=1))
+    assert recorder.calls == ["train_begin", "epoch_begin 1", "batch 1/2", "batch 2/2", "epoch_finished 1",
+                              "epoch_begin 2", "batch 1/2", "batch 2/2", "epoch_finished 2", "train_end"]
+
+
+def test_annealing_sets_the_values_used_during_each_epoch():
+    callbacks = [AdjustHyperparameter("lr", 0.03, 0.0001), AdjustHyperparameter("momentum", 0.9, 0.999)]
+    history = fit(make_trainer(3, callbacks), data(32), data(16, seed=1))
+    assert [row["learning_rate"] for row in history] == pytest.approx([0.03, 0.01505, 0.0001])
+    assert [row["momentum"] for row in history] == pytest.approx([0.9, 0.9495, 0.999])
+
+
+def test_annealing_any_hyperparameter_by_name():
+    trainer = make_trainer(2, [AdjustHyperparameter("weight_decay", 0.0, 0.5)])
+    fit(trainer, data(16), data(16, seed=1))
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.5
+
+
+def test_annealing_an_unknown_hyperparameter_is_a_clear_error():
+    with pytest.raises(PipelineError, match="train.schedules.lr_decay: the optimizer has no hyperparameter"):
+        fit(make_trainer(1, [AdjustHyperparameter("lr_decay", 0.1, 0.2)]), data(16), data(16, seed=1))
+
+
+def test_same_seed_gives_identical_history_and_weights():
+    first, second = make_trainer(2), make_trainer(2)
+    history_one = fit(first, data(32), data(16, seed=1))
+    history_two = fit(second, data(32), data(16, seed=1))
+    strip = lambda history: [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in history]
+    assert strip(history_one) == strip(history_two)
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_flip_training_never_modifies_the_stored_data():
+    train = data(32)
+    stored_images, stored_targets = train.images.clone(), train.targets.clone()
+    augment = functools.partial(flip_random_half, generator=torch.Generator().manual_seed(1))
+    history = fit(make_trainer(2, augment=augment), train, data(16, seed=1))
+    assert torch.equal(train.images, stored_images) and torch.equal(train.targets, stored_targets)
+    plain = fit(make_trainer(2), data(32), data(16, seed=1))
+    assert history[0]["train_loss"] != plain[0]["train_loss"]
+
+
+def test_divergence_stops_with_the_epoch_named():
+    with pytest.raises(PipelineError, match="diverged in epoch 1"):
+        fit(make_trainer(3, lr=1e6), data(32), data(16, seed=1))
+
+
+def test_epoch_table_prints_one_plain_line_per_epoch(capsys):
+    fit(make_trainer(2, callbacks=[EpochTable()]), data(16), data(16, seed=1))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("epoch 1/2 train_loss ") and "valid_loss" in lines[0] and "lr 0.01" in lines[0]

@@ -1,0 +1,68 @@
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from pipeline.callbacks import AdjustHyperparameter
+from pipeline.loop import fit
+from pipeline.tracking import EPOCH_METRICS, EXPERIMENT, MlflowLogger, training_run
+from test_loop import data, make_trainer
+
+
+def train_logged(net_name="net4", epochs=3):
+    trainer = make_trainer(epochs, [AdjustHyperparameter("lr", 0.03, 0.0001), AdjustHyperparameter("momentum", 0.9, 0.999)])
+    with training_run(net_name, {"train.max_epochs": epochs, "n_train": 32}, {"data_hash": "abc123"}) as run:
+        trainer.callbacks.append(MlflowLogger(run.info.run_id))
+        history = fit(trainer, data(32), data(16, seed=1))
+    return run.info.run_id, history
+
+
+def test_every_epoch_is_logged_at_its_step():
+    run_id, history = train_logged()
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.run_name == "net4" and run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
+    for key in EPOCH_METRICS:
+        points = client.get_metric_history(run_id, key)
+        assert sorted(point.step for point in points) == [1, 2, 3], key
+        by_step = {point.step: point.value for point in points}
+        for row in history:
+            assert by_step[row["epoch"]] == pytest.approx(row[key])
+    learning_rates = {p.step: p.value for p in client.get_metric_history(run_id, "learning_rate")}
+    assert [learning_rates[s] for s in (1, 2, 3)] == pytest.approx([0.03, 0.01505, 0.0001])
+    assert run.data.params["train.max_epochs"] == "3"
+    assert run.data.tags["data_hash"] == "abc123"
+    assert {"git_commit", "git_dirty", "dvc_stage"} <= set(run.data.tags)
+
+
+def test_the_model_is_logged_with_a_signature_and_loads():
+    run_id, _ = train_logged(epochs=1)
+    models = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    assert len(models) == 1
+    model_info = mlflow.models.get_model_info(models[0].model_uri)
+    assert model_info.signature is not None
+    predict = mlflow.pyfunc.load_model(models[0].model_uri)
+    assert predict.predict(np.zeros((3, 1, 96, 96), dtype=np.float32)).shape == (3, 30)
+
+
+def test_under_mlflow_run_the_training_is_a_child_run(monkeypatch):
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name="project") as parent:
+        pass
+    monkeypatch.setenv("MLFLOW_RUN_ID", parent.info.run_id)
+    run_id, _ = train_logged("net5", epochs=1)
+    client = mlflow.MlflowClient()
+    assert run_id != parent.info.run_id
+    assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert client.get_run(run_id).info.run_name == "net5"
+    assert not client.get_metric_history(parent.info.run_id, "train_loss")
+
+
+def test_a_failed_training_marks_the_run_failed():
+    trainer = make_trainer(2, lr=1e6)
+    with pytest.raises(Exception, match="diverged"):
+        with training_run("net4", {}, {}) as run:
+            trainer.callbacks.append(MlflowLogger(run.info.run_id))
+            fit(trainer, data(32), data(16, seed=1))
+    assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
