@@ -1,0 +1,54 @@
+"""A scratch copy of the project in a temporary git repository, for running real stages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("pipeline", "params.yaml", "dvc.yaml", "MLproject", "python_env.yaml", "requirements.txt",
+                 ".dvc/config", ".dvcignore", ".gitignore", "data/raw/.gitkeep")
+
+# Small enough for seconds per stage, large enough for every split to be non-empty.
+TINY_PARAMS = {"synthetic.n_faces": 120, "train.max_epochs": 2}
+
+
+def set_params(project: Path, changes: dict) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_project(directory: Path, params: dict | None = None) -> Path:
+    for name in PROJECT_FILES:
+        source, target = ROOT / name, directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    set_params(directory, {**TINY_PARAMS, **(params or {})})
+    run(directory, "git", "init", "-q")
+    run(directory, "git", "add", "-A")
+    run(directory, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "scratch")
+    return directory
+
+
+def run(project: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command in the project as a user would, with this interpreter's tools on PATH."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
