@@ -1,0 +1,136 @@
+"""Stage `evaluate`: every net and the mean-shape baseline on the held-out test faces.
+
+Writes <paths.metrics>/evaluate.json, four pictures under paths.plots and reports/comparison.md,
+and adds each net's test figures and the pictures to that net's own training run in MLflow.
+
+Usage: python -m pipeline.evaluate
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+from pipeline import plots
+from pipeline.checkpoint import load_model
+from pipeline.config import load_config
+from pipeline.data import FaceSet, load_faces, read_summary, unscale_keypoints, write_json
+from pipeline.errors import PipelineError, reports_errors
+from pipeline.metrics import mean_shape, predict, rmse_curves, score, summarize
+from pipeline.report import (BASELINE_LABEL, REPORT, SUMMARY_HEADER, comparison_lines, comparison_markdown,
+                             summary_rows, text_table, write_text)
+from pipeline.tracking import log_evaluation
+
+EVALUATION = "evaluate.json"
+PICTURE_TITLES = {
+    "learning_curves.png": "Learning curves",
+    "schedules.png": "Learning rate and momentum",
+    "test_predictions.png": "Test faces: true (green) and predicted (red) keypoints",
+    "keypoint_errors.png": "Test error per keypoint",
+}
+HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "learning_rate", "momentum")
+N_PICTURED_FACES = 16
+
+
+def read_history(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such file (train the nets first with `dvc repro`)")
+    history = pd.read_csv(path)
+    missing = [column for column in HISTORY_COLUMNS if column not in history.columns]
+    if missing:
+        raise PipelineError(f"{path}: line 1: column {missing[0]!r} is missing")
+    if history.empty:
+        raise PipelineError(f"{path}: no epochs recorded")
+    return history
+
+
+def read_run_id(path: Path, data_hash: str) -> str | None:
+    """The net's MLflow run id, after checking that the net was trained on the prepared data.
+
+    A net trained on an earlier preparation may have seen today's test faces while training, so
+    its test error would flatter it.
+    """
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such file (train the nets first with `dvc repro`)")
+    info = json.loads(path.read_text())
+    if info.get("data_hash") != data_hash:
+        raise PipelineError(
+            f"{path}: the net was trained on data {info.get('data_hash')}, but the prepared data is "
+            f"{data_hash}: train it again (`dvc repro`)"
+        )
+    return info.get("mlflow_run_id") or None
+
+
+def mlflow_metrics(results: dict, net: str) -> dict[str, float]:
+    return {
+        "test_rmse_px": results[net]["test_rmse_px"],
+        "baseline_test_rmse_px": results["baseline"]["test_rmse_px"],
+        **{f"test_rmse_px.{name}": value for name, value in results[net]["per_keypoint_rmse_px"].items()},
+    }
+
+
+def draw_pictures(folder: Path, results: dict, histories: dict[str, pd.DataFrame], test: FaceSet,
+                  predictions: dict, nets: list[str]) -> dict[str, Path]:
+    """The four evaluation pictures, by title. The faces show the net with the lowest test error."""
+    path = {name: folder / name for name in PICTURE_TITLES}
+    plots.learning_curves(path["learning_curves.png"], {net: rmse_curves(histories[net]) for net in nets},
+                          results["baseline"]["test_rmse_px"])
+    plots.schedules(path["schedules.png"], histories)
+    best = min(nets, key=lambda net: results[net]["test_rmse_px"])
+    faces = test.take(slice(0, N_PICTURED_FACES))
+    plots.face_grid(
+        path["test_predictions.png"],
+        images=faces.X[:, 0] * 255,
+        keypoints=unscale_keypoints(faces.y),
+        predicted=unscale_keypoints(predictions[best][:N_PICTURED_FACES]),
+        title=f"{best} on test faces: true (green), predicted (red)",
+    )
+    plots.keypoint_errors(path["keypoint_errors.png"], {
+        **{net: results[net]["per_keypoint_rmse_px"] for net in nets},
+        BASELINE_LABEL: results["baseline"]["per_keypoint_rmse_px"],
+    })
+    return {title: path[name] for name, title in PICTURE_TITLES.items()}
+
+
+def log_to_run(net: str, run_id: str | None, metrics: dict[str, float], artifacts: list[Path]) -> None:
+    """Log into the net's training run; without one, warn and carry on, since the files are written."""
+    if run_id is None:
+        print(f"warning: {net} has no MLflow run id: its test figures are not logged to MLflow", file=sys.stderr)
+        return
+    try:
+        log_evaluation(run_id, metrics, artifacts)
+    except MlflowException as error:
+        problem = str(error).splitlines()[0]
+        print(f"warning: {net}: test figures not logged to MLflow run {run_id} ({problem})", file=sys.stderr)
+
+
+@reports_errors
+def main() -> None:
+    config = load_config()
+    paths = config.paths
+    nets = list(config.nets)
+    data_hash = read_summary(paths.prepared_summary)["data_hash"]
+    run_ids = {net: read_run_id(paths.model_info(net), data_hash) for net in nets}
+    histories = {net: read_history(paths.history(net)) for net in nets}
+    train, test = load_faces(paths.train_faces), load_faces(paths.test_faces)
+    # On the CPU whatever the training device: the test set is small, and CPU kernels give the
+    # same evaluate.json on every machine.
+    predictions = {net: predict(load_model(paths.model(net), "cpu"), test.X) for net in nets}
+    baseline = score(mean_shape(train.y, len(test)), test.y)
+    results = summarize({net: score(predictions[net], test.y) for net in nets}, baseline, histories)
+    write_json(Path(paths.metrics) / EVALUATION, results)
+    pictures = draw_pictures(Path(paths.plots), results, histories, test, predictions, nets)
+    write_text(REPORT, comparison_markdown(results, nets, run_ids, data_hash, len(test), pictures, REPORT))
+    for net in nets:
+        log_to_run(net, run_ids[net], mlflow_metrics(results, net), [*pictures.values(), REPORT])
+    print(f"evaluate: {len(test)} test faces, data hash {data_hash}")
+    print(text_table(SUMMARY_HEADER, summary_rows(results, nets)))
+    print("\n".join(comparison_lines(results, nets)))
+
+
+if __name__ == "__main__":
+    main()

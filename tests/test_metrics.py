@@ -1,0 +1,138 @@
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.kaggle import KEYPOINTS
+from pipeline.metrics import (best_valid, first_epoch_reaching, improvement_percent, loss_to_rmse_px, mean_shape,
+                              per_keypoint_rmse_px, predict, rmse_curves, rmse_px, score, summarize,
+                              training_comparison)
+from pipeline.model import KeypointNet
+
+ONE_PIXEL = 1 / 48  # in the scaled space the net regresses
+
+
+def history(valid_losses, train_losses=None):
+    epochs = range(1, len(valid_losses) + 1)
+    return pd.DataFrame({"epoch": epochs, "train_loss": train_losses or valid_losses, "valid_loss": valid_losses})
+
+
+def test_rmse_of_a_one_pixel_error_in_one_column():
+    true = np.zeros((2, 30))
+    predicted = true.copy()
+    predicted[:, 0] = ONE_PIXEL  # left_eye_center_x off by 1 px on both faces
+    assert rmse_px(predicted, true) == pytest.approx(math.sqrt(1 / 30))
+    per_keypoint = per_keypoint_rmse_px(predicted, true)
+    assert list(per_keypoint) == list(KEYPOINTS)
+    # x off by 1 px, y exact: the mean of 1 and 0 over the two coordinates.
+    assert per_keypoint["left_eye_center"] == pytest.approx(math.sqrt(0.5))
+    assert all(value == 0 for name, value in per_keypoint.items() if name != "left_eye_center")
+
+
+def test_per_keypoint_errors_average_faces_and_both_coordinates():
+    true = np.zeros((2, 30))
+    predicted = true.copy()
+    nose = 2 * KEYPOINTS.index("nose_tip")
+    predicted[0, nose:nose + 2] = [3 * ONE_PIXEL, 4 * ONE_PIXEL]  # face 0: x off by 3 px, y by 4 px
+    assert per_keypoint_rmse_px(predicted, true)["nose_tip"] == pytest.approx(math.sqrt((9 + 16) / 4))
+
+
+def test_overall_rmse_is_the_quadratic_mean_of_the_keypoints_and_matches_training():
+    rng = np.random.default_rng(0)
+    true = rng.uniform(-1, 1, (7, 30)).astype(np.float32)
+    predicted = rng.uniform(-1, 1, (7, 30)).astype(np.float32)
+    per_keypoint = np.array(list(per_keypoint_rmse_px(predicted, true).values()))
+    assert rmse_px(predicted, true) == pytest.approx(math.sqrt(np.mean(per_keypoint ** 2)))
+    # The training loop reports valid_rmse_px as sqrt(MSE) * 48.
+    mse = F.mse_loss(torch.from_numpy(predicted), torch.from_numpy(true)).item()
+    assert rmse_px(predicted, true) == pytest.approx(math.sqrt(mse) * 48, rel=1e-5)
+    assert loss_to_rmse_px(mse) == pytest.approx(rmse_px(predicted, true), rel=1e-5)
+
+
+def test_loss_to_rmse_px():
+    assert loss_to_rmse_px(0.0025) == pytest.approx(2.4)
+    assert loss_to_rmse_px(np.array([0.0, 1.0])) == pytest.approx([0.0, 48.0])
+
+
+def test_score_has_the_overall_and_per_keypoint_errors():
+    true = np.zeros((1, 30))
+    result = score(true + ONE_PIXEL, true)
+    assert result["test_rmse_px"] == pytest.approx(1.0)
+    assert result["per_keypoint_rmse_px"] == pytest.approx({name: 1.0 for name in KEYPOINTS})
+
+
+def test_mean_shape_predicts_the_training_average_for_every_face():
+    train = np.array([[0.0] * 30, [0.5] * 30, [1.0] * 30])
+    baseline = mean_shape(train, 4)
+    assert baseline.shape == (4, 30)
+    assert np.all(baseline == 0.5)
+
+
+def test_predictions_are_batched_without_gradients():
+    model = KeypointNet().eval()
+    images = np.random.default_rng(0).random((7, 1, 96, 96), dtype=np.float32)
+    in_batches = predict(model, images, batch_size=3)
+    with torch.no_grad():
+        at_once = model(torch.from_numpy(images)).numpy()
+    assert isinstance(in_batches, np.ndarray) and in_batches.shape == (7, 30)
+    np.testing.assert_allclose(in_batches, at_once, rtol=1e-5, atol=1e-6)
+    assert all(parameter.grad is None for parameter in model.parameters())
+
+
+def test_best_valid_is_the_first_epoch_at_the_lowest_loss():
+    assert best_valid(history([0.5, 0.2, 0.3, 0.2])) == (0.2, 2)
+
+
+def test_first_epoch_reaching_a_target():
+    losses = history([0.5, 0.3, 0.2, 0.1])
+    assert first_epoch_reaching(losses, 0.3) == 2
+    assert first_epoch_reaching(losses, 0.25) == 3
+    assert first_epoch_reaching(losses, 0.05) is None
+
+
+def test_improvement_percent_is_positive_when_lower():
+    assert improvement_percent(10.0, 9.0) == pytest.approx(10.0)
+    assert improvement_percent(10.0, 11.0) == pytest.approx(-10.0)
+
+
+def test_the_common_target_is_the_worse_best_so_both_nets_reach_it():
+    figures, target = training_comparison({
+        "net4": history([0.5, 0.3, 0.2, 0.25]),
+        "net5": history([0.4, 0.2, 0.1, 0.15]),
+    })
+    assert target == 0.2
+    assert figures["net4"] == {"best_valid_loss": 0.2, "best_valid_rmse_px": pytest.approx(math.sqrt(0.2) * 48),
+                               "best_epoch": 3, "epoch_reaching_target": 3}
+    assert figures["net5"]["best_epoch"] == 3 and figures["net5"]["epoch_reaching_target"] == 2
+
+
+def test_summarize_compares_every_net_with_the_baseline_and_the_first_net():
+    per_keypoint = {name: 0.0 for name in KEYPOINTS}
+    scores = {
+        "net4": {"test_rmse_px": 2.0, "per_keypoint_rmse_px": per_keypoint},
+        "net5": {"test_rmse_px": 1.5, "per_keypoint_rmse_px": per_keypoint},
+    }
+    baseline = {"test_rmse_px": 4.0, "per_keypoint_rmse_px": per_keypoint}
+    results = summarize(scores, baseline, {"net4": history([0.5, 0.2]), "net5": history([0.4, 0.1])})
+    assert list(results) == ["net4", "net5", "baseline", "comparison"]
+    assert results["net5"]["test_rmse_px"] == 1.5 and results["net5"]["best_valid_loss"] == 0.1
+    assert results["baseline"] == baseline
+    comparison = results["comparison"]
+    assert comparison["target_valid_loss"] == 0.2
+    assert comparison["net4_vs_baseline"]["test_rmse_improvement_percent"] == pytest.approx(50.0)
+    assert comparison["net5_vs_baseline"]["test_rmse_improvement_percent"] == pytest.approx(62.5)
+    assert comparison["net5_vs_net4"] == {
+        "test_rmse_improvement_percent": pytest.approx(25.0),
+        "best_valid_loss_improvement_percent": pytest.approx(50.0),
+    }
+    assert "net4_vs_net4" not in comparison
+
+
+def test_rmse_curves_convert_both_losses():
+    curves = rmse_curves(history([0.01, 0.0025], train_losses=[0.04, 0.01]))
+    assert list(curves.columns) == ["epoch", "train_rmse_px", "valid_rmse_px"]
+    assert curves["train_rmse_px"].tolist() == pytest.approx([9.6, 4.8])
+    assert curves["valid_rmse_px"].tolist() == pytest.approx([4.8, 2.4])

@@ -1,0 +1,63 @@
+"""The whole pipeline, as users run it: `dvc repro` and `mlflow run .`."""
+
+import mlflow
+import pytest
+import torch
+
+from pipeline.model import KeypointNet
+from pipeline.tracking import EPOCH_METRICS, EXPERIMENT
+from project import make_project, run
+
+
+def net_runs(client):
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return {run.info.run_name: run for run in runs}
+
+
+def test_dvc_repro_trains_both_nets_and_logs_every_epoch(tmp_path):
+    project = make_project(tmp_path / "project", {"train.max_epochs": 3})
+    run(project, "dvc", "repro")
+    client = mlflow.MlflowClient()
+    runs = net_runs(client)
+    assert set(runs) == {"net4", "net5"}
+    for name, logged in runs.items():
+        assert logged.info.status == "FINISHED"
+        for key in EPOCH_METRICS:
+            assert sorted(p.step for p in client.get_metric_history(logged.info.run_id, key)) == [1, 2, 3], key
+        learning_rate = {p.step: p.value for p in client.get_metric_history(logged.info.run_id, "learning_rate")}
+        momentum = {p.step: p.value for p in client.get_metric_history(logged.info.run_id, "momentum")}
+        assert [learning_rate[s] for s in (1, 2, 3)] == pytest.approx([0.03, 0.01505, 0.0001])
+        assert [momentum[s] for s in (1, 2, 3)] == pytest.approx([0.9, 0.9495, 0.999])
+        assert logged.data.params["flip"] == str(name == "net5")
+        assert logged.data.tags["dvc_stage"] == f"train@{name}"
+        assert logged.data.tags["git_dirty"] == "false"
+        model = KeypointNet()
+        model.load_state_dict(torch.load(project / f"models/{name}.pt", weights_only=True))
+
+    again = run(project, "dvc", "repro")
+    assert "Data and pipelines are up to date" in again.stdout
+    assert len(net_runs(client)) == 2
+
+
+def test_mlflow_run_nests_the_net_runs_under_the_project_run(tmp_path):
+    project = make_project(tmp_path / "project")
+    result = run(project, "mlflow", "run", ".", "--env-manager", "local", "--experiment-name", EXPERIMENT,
+                 "-P", "train.max_epochs=1")
+    assert "dvc exp run -S train.max_epochs=1" in result.stdout + result.stderr
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in children) == ["net4", "net5"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert all(len(client.get_metric_history(r.info.run_id, "train_loss")) == 1 for r in children)
+
+
+def test_mlflow_run_rejects_an_unknown_parameter(tmp_path):
+    project = make_project(tmp_path / "project")
+    result = run(project, "mlflow", "run", ".", "--env-manager", "local", "-P", "train.max_epoch=1", check=False)
+    assert result.returncode != 0
+    assert "did you mean train.max_epochs?" in result.stderr

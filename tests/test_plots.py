@@ -1,0 +1,62 @@
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline import plots
+from pipeline.kaggle import KAGGLE_MEANS, KEYPOINTS
+
+DPI = 80  # plots save at 80 dots per inch
+
+
+def histories():
+    epochs = [1, 2, 3]
+    return {
+        net: pd.DataFrame({"epoch": epochs, "train_loss": [0.01, 0.005, 0.003],
+                           "valid_loss": [0.011, 0.006, last_valid_loss],
+                           "learning_rate": [0.03, 0.015, 0.0001], "momentum": [0.9, 0.95, 0.999]})
+        for net, last_valid_loss in (("net4", 0.004), ("net5", 0.0035))
+    }
+
+
+def size_of(path):
+    with Image.open(path) as image:
+        image.load()
+        return image.size
+
+
+def test_learning_curves(tmp_path):
+    curves = {
+        net: pd.DataFrame({"epoch": h["epoch"], "train_rmse_px": np.sqrt(h["train_loss"]) * 48,
+                           "valid_rmse_px": np.sqrt(h["valid_loss"]) * 48})
+        for net, h in histories().items()
+    }
+    plots.learning_curves(tmp_path / "curves" / "learning_curves.png", curves, baseline_rmse_px=3.7)
+    assert size_of(tmp_path / "curves" / "learning_curves.png") == (7 * DPI, int(4.5 * DPI))
+
+
+def test_schedules(tmp_path):
+    plots.schedules(tmp_path / "schedules.png", histories())
+    assert size_of(tmp_path / "schedules.png") == (9 * DPI, int(3.5 * DPI))
+
+
+def test_keypoint_errors_for_two_nets_and_the_baseline(tmp_path):
+    errors = {label: {name: float(i) for i, name in enumerate(KEYPOINTS)} for label in ("net4", "net5", "baseline")}
+    plots.keypoint_errors(tmp_path / "errors.png", errors)
+    width, height = size_of(tmp_path / "errors.png")
+    assert width == 7 * DPI and height > 4 * DPI
+
+
+def test_face_grid_with_predictions(tmp_path):
+    images = np.full((5, 96, 96), 128.0)
+    truth = np.tile(KAGGLE_MEANS, (5, 1))
+    plots.face_grid(tmp_path / "faces.png", images, truth, "five faces", predicted=truth + 1)
+    assert size_of(tmp_path / "faces.png") == (int(2.2 * 4 * DPI), int((2.2 * 2 + 0.4) * DPI))
+
+
+def test_drawn_keypoints_land_on_their_pixels():
+    keypoints = np.tile([10.0, 20.0], 15)  # every point on pixel (x=10, y=20)
+    picture = plots.draw_keypoints(np.zeros((96, 96), dtype=np.uint8), keypoints)
+    zoom = plots.DRAWN_FACE_ZOOM
+    assert picture.size == (96 * zoom, 96 * zoom) and picture.mode == "RGB"
+    assert picture.getpixel((10 * zoom + zoom // 2, 20 * zoom + zoom // 2)) == (255, 0, 0)
+    assert picture.getpixel((40 * zoom, 40 * zoom)) == (0, 0, 0)
