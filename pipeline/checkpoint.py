@@ -7,15 +7,13 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.files import atomic_write
 from pipeline.model import KeypointNet
 
 
 def save_model(path: Path, model: torch.nn.Module) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save({key: value.cpu().contiguous() for key, value in model.state_dict().items()}, temporary)
-    temporary.replace(path)
+    with atomic_write(path) as temporary:
+        torch.save({key: value.cpu().contiguous() for key, value in model.state_dict().items()}, temporary)
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> KeypointNet:

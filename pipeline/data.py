@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.files import atomic_write
 from pipeline.kaggle import IMAGE_SIZE, read_training_csv
 
 # Keypoints live in 0..96 pixels; the network regresses them in [-1, 1].
@@ -72,12 +73,9 @@ def split(faces: FaceSet, fraction: float, seed: int) -> tuple[FaceSet, FaceSet]
 
 def save_faces(path: Path, faces: FaceSet) -> None:
     """Store as uint8 pixels, four times smaller than float32 and exact, since X came from uint8."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.rint(faces.X * 255).astype(np.uint8)
-    temporary = path.with_name(path.name + ".tmp.npz")
-    np.savez(temporary, pixels=pixels, keypoints=faces.y)
-    temporary.replace(path)
+    with atomic_write(path) as temporary, temporary.open("wb") as stream:
+        np.savez(stream, pixels=pixels, keypoints=faces.y)
 
 
 def load_faces(path: Path) -> FaceSet:
@@ -103,11 +101,3 @@ def content_hash(*face_sets: FaceSet) -> str:
         digest.update(np.rint(faces.X * 255).astype(np.uint8).tobytes())
         digest.update(np.ascontiguousarray(faces.y).tobytes())
     return digest.hexdigest()[:16]
-
-
-def write_json(path: Path, content: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(content, indent=2) + "\n")
-    temporary.replace(path)

@@ -13,17 +13,17 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from mlflow.exceptions import MlflowException
 
 from pipeline import plots
 from pipeline.checkpoint import load_model
 from pipeline.config import load_config
-from pipeline.data import FaceSet, load_faces, read_summary, unscale_keypoints, write_json
+from pipeline.data import FaceSet, load_faces, read_summary, unscale_keypoints
+from pipeline.files import write_json, write_text
 from pipeline.errors import PipelineError, reports_errors
 from pipeline.metrics import mean_shape, predict, rmse_curves, score, summarize
 from pipeline.report import (BASELINE_LABEL, REPORT, SUMMARY_HEADER, comparison_lines, comparison_markdown,
-                             summary_rows, text_table, write_text)
-from pipeline.tracking import log_evaluation
+                             summary_rows, text_table)
+from pipeline.tracking import TrackingError, log_evaluation
 
 EVALUATION = "evaluate.json"
 PICTURE_TITLES = {
@@ -103,9 +103,8 @@ def log_to_run(net: str, run_id: str | None, metrics: dict[str, float], artifact
         return
     try:
         log_evaluation(run_id, metrics, artifacts)
-    except MlflowException as error:
-        problem = str(error).splitlines()[0]
-        print(f"warning: {net}: test figures not logged to MLflow run {run_id} ({problem})", file=sys.stderr)
+    except TrackingError as error:
+        print(f"warning: {net}: test figures not logged to MLflow run {run_id} ({error})", file=sys.stderr)
 
 
 @reports_errors

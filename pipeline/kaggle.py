@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
+from pipeline.files import atomic_write
 
 IMAGE_SIZE = 96
 N_PIXELS = IMAGE_SIZE * IMAGE_SIZE
@@ -63,19 +64,16 @@ def read_training_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     table = _read_table(path)
     keypoints = _parse_keypoints(path, table)
-    images = _parse_images(path, table["Image"])
+    images = parse_images(path, table["Image"])
     return images, keypoints
 
 
 def write_training_csv(path: Path, images: np.ndarray, keypoints: np.ndarray) -> None:
     """Write images (n, 96, 96) uint8 and keypoints (n, 30) pixels (NaN = missing) as Kaggle does."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(keypoints, columns=KEYPOINT_COLUMNS)
     frame["Image"] = [" ".join(map(str, image.ravel().tolist())) for image in images]
-    temporary = path.with_name(path.name + ".tmp")
-    frame.to_csv(temporary, index=False, float_format="%.6f")
-    temporary.replace(path)
+    with atomic_write(path) as temporary:
+        frame.to_csv(temporary, index=False, float_format="%.6f")
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -132,7 +130,7 @@ def _parse_keypoints(path: Path, table: pd.DataFrame) -> np.ndarray:
     return keypoints
 
 
-def _parse_images(path: Path, column: pd.Series) -> np.ndarray:
+def parse_images(path: Path, column: pd.Series) -> np.ndarray:
     pixels = np.empty((len(column), N_PIXELS), dtype=np.float32)
     for row, text in enumerate(column):
         try:

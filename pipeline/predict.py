@@ -23,10 +23,10 @@ from pipeline.checkpoint import load_model
 from pipeline.config import load_config
 from pipeline.data import unscale_keypoints
 from pipeline.errors import PipelineError, reports_errors
-from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, _parse_images
+from pipeline.files import write_text
+from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, parse_images
 from pipeline.metrics import predict
 from pipeline.plots import draw_keypoints
-from pipeline.report import write_text
 
 TEST_COLUMNS = ("ImageId", "Image")
 # Kaggle's lookup table also has an empty Location column, which the submission fills.
@@ -89,7 +89,7 @@ def read_test_csv(path: Path) -> NamedFaces:
     if repeated.any():
         row = int(np.argmax(repeated))
         raise PipelineError(f"{path}: line {row + 2}: ImageId {image_ids[row]} appears twice")
-    return NamedFaces([str(image_id) for image_id in image_ids], _parse_images(path, table["Image"]))
+    return NamedFaces([str(image_id) for image_id in image_ids], parse_images(path, table["Image"]))
 
 
 def read_images(paths: list[Path]) -> NamedFaces:

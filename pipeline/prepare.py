@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import load_config
-from pipeline.data import content_hash, load, save_faces, split, unscale_keypoints, write_json
+from pipeline.data import content_hash, load, save_faces, split, unscale_keypoints
+from pipeline.files import write_json
 from pipeline.errors import reports_errors
 from pipeline.plots import face_grid
 

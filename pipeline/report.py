@@ -106,15 +106,6 @@ def comparison_markdown(results: dict, nets: list[str], run_ids: dict[str, str |
     ])
 
 
-def write_text(path: Path, text: str) -> None:
-    """Atomically, like data.write_json: an interrupted stage never leaves half a file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
-
-
 def _lower_or_higher(improvement_percent: float) -> str:
     return f"{abs(improvement_percent):.1f}% {'lower' if improvement_percent >= 0 else 'higher'}"
 

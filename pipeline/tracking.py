@@ -16,10 +16,12 @@ import mlflow.pytorch
 import numpy as np
 import torch
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.utils.time import get_current_time_millis
 
 from pipeline.callbacks import Callback
+from pipeline.errors import PipelineError
 from pipeline.kaggle import IMAGE_SIZE
 
 EXPERIMENT = "facial-keypoints"
@@ -101,11 +103,18 @@ class MlflowLogger(Callback):
             )
 
 
+class TrackingError(PipelineError):
+    """The tracking store refused something; the caller decides whether that is fatal."""
+
+
 def log_evaluation(run_id: str, metrics: dict[str, float], artifacts: list) -> None:
     """Add a net's test figures and pictures to its own training run, creating no new run."""
     client = mlflow.MlflowClient()
     now = get_current_time_millis()
-    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
-                     synchronous=True)
-    for path in artifacts:
-        client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    try:
+        client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+                         synchronous=True)
+        for path in artifacts:
+            client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    except MlflowException as error:
+        raise TrackingError(str(error).splitlines()[0]) from None

@@ -17,8 +17,9 @@ from pipeline.augment import flip_random_half
 from pipeline.callbacks import AdjustHyperparameter, EpochTable
 from pipeline.checkpoint import save_model
 from pipeline.config import Config, flatten, load_config
-from pipeline.data import load_faces, read_summary, split, write_json
+from pipeline.data import load_faces, read_summary, split
 from pipeline.errors import PipelineError, reports_errors
+from pipeline.files import atomic_write, write_json
 from pipeline.loop import Tensors, Trainer, fit
 from pipeline.model import KeypointNet
 from pipeline.tracking import MlflowLogger, training_run
@@ -72,13 +73,10 @@ def final_figures(history: list[dict], seconds: float) -> dict:
 
 
 def write_history(path: Path, history: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", newline="") as stream:
+    with atomic_write(path) as temporary, temporary.open("w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    temporary.replace(path)
 
 
 @reports_errors

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.kaggle import KEYPOINTS
-from pipeline.report import comparison_markdown, markdown_table, summary_rows, text_table, write_text
+from pipeline.report import comparison_markdown, markdown_table, summary_rows, text_table
 
 
 def results():
@@ -66,10 +66,3 @@ def test_tables():
     assert text_table(header, rows) == "a    bb\nccc  d"
     assert len(summary_rows(results(), ["net4", "net5"])) == 3
 
-
-def test_write_text_leaves_no_scratch_file(tmp_path):
-    path = tmp_path / "reports" / "comparison.md"
-    write_text(path, "first")
-    write_text(path, "second")
-    assert path.read_text() == "second"
-    assert [child.name for child in path.parent.iterdir()] == ["comparison.md"]
