@@ -22,6 +22,7 @@ class PathsConfig:
     models: str
     metrics: str
     plots: str
+    reports: str
 
     @property
     def train_faces(self) -> Path:
@@ -34,6 +35,10 @@ class PathsConfig:
     @property
     def prepared_summary(self) -> Path:
         return Path(self.prepared) / "summary.json"
+
+    @property
+    def comparison_report(self) -> Path:
+        return Path(self.reports) / "comparison.md"
 
     def model(self, net: str) -> Path:
         return Path(self.models) / f"{net}.pt"
@@ -91,6 +96,8 @@ class TrainConfig:
     valid_fraction: float
     seed: int
     device: str
+    channels_last: bool
+    bf16: bool
     schedules: dict[str, Schedule]
 
     def __post_init__(self):

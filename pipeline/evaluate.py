@@ -21,7 +21,7 @@ from pipeline.data import FaceSet, load_faces, read_summary, unscale_keypoints
 from pipeline.files import write_json, write_text
 from pipeline.errors import PipelineError, reports_errors
 from pipeline.metrics import mean_shape, predict, rmse_curves, score, summarize
-from pipeline.report import (BASELINE_LABEL, REPORT, SUMMARY_HEADER, comparison_lines, comparison_markdown,
+from pipeline.report import (BASELINE_LABEL, SUMMARY_HEADER, comparison_lines, comparison_markdown,
                              summary_rows, text_table)
 from pipeline.tracking import TrackingError, log_evaluation
 
@@ -123,9 +123,10 @@ def main() -> None:
     results = summarize({net: score(predictions[net], test.y) for net in nets}, baseline, histories)
     write_json(Path(paths.metrics) / EVALUATION, results)
     pictures = draw_pictures(Path(paths.plots), results, histories, test, predictions, nets)
-    write_text(REPORT, comparison_markdown(results, nets, run_ids, data_hash, len(test), pictures, REPORT))
+    report = paths.comparison_report
+    write_text(report, comparison_markdown(results, nets, run_ids, data_hash, len(test), pictures, report))
     for net in nets:
-        log_to_run(net, run_ids[net], mlflow_metrics(results, net), [*pictures.values(), REPORT])
+        log_to_run(net, run_ids[net], mlflow_metrics(results, net), [*pictures.values(), report])
     print(f"evaluate: {len(test)} test faces, data hash {data_hash}")
     print(text_table(SUMMARY_HEADER, summary_rows(results, nets)))
     print("\n".join(comparison_lines(results, nets)))

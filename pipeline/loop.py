@@ -26,8 +26,9 @@ class Tensors:
     targets: torch.Tensor
 
     @classmethod
-    def of(cls, faces: FaceSet, device: torch.device) -> "Tensors":
-        images = torch.from_numpy(faces.X).to(device).contiguous(memory_format=torch.channels_last)
+    def of(cls, faces: FaceSet, device: torch.device,
+           memory_format: torch.memory_format = torch.channels_last) -> "Tensors":
+        images = torch.from_numpy(faces.X).to(device).contiguous(memory_format=memory_format)
         return cls(images, torch.from_numpy(faces.y).to(device))
 
     def __len__(self) -> int:
@@ -42,6 +43,7 @@ class Trainer:
     batch_size: int
     generator: torch.Generator
     augment: Augment | None = None
+    bf16: bool = False
     callbacks: list[Callback] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
 
@@ -69,7 +71,9 @@ def run_epoch(trainer: Trainer, data: Tensors, train: bool) -> float:
             images, targets = data.images[rows], data.targets[rows]
             if train and trainer.augment is not None:
                 images, targets = trainer.augment(images, targets)
-            loss = F.mse_loss(model(images), targets)
+            with torch.autocast(data.images.device.type, dtype=torch.bfloat16, enabled=trainer.bf16):
+                predicted = model(images)
+            loss = F.mse_loss(predicted.float(), targets)
             if train:
                 trainer.optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from pipeline.kaggle import KEYPOINTS
 
-REPORT = Path("reports/comparison.md")
 BASELINE_LABEL = "mean-shape baseline"
 SUMMARY_HEADER = (
     "model", "test RMSE px", "best valid RMSE px", "best valid loss", "best epoch", "epoch reaching target",

@@ -33,11 +33,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def memory_format(config: Config) -> torch.memory_format:
+    return torch.channels_last if config.train.channels_last else torch.contiguous_format
+
+
 def build_trainer(config: Config, net_name: str, device: torch.device) -> Trainer:
     """The seed's network and Nesterov SGD, annealed as params.yaml says; seeded throughout."""
     settings = config.train
     torch.manual_seed(settings.seed)
-    model = KeypointNet().to(device, memory_format=torch.channels_last)
+    model = KeypointNet().to(device, memory_format=memory_format(config))
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=settings.schedules["lr"].start,
@@ -54,6 +58,7 @@ def build_trainer(config: Config, net_name: str, device: torch.device) -> Traine
         batch_size=settings.batch_size,
         generator=shuffle,
         augment=functools.partial(flip_random_half, generator=flips) if config.net(net_name).flip else None,
+        bf16=settings.bf16,
         callbacks=[AdjustHyperparameter(name, s.start, s.stop) for name, s in settings.schedules.items()],
     )
 
@@ -106,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     with training_run(net_name, params, tags) as run:
         trainer.callbacks += [EpochTable(), MlflowLogger(run.info.run_id)]
-        history = fit(trainer, Tensors.of(training, device), Tensors.of(validation, device))
+        layout = memory_format(config)
+        history = fit(trainer, Tensors.of(training, device, layout), Tensors.of(validation, device, layout))
         run_id = run.info.run_id
     save_model(paths.model(net_name), trainer.model)
     write_json(paths.model_info(net_name), {

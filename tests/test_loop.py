@@ -128,3 +128,23 @@ def test_epoch_table_prints_one_plain_line_per_epoch(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
     assert lines[0].startswith("epoch 1/2 train_loss ") and "valid_loss" in lines[0] and "lr 0.01" in lines[0]
+
+
+def test_bf16_autocast_trains_with_float32_losses_close_to_full_precision():
+    full = fit(make_trainer(1), data(32), data(16, seed=1))
+    trainer = make_trainer(1)
+    trainer.bf16 = True
+    half = fit(trainer, data(32), data(16, seed=1))
+    assert half[0]["train_loss"] == pytest.approx(full[0]["train_loss"], rel=0.05)
+    assert half[0]["train_loss"] != full[0]["train_loss"]
+
+
+def test_contiguous_layout_gives_the_same_losses_as_channels_last():
+    fast = fit(make_trainer(1), data(32), data(16, seed=1))
+    trainer = make_trainer(1)
+    trainer.model = trainer.model.to(memory_format=torch.contiguous_format)
+    plain_data = Tensors.of(bright_square_faces(32, 0), torch.device("cpu"), torch.contiguous_format)
+    plain_valid = Tensors.of(bright_square_faces(16, 1), torch.device("cpu"), torch.contiguous_format)
+    plain = fit(trainer, plain_data, plain_valid)
+    assert plain[0]["train_loss"] == pytest.approx(fast[0]["train_loss"], rel=1e-4)
+    assert plain[0]["valid_loss"] == pytest.approx(fast[0]["valid_loss"], rel=1e-4)

@@ -2,7 +2,6 @@
 
 import json
 
-import mlflow
 import numpy as np
 import pytest
 

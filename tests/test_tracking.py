@@ -1,7 +1,6 @@
 import mlflow
 import numpy as np
 import pytest
-import torch
 
 from pipeline.callbacks import AdjustHyperparameter
 from pipeline.loop import fit

@@ -1,0 +1,85 @@
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from benchmarks import reference, train_speed
+from pipeline.data import FaceSet
+from pipeline.loop import Tensors, Trainer, run_epoch
+from pipeline.model import KeypointNet
+
+# Every batch full, so an epoch's mean loss is the plain mean of its batch losses.
+BATCH_SIZE, N_IMAGES, EPOCHS = 16, 48, 3
+LR, MOMENTUM = 0.01, 0.9
+
+
+def faces_of(dtype: torch.dtype) -> FaceSet:
+    faces = train_speed.random_faces(N_IMAGES, seed=1)
+    numpy_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    return FaceSet(faces.X.astype(numpy_dtype), faces.y.astype(numpy_dtype))
+
+
+def project_trainer(dtype: torch.dtype) -> Trainer:
+    torch.manual_seed(0)
+    model = KeypointNet().to(dtype, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True)
+    return Trainer(model, optimizer, EPOCHS, BATCH_SIZE, generator=torch.Generator().manual_seed(3))
+
+
+def upcoming_orders(generator: torch.Generator, n: int, epochs: int) -> list[list[int]]:
+    """The permutations run_epoch will draw, read from a copy of its generator."""
+    replay = torch.Generator().set_state(generator.get_state())
+    return [torch.randperm(n, generator=replay).tolist() for _ in range(epochs)]
+
+
+# In float32 the NCHW and channels_last kernels sum in different orders, and SGD on noise
+# amplifies the rounding; in float64 the two loops agree to rounding, which shows the maths is
+# the same. The project sums its losses in float32 whatever the model's dtype.
+@pytest.mark.parametrize("dtype, loss_rtol, weight_atol", [
+    (torch.float32, 1e-4, 1e-4),
+    (torch.float64, 1e-6, 1e-9),
+])
+def test_reference_and_project_loops_give_the_same_losses_and_weights(dtype, loss_rtol, weight_atol):
+    faces = faces_of(dtype)
+    trainer = project_trainer(dtype)
+    net = reference.reference_net().to(dtype)
+    reference.load_keypoint_net_weights(net, trainer.model)
+    optimizer = reference.make_optimizer(net, lr=LR, momentum=MOMENTUM)
+    dataset = TensorDataset(torch.from_numpy(faces.X), torch.from_numpy(faces.y))
+    orders = upcoming_orders(trainer.generator, N_IMAGES, EPOCHS)
+
+    project_losses = [run_epoch(trainer, Tensors.of(faces, torch.device("cpu")), train=True) for _ in range(EPOCHS)]
+    reference_losses = []
+    for order in orders:
+        # The same batches in the same order: a DataLoader takes any sequence of indices as its sampler.
+        batch_losses = reference.train_epoch(net, DataLoader(dataset, batch_size=BATCH_SIZE, sampler=order), optimizer)
+        reference_losses.append(sum(batch_losses) / len(batch_losses))
+
+    assert reference_losses[-1] < reference_losses[0]
+    torch.testing.assert_close(torch.tensor(project_losses), torch.tensor(reference_losses), rtol=loss_rtol, atol=0)
+    for ours, theirs in zip(trainer.model.parameters(), net.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=weight_atol)
+
+
+def test_weights_load_from_a_state_dict_by_position():
+    source = KeypointNet().to(memory_format=torch.channels_last)
+    net = reference.reference_net()
+    reference.load_keypoint_net_weights(net, source.state_dict())
+    for ours, theirs in zip(source.parameters(), net.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
+    assert net[0].weight.is_contiguous()
+
+
+def test_weights_of_another_shape_are_refused():
+    state = KeypointNet().state_dict()
+    state["head.5.weight"] = torch.zeros(2, 500)
+    with pytest.raises(ValueError, match="head.5.weight has shape"):
+        reference.load_keypoint_net_weights(reference.reference_net(), state)
+
+
+def test_benchmark_prints_every_row(capsys):
+    train_speed.main(["--images", "256", "--epochs", "2", "--skip-csv", "--skip-dvc"])
+    printed = capsys.readouterr().out
+    rows = {line.split()[0] for line in printed.splitlines() if line.strip()}
+    assert {"machine:", "loop", "reference", "net4", "net5", "MLflow"} <= rows
+    assert "flip overhead over net4" in printed
+    assert "Kaggle-size CSV" not in printed and "dvc repro" not in printed
