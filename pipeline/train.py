@@ -21,6 +21,7 @@ from pipeline.data import load_faces, read_summary, split
 from pipeline.errors import PipelineError, reports_errors
 from pipeline.files import atomic_write, write_json
 from pipeline.loop import Tensors, Trainer, fit
+from pipeline.memory import reuse_freed_memory
 from pipeline.model import KeypointNet
 from pipeline.tracking import MlflowLogger, training_run
 
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config()
     config.net(net_name)
     device = resolve_device(config.train.device)
+    reuse_freed_memory()
     paths = config.paths
     data_hash = read_summary(paths.prepared_summary)["data_hash"]
     training, validation = split(load_faces(paths.train_faces), config.train.valid_fraction, seed=config.train.seed)
