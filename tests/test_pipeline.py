@@ -1,5 +1,7 @@
 """The whole pipeline, as users run it: `dvc repro` and `mlflow run .`."""
 
+import json
+
 import mlflow
 import pytest
 import torch
@@ -34,6 +36,18 @@ def test_dvc_repro_trains_both_nets_and_logs_every_epoch(tmp_path):
         assert logged.data.tags["git_dirty"] == "false"
         model = KeypointNet()
         model.load_state_dict(torch.load(project / f"models/{name}.pt", weights_only=True))
+
+    evaluation = json.loads((project / "metrics/evaluate.json").read_text())
+    for key in ("net4", "net5", "baseline"):
+        assert evaluation[key]["test_rmse_px"] > 0
+    assert len(list((project / "plots").glob("*.png"))) >= 3
+    assert "| net5 |" in (project / "reports/comparison.md").read_text()
+    assert "net5.test_rmse_px" in run(project, "dvc", "metrics", "show").stdout
+    for name, logged in net_runs(client).items():
+        assert client.get_run(logged.info.run_id).data.metrics["test_rmse_px"] == pytest.approx(
+            evaluation[name]["test_rmse_px"])
+        artifacts = {info.path for info in client.list_artifacts(logged.info.run_id, "evaluation")}
+        assert "evaluation/learning_curves.png" in artifacts and "evaluation/comparison.md" in artifacts
 
     again = run(project, "dvc", "repro")
     assert "Data and pipelines are up to date" in again.stdout
