@@ -188,7 +188,7 @@ def training_table(timings: list[Timing]) -> str:
 def logging_seconds_per_epoch(directory: Path) -> float:
     """Median time of MlflowLogger.on_epoch_finished on a fresh SQLite store."""
     with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": f"sqlite:///{directory / 'mlflow.db'}"}):
-        with training_run("benchmark", {"benchmark": True}, {}) as run:
+        with training_run("benchmark", {"benchmark": True}, {}, []) as run:
             logger = MlflowLogger(run.info.run_id)
             history, seconds = [], []
             for epoch in range(1, LOGGED_EPOCHS + 1):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import TYPE_CHECKING, TextIO
@@ -63,6 +64,8 @@ class EpochTable(Callback):
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stdout
         self.interactive = self.stream.isatty()
+        # The NO_COLOR convention, and terminals that declare they cannot show colour.
+        self.colour = self.interactive and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
         self.epoch_started = 0.0
 
     def on_train_begin(self, trainer: Trainer) -> None:
@@ -98,7 +101,7 @@ class EpochTable(Callback):
         )
 
     def _mark(self, text: str, best: bool, colour: str) -> str:
-        return f"{colour}{text}{self.RESET}" if best else text
+        return f"{colour}{text}{self.RESET}" if best and self.colour else text
 
     def _write(self, text: str) -> None:
         self.stream.write(text)

@@ -31,13 +31,17 @@ EPOCH_METRICS = (
 )
 
 
-def git_state() -> tuple[str, bool]:
-    """The commit and whether tracked files differ from it (dvc.lock, which the pipeline itself
-    rewrites while it runs, does not count)."""
+def git_state(generated: list[str]) -> tuple[str, bool]:
+    """The commit and whether tracked files differ from it.
+
+    dvc.lock and the `generated` paths (the pipeline's own outputs, committed for reference) are
+    rewritten by the very run being tracked, so changes there do not make the tree dirty.
+    """
+    excluded = [f":(exclude){path}" for path in ["dvc.lock", *generated]]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         changes = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
             capture_output=True, text=True, check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):
@@ -46,7 +50,7 @@ def git_state() -> tuple[str, bool]:
 
 
 @contextlib.contextmanager
-def training_run(net_name: str, params: dict, tags: dict) -> Iterator[mlflow.ActiveRun]:
+def training_run(net_name: str, params: dict, tags: dict, generated: list[str]) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for one training, named after the net.
 
     `mlflow run` hands its own run to the command through MLFLOW_RUN_ID; a plain start_run()
@@ -54,7 +58,7 @@ def training_run(net_name: str, params: dict, tags: dict) -> Iterator[mlflow.Act
     """
     parent_run_id = os.environ.get("MLFLOW_RUN_ID")
     experiment_id = mlflow.set_experiment(EXPERIMENT).experiment_id
-    commit, dirty = git_state()
+    commit, dirty = git_state(generated)
     run_tags = {
         "mlflow.source.git.commit": commit,
         "git_commit": commit,

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"train {net_name}: {len(training)} train + {len(validation)} valid faces on {device}, "
           f"{config.train.max_epochs} epochs")
     started = time.perf_counter()
-    with training_run(net_name, params, tags) as run:
+    generated = [paths.models, paths.metrics, paths.plots, paths.reports]
+    with training_run(net_name, params, tags, generated) as run:
         trainer.callbacks += [EpochTable(), MlflowLogger(run.info.run_id)]
         layout = memory_format(config)
         history = fit(trainer, Tensors.of(training, device, layout), Tensors.of(validation, device, layout))

@@ -1,4 +1,5 @@
 import functools
+import io
 
 import numpy as np
 import pytest
@@ -148,3 +149,22 @@ def test_contiguous_layout_gives_the_same_losses_as_channels_last():
     plain = fit(trainer, plain_data, plain_valid)
     assert plain[0]["train_loss"] == pytest.approx(fast[0]["train_loss"], rel=1e-4)
     assert plain[0]["valid_loss"] == pytest.approx(fast[0]["valid_loss"], rel=1e-4)
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_epoch_table_on_a_terminal_marks_the_best_losses_in_colour(monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    terminal = FakeTerminal()
+    fit(make_trainer(2, callbacks=[EpochTable(terminal)]), data(16), data(16, seed=1))
+    lines = terminal.getvalue().splitlines()
+    assert "train loss" in lines[0] and "valid loss" in lines[0]
+    assert EpochTable.GREEN in terminal.getvalue()
+    monkeypatch.setenv("NO_COLOR", "1")
+    plain = FakeTerminal()
+    fit(make_trainer(1, callbacks=[EpochTable(plain)]), data(16), data(16, seed=1))
+    assert "\033[" not in plain.getvalue()

@@ -4,13 +4,14 @@ import pytest
 
 from pipeline.callbacks import AdjustHyperparameter
 from pipeline.loop import fit
-from pipeline.tracking import EPOCH_METRICS, EXPERIMENT, MlflowLogger, training_run
+from pipeline.tracking import EPOCH_METRICS, EXPERIMENT, MlflowLogger, git_state, training_run
+from project import run
 from test_loop import data, make_trainer
 
 
 def train_logged(net_name="net4", epochs=3):
     trainer = make_trainer(epochs, [AdjustHyperparameter("lr", 0.03, 0.0001), AdjustHyperparameter("momentum", 0.9, 0.999)])
-    with training_run(net_name, {"train.max_epochs": epochs, "n_train": 32}, {"data_hash": "abc123"}) as run:
+    with training_run(net_name, {"train.max_epochs": epochs, "n_train": 32}, {"data_hash": "abc123"}, []) as run:
         trainer.callbacks.append(MlflowLogger(run.info.run_id))
         history = fit(trainer, data(32), data(16, seed=1))
     return run.info.run_id, history
@@ -61,7 +62,26 @@ def test_under_mlflow_run_the_training_is_a_child_run(monkeypatch):
 def test_a_failed_training_marks_the_run_failed():
     trainer = make_trainer(2, lr=1e6)
     with pytest.raises(Exception, match="diverged"):
-        with training_run("net4", {}, {}) as run:
+        with training_run("net4", {}, {}, []) as run:
             trainer.callbacks.append(MlflowLogger(run.info.run_id))
             fit(trainer, data(32), data(16, seed=1))
     assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_git_state_ignores_the_pipelines_own_outputs(tmp_path, monkeypatch):
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/net4.json").write_text("{}")
+    (tmp_path / "dvc.lock").write_text("old")
+    (tmp_path / "train.py").write_text("print(1)")
+    run(tmp_path, "git", "init", "-q")
+    run(tmp_path, "git", "add", "-A")
+    run(tmp_path, "git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "c")
+    monkeypatch.chdir(tmp_path)
+    commit, dirty = git_state(["metrics"])
+    assert len(commit) == 40 and not dirty
+    (tmp_path / "metrics/net4.json").write_text('{"loss": 1}')
+    (tmp_path / "dvc.lock").write_text("new")
+    (tmp_path / "untracked.txt").write_text("x")
+    assert git_state(["metrics"]) == (commit, False)
+    (tmp_path / "train.py").write_text("print(2)")
+    assert git_state(["metrics"]) == (commit, True)
