@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from pipeline.kaggle import FLIP_PAIRS, KEYPOINT_COLUMNS
@@ -19,10 +21,18 @@ FLIP_PERMUTATION = _flip_permutation()
 X_COLUMN_SIGN = [(-1.0 if column.endswith("_x") else 1.0) for column in KEYPOINT_COLUMNS]
 
 
+@functools.cache
+def _flip_tables(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built once per device: a table made from a Python list in every batch would be a
+    # host-to-device copy, which makes a GPU wait for the host.
+    return (torch.tensor(FLIP_PERMUTATION, device=device),
+            torch.tensor(X_COLUMN_SIGN, dtype=dtype, device=device))
+
+
 def flip(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mirror every image and its keypoints: x negated, left/right pairs swapped."""
-    sign = torch.tensor(X_COLUMN_SIGN, dtype=targets.dtype, device=targets.device)
-    return images.flip(-1), targets[:, FLIP_PERMUTATION] * sign
+    permutation, sign = _flip_tables(targets.device, targets.dtype)
+    return images.flip(-1), targets[:, permutation] * sign
 
 
 def flip_random_half(images: torch.Tensor, targets: torch.Tensor,
