@@ -166,7 +166,7 @@ def flip_seconds_per_epoch(faces: FaceSet, n_epochs: int) -> float:
         batches = [(data.images[rows], data.targets[rows]) for rows in order.split(trainer.batch_size)]
         started = time.perf_counter()
         for images, targets in batches:
-            trainer.augment(images, targets)
+            trainer.augment(images, targets, trainer.augment_generator)
         seconds.append(time.perf_counter() - started)
     return statistics.median(seconds)
 

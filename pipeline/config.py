@@ -23,6 +23,7 @@ class PathsConfig:
     metrics: str
     plots: str
     reports: str
+    checkpoints: str
 
     @property
     def train_faces(self) -> Path:
@@ -39,6 +40,10 @@ class PathsConfig:
     @property
     def comparison_report(self) -> Path:
         return Path(self.reports) / "comparison.md"
+
+    def checkpoint(self, net: str) -> Path:
+        """The state of an unfinished training; outside every stage's outputs, which DVC deletes."""
+        return Path(self.checkpoints) / f"{net}.pt"
 
     def model(self, net: str) -> Path:
         return Path(self.models) / f"{net}.pt"

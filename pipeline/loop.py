@@ -1,4 +1,7 @@
-"""fit(): one epoch function for training and validation, one history of per-epoch dicts."""
+"""fit(): one epoch function for training and validation, one history of per-epoch dicts.
+
+Under torch.distributed every rank runs the same loop on its share of each global batch.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -15,7 +19,7 @@ from pipeline.callbacks import Callback
 from pipeline.data import KEYPOINT_SCALE, FaceSet
 from pipeline.errors import PipelineError
 
-Augment = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -37,15 +41,25 @@ class Tensors:
 
 @dataclass
 class Trainer:
+    """What fit() needs. `batch_size` is the global batch, whatever the number of ranks."""
+
     model: nn.Module
     optimizer: torch.optim.Optimizer
     max_epochs: int
     batch_size: int
     generator: torch.Generator
     augment: Augment | None = None
+    augment_generator: torch.Generator | None = None
     bf16: bool = False
     callbacks: list[Callback] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def network(self) -> nn.Module:
+        """The model itself, unwrapped from DistributedDataParallel."""
+        return getattr(self.model, "module", self.model)
 
     def notify(self, hook: str, *args) -> None:
         for callback in self.callbacks:
@@ -55,10 +69,12 @@ class Trainer:
 def run_epoch(trainer: Trainer, data: Tensors, train: bool) -> float:
     """One pass over `data`: an SGD epoch when `train`, else an evaluation. Returns the mean loss.
 
-    Losses are summed on the device and read once at the end, so a GPU never waits for the host
-    inside the epoch.
+    Every rank draws the same global batch and the same flips (same seeds), then keeps its own
+    share, so the batches, the flips and hence the mathematics do not depend on the number of
+    ranks. Losses are summed on the device and read once at the end, so a GPU never waits for
+    the host inside the epoch.
     """
-    model, batch_size = trainer.model, trainer.batch_size
+    model, batch_size, world_size = trainer.model, trainer.batch_size, trainer.world_size
     model.train(train)
     n_batches = math.ceil(len(data) / batch_size)
     order = torch.randperm(len(data), generator=trainer.generator, device=trainer.generator.device) if train else None
@@ -70,16 +86,25 @@ def run_epoch(trainer: Trainer, data: Tensors, train: bool) -> float:
                 rows = order[rows]
             images, targets = data.images[rows], data.targets[rows]
             if train and trainer.augment is not None:
-                images, targets = trainer.augment(images, targets)
+                images, targets = trainer.augment(images, targets, trainer.augment_generator)
+            global_rows = len(images)
+            if world_size > 1:
+                images = images.tensor_split(world_size)[trainer.rank]
+                targets = targets.tensor_split(world_size)[trainer.rank]
             with torch.autocast(data.images.device.type, dtype=torch.bfloat16, enabled=trainer.bf16):
                 predicted = model(images)
-            loss = F.mse_loss(predicted.float(), targets)
+            # The global batch's mean, scaled by the number of ranks because DistributedDataParallel
+            # averages the ranks' gradients: shares of unequal size then still weigh each face equally.
+            loss = F.mse_loss(predicted.float(), targets, reduction="sum") * (
+                world_size / (global_rows * targets.shape[1]))
             if train:
                 trainer.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 trainer.optimizer.step()
                 trainer.notify("on_batch_end", batch + 1, n_batches)
-            total += loss.detach() * len(images)
+            total += loss.detach() * (global_rows / world_size)
+    if world_size > 1:
+        dist.all_reduce(total)
     return total.item() / len(data)
 
 

@@ -6,9 +6,11 @@ Nothing else in the project calls MLflow while training; the logger only reads t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess
 import warnings
+from pathlib import Path
 from typing import Iterator
 
 import mlflow
@@ -25,6 +27,11 @@ from pipeline.errors import PipelineError
 from pipeline.kaggle import IMAGE_SIZE
 
 EXPERIMENT = "facial-keypoints"
+# MLflow's own default store, but always in the project's root (see tracking_uri).
+DEFAULT_STORE = "mlflow.db"
+SQLITE_PREFIX = "sqlite:///"
+# Seconds the preflight waits for a tracking server, instead of minutes of retries.
+PREFLIGHT_TIMEOUT = 10
 EPOCH_METRICS = (
     "train_loss", "valid_loss", "train_valid_ratio", "valid_rmse_px",
     "learning_rate", "momentum", "epoch_seconds",
@@ -49,46 +56,170 @@ def git_state(generated: list[str]) -> tuple[str, bool]:
     return commit, bool(changes.strip())
 
 
+class TrackingError(PipelineError):
+    """The tracking store refused something; the caller decides whether that is fatal."""
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, with a relative SQLite path (and the default store) in the project's root.
+
+    `dvc exp run --queue` runs each experiment in a temporary copy of the repository, and a path
+    relative to the working directory would put the runs in that copy, deleted with it. DVC tells
+    every stage the project's root in DVC_ROOT, the original one for queued experiments too.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or SQLITE_PREFIX + DEFAULT_STORE
+    if not uri.startswith(SQLITE_PREFIX):
+        return uri
+    path, _, query = uri.removeprefix(SQLITE_PREFIX).partition("?")
+    if path == ":memory:" or os.path.isabs(path):
+        return uri
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
+    return SQLITE_PREFIX + str((root / path).resolve()) + (f"?{query}" if query else "")
+
+
 @contextlib.contextmanager
-def training_run(net_name: str, params: dict, tags: dict, generated: list[str]) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run for one training, named after the net.
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise the creation of a SQLite store: two processes creating its tables at once fail."""
+    if not uri.startswith(SQLITE_PREFIX):
+        yield
+        return
+    database = Path(uri.removeprefix(SQLITE_PREFIX).partition("?")[0])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _without_retries() -> Iterator[None]:
+    """MLflow retries HTTP requests for minutes; a preflight should fail in seconds instead."""
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(PREFLIGHT_TIMEOUT))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def connect() -> str:
+    """Point MLflow at the project's store and check that it answers, before any work is done.
+
+    Returns the tracking URI. A store that cannot be reached fails here, in seconds, rather than
+    after hours of training.
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with _store_lock(uri), _without_retries():
+            _set_experiment()
+    except Exception as error:  # noqa: BLE001 - whatever the store's client raises, the store is unusable
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        raise TrackingError(f"MLflow tracking store {uri} is not usable: {reason}") from None
+    return uri
+
+
+def _set_experiment() -> str:
+    try:
+        return mlflow.set_experiment(EXPERIMENT).experiment_id
+    except MlflowException as error:
+        # Another process created it between MLflow's lookup and its create: use that one.
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow.set_experiment(EXPERIMENT).experiment_id
+
+
+def _resumable(client: mlflow.MlflowClient, run_id: str | None) -> bool:
+    if not run_id:
+        return False
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
+@contextlib.contextmanager
+def training_run(net_name: str, params: dict, tags: dict, generated: list[str],
+                 resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one training, named after the net; the given run, if it still exists.
 
     `mlflow run` hands its own run to the command through MLFLOW_RUN_ID; a plain start_run()
     would resume and overwrite that run, so the training becomes its child instead.
     """
+    client = mlflow.MlflowClient()
+    if _resumable(client, resume_run_id):
+        logged = client.get_run(resume_run_id).data.params
+        # Params outside the training's fingerprint may have changed since; the run keeps its own.
+        with _running(resume_run_id, {key: value for key, value in params.items() if key not in logged}) as active:
+            yield active
+        return
     parent_run_id = os.environ.get("MLFLOW_RUN_ID")
-    experiment_id = mlflow.set_experiment(EXPERIMENT).experiment_id
+    experiment_id = _set_experiment()
     commit, dirty = git_state(generated)
     run_tags = {
         "mlflow.source.git.commit": commit,
         "git_commit": commit,
         "git_dirty": str(dirty).lower(),
         "dvc_stage": os.environ.get("DVC_STAGE", ""),
+        # Joins the run to `dvc exp show`: DVC names every experiment it runs in this variable.
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
         **tags,
     }
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow.MlflowClient().create_run(experiment_id, run_name=net_name, tags=run_tags)
-    with mlflow.start_run(run_id=run.info.run_id) as active:
-        mlflow.log_params(params)
+    run = client.create_run(experiment_id, run_name=net_name, tags=run_tags)
+    with _running(run.info.run_id, params) as active:
         yield active
 
 
+@contextlib.contextmanager
+def _running(run_id: str, params: dict) -> Iterator[mlflow.ActiveRun]:
+    """The run active for the block; FINISHED after it, FAILED on an error, KILLED on Ctrl-C or SIGTERM."""
+    with mlflow.start_run(run_id=run_id) as active:
+        mlflow.log_params(params)
+        try:
+            yield active
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
+
+
 class MlflowLogger(Callback):
-    """Log each epoch's row of the history (step = epoch) and, at the end, the model."""
+    """Log each epoch's row of the history (step = epoch) and, at the end, the model.
+
+    A resumed training brings the history of its earlier epochs; those the run lacks (the
+    process died between saving an epoch and logging it) are logged first, and none twice.
+    """
 
     def __init__(self, run_id: str):
         self.run_id = run_id
         self.client = mlflow.MlflowClient()
 
+    def on_train_begin(self, trainer) -> None:
+        if not trainer.history:
+            return
+        # Each epoch is one log_batch, stored in one transaction: one key tells which epochs are in.
+        logged = {point.step for point in self.client.get_metric_history(self.run_id, EPOCH_METRICS[0])}
+        for row in trainer.history:
+            if row["epoch"] not in logged:
+                self._log(row)
+
     def on_epoch_finished(self, trainer, history: list[dict]) -> None:
-        row = history[-1]
+        self._log(history[-1])
+
+    def _log(self, row: dict) -> None:
         now = get_current_time_millis()
         metrics = [Metric(key, float(row[key]), now, row["epoch"]) for key in EPOCH_METRICS]
         self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
 
     def on_train_end(self, trainer, history: list[dict]) -> None:
-        model = trainer.model
+        model = trainer.network
         # Two faces, not one: MLflow exports the model with torch.export, which would otherwise
         # specialise the batch dimension to 1.
         example = np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
@@ -105,10 +236,6 @@ class MlflowLogger(Callback):
                 input_example=example,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
             )
-
-
-class TrackingError(PipelineError):
-    """The tracking store refused something; the caller decides whether that is fatal."""
 
 
 def log_evaluation(run_id: str, metrics: dict[str, float], artifacts: list) -> None:
