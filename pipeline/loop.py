@@ -118,7 +118,8 @@ def fit(trainer: Trainer, train: Tensors, valid: Tensors) -> list[dict]:
         valid_loss = run_epoch(trainer, valid, train=False)
         if not (math.isfinite(train_loss) and math.isfinite(valid_loss)):
             raise PipelineError(
-                f"training diverged in epoch {epoch}: train loss {train_loss}, valid loss {valid_loss}"
+                f"training diverged in epoch {epoch}: train loss {train_loss}, valid loss {valid_loss} "
+                "(a smaller learning rate, train.schedules.lr, may help)"
             )
         trainer.history.append({
             "epoch": epoch,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import subprocess
 import warnings
 from pathlib import Path
@@ -120,9 +121,15 @@ def connect() -> str:
         with _store_lock(uri), _without_retries():
             _set_experiment()
     except Exception as error:  # noqa: BLE001 - whatever the store's client raises, the store is unusable
-        reason = " ".join(str(error).split())[:300] or type(error).__name__
-        raise TrackingError(f"MLflow tracking store {uri} is not usable: {reason}") from None
+        raise TrackingError(f"MLflow tracking store {uri} is not usable: {_reason(error)}") from None
     return uri
+
+
+def _reason(error: Exception) -> str:
+    """The operating system's words when it has some ("Connection refused"), else the first 200 characters."""
+    text = " ".join(str(error).split())
+    system = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
+    return system.group(0).strip() if system else text[:200] or type(error).__name__
 
 
 def _set_experiment() -> str:
@@ -194,29 +201,34 @@ class MlflowLogger(Callback):
     """Log each epoch's row of the history (step = epoch) and, at the end, the model.
 
     A resumed training brings the history of its earlier epochs; those the run lacks (the
-    process died between saving an epoch and logging it) are logged first, and none twice.
+    process died between saving an epoch and logging it) are logged first, and no epoch twice.
     """
 
     def __init__(self, run_id: str):
         self.run_id = run_id
         self.client = mlflow.MlflowClient()
+        self.logged: set[int] = set()
 
     def on_train_begin(self, trainer) -> None:
         if not trainer.history:
             return
         # Each epoch is one log_batch, stored in one transaction: one key tells which epochs are in.
-        logged = {point.step for point in self.client.get_metric_history(self.run_id, EPOCH_METRICS[0])}
+        self.logged = {point.step for point in self.client.get_metric_history(self.run_id, EPOCH_METRICS[0])}
         for row in trainer.history:
-            if row["epoch"] not in logged:
-                self._log(row)
+            self._log(row)
 
     def on_epoch_finished(self, trainer, history: list[dict]) -> None:
         self._log(history[-1])
 
     def _log(self, row: dict) -> None:
+        # An epoch logged before its checkpoint was written is computed again, identically, on
+        # resuming; the run keeps the first.
+        if row["epoch"] in self.logged:
+            return
         now = get_current_time_millis()
         metrics = [Metric(key, float(row[key]), now, row["epoch"]) for key in EPOCH_METRICS]
         self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+        self.logged.add(row["epoch"])
 
     def on_train_end(self, trainer, history: list[dict]) -> None:
         model = trainer.network

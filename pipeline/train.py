@@ -200,9 +200,11 @@ def train(config: Config, net_name: str, device: torch.device, ranks: Ranks) -> 
     tags = {"data_hash": data_hash, "net": net_name}
     resume_run_id = state["mlflow_run_id"] if state is not None else None
     try:
-        with training_run(net_name, params, tags, generated, resume_run_id) as run, sigterm_interrupts():
+        with (training_run(net_name, params, tags, generated, resume_run_id) as run,
+              Checkpointer(checkpoint, settings_hash, run.info.run_id) as checkpointer,
+              sigterm_interrupts()):
             run_id = run.info.run_id
-            trainer.callbacks += [Checkpointer(checkpoint, settings_hash, run_id), EpochTable(), MlflowLogger(run_id)]
+            trainer.callbacks += [checkpointer, EpochTable(), MlflowLogger(run_id)]
             history = fit(trainer, train_data, valid_data)
     except KeyboardInterrupt:
         raise Interrupted(

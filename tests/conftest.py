@@ -1,5 +1,6 @@
 import random
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -16,6 +17,8 @@ def fixed_seeds():
 def temporary_tracking_store(tmp_path, monkeypatch):
     """Every test logs into its own SQLite store, never into the project's."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # A stage run in-process sets MLflow's global URI, which outranks the variable: forget it.
+    mlflow.set_tracking_uri(None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)

@@ -1,0 +1,233 @@
+"""The training stage under faults: kill -9, SIGTERM, changed params, divergence, a dead tracking
+store, two trainings on one SQLite store. Real processes, real DVC, real MLflow stores."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.tracking import EPOCH_METRICS, EXPERIMENT
+from project import make_project, run, set_params
+
+EPOCHS = 14
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A scratch project with its data prepared; each test trains in a copy of it."""
+    project = make_project(tmp_path_factory.mktemp("prepared") / "project", {"train.max_epochs": EPOCHS})
+    run(project, "dvc", "repro", "prepare")
+    return project
+
+
+@pytest.fixture
+def project(prepared, tmp_path):
+    copy = tmp_path / "project"
+    shutil.copytree(prepared, copy, symlinks=True)
+    return copy
+
+
+def tool_env():
+    return {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+
+
+def start(project, *command):
+    """A command in its own process group, as a terminal or a scheduler would start it."""
+    return subprocess.Popen(command, cwd=project, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def saved_epochs(project, net="net4"):
+    path = project / "checkpoints" / f"{net}.pt"
+    try:
+        return len(torch.load(path, weights_only=True)["history"])
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return 0
+
+
+def wait_for_checkpoint(project, process, epochs=2):
+    deadline = time.monotonic() + 120
+    while saved_epochs(project) < epochs:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within 2 minutes"
+        time.sleep(0.05)
+
+
+def train(project, net="net4", check=True):
+    return run(project, sys.executable, "-m", "pipeline.train", net, check=check)
+
+
+def weights(project, net="net4"):
+    return torch.load(project / "models" / f"{net}.pt", weights_only=True)
+
+
+def history(project, net="net4"):
+    return pd.read_csv(project / "metrics" / "history" / f"{net}.csv").drop(columns="epoch_seconds")
+
+
+def runs(name="net4"):
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == name]
+
+
+def logged(run_id, key="train_loss"):
+    return [(point.step, point.value) for point in mlflow.MlflowClient().get_metric_history(run_id, key)]
+
+
+def assert_same_weights(first, second):
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_kill_9_then_dvc_repro_resumes_to_the_uninterrupted_result(project, tmp_path, monkeypatch):
+    uninterrupted = tmp_path / "uninterrupted"
+    shutil.copytree(project, uninterrupted, symlinks=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'uninterrupted.db'}")
+    train(uninterrupted)
+    reference_run = runs()[0].info.run_id
+    reference_history = {key: logged(reference_run, key) for key in EPOCH_METRICS if key != "epoch_seconds"}
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'resumed.db'}")
+    repro = start(project, "dvc", "repro", "train@net4")
+    wait_for_checkpoint(project, repro)
+    os.killpg(repro.pid, signal.SIGKILL)  # dvc and the training, with no chance to clean up
+    repro.wait()
+    done = saved_epochs(project)
+    assert 2 <= done < EPOCHS and not (project / "models/net4.pt").exists()
+
+    resumed = run(project, "dvc", "repro", "train@net4")
+    assert f"resuming after epoch {done}" in resumed.stdout
+    assert_same_weights(weights(project), weights(uninterrupted))
+    assert history(project).equals(history(uninterrupted))
+    [resumed_run] = runs()
+    assert resumed_run.info.status == "FINISHED"
+    for key, points in reference_history.items():
+        assert logged(resumed_run.info.run_id, key) == points, key  # every epoch once, same values
+    assert not (project / "checkpoints/net4.pt").exists()
+
+
+def test_sigterm_keeps_the_checkpoint_and_marks_the_run_killed(project):
+    training = start(project, sys.executable, "-m", "pipeline.train", "net4")
+    wait_for_checkpoint(project, training)
+    training.send_signal(signal.SIGTERM)
+    out, err = training.communicate(timeout=60)
+    assert training.returncode == 130
+    assert err.splitlines()[-1].startswith("error: train net4 interrupted after epoch") and "Traceback" not in err
+    [killed] = runs()
+    assert killed.info.status == "KILLED"
+    done = saved_epochs(project)
+    assert [step for step, _ in logged(killed.info.run_id)] == list(range(1, done + 1))
+
+    finished = train(project)
+    assert f"resuming after epoch {done}" in finished.stdout
+    [same] = runs()
+    assert same.info.run_id == killed.info.run_id and same.info.status == "FINISHED"
+    assert [step for step, _ in logged(same.info.run_id)] == list(range(1, EPOCHS + 1))
+
+
+def test_changed_params_train_afresh_instead_of_resuming(project):
+    training = start(project, sys.executable, "-m", "pipeline.train", "net4")
+    wait_for_checkpoint(project, training)
+    training.send_signal(signal.SIGTERM)
+    training.communicate(timeout=60)
+    set_params(project, {"train.schedules.lr.start": 0.02})
+    fresh = train(project)
+    assert "training afresh" in fresh.stdout and "resuming" not in fresh.stdout
+    statuses = {r.info.status: r for r in runs()}
+    assert set(statuses) == {"KILLED", "FINISHED"}
+    assert [step for step, _ in logged(statuses["FINISHED"].info.run_id)] == list(range(1, EPOCHS + 1))
+    assert history(project)["learning_rate"].iloc[0] == pytest.approx(0.02)
+
+
+def test_two_cpu_runs_give_identical_weights_and_histories(project, tmp_path):
+    set_params(project, {"train.max_epochs": 3})
+    train(project, "net5")
+    first_weights, first_history = weights(project, "net5"), history(project, "net5")
+    shutil.rmtree(project / "models")
+    shutil.rmtree(project / "metrics")
+    train(project, "net5")
+    assert_same_weights(weights(project, "net5"), first_weights)
+    assert history(project, "net5").equals(first_history)
+
+
+def test_divergence_fails_the_run_and_writes_no_model(project):
+    set_params(project, {"train.schedules.lr.start": 1.0e6, "train.schedules.lr.stop": 1.0e6})
+    result = train(project, check=False)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith("error: training diverged in epoch 1")
+    assert "Traceback" not in result.stderr
+    [failed] = runs()
+    assert failed.info.status == "FAILED"
+    assert not (project / "models/net4.pt").exists() and not (project / "models/net4.json").exists()
+
+
+def closed_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # nothing listens once the probe is closed
+
+
+def test_an_unreachable_tracking_store_fails_before_training(project, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    result = train(project, check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Connection refused" in result.stderr
+    assert "epoch" not in result.stdout and not (project / "checkpoints").exists()
+
+
+def test_bad_params_are_one_line_before_any_work(project, tmp_path):
+    set_params(project, {"train.max_epochs": 0})
+    result = train(project, check=False)
+    assert (result.returncode, result.stderr) == (2, "error: params.yaml: train.max_epochs must be at least 1\n")
+    set_params(project, {"train.max_epochs": 2})
+    text = (project / "params.yaml").read_text().replace("valid_fraction", "valid_fractoin")
+    (project / "params.yaml").write_text(text)
+    result = train(project, check=False)
+    assert result.returncode == 2 and "did you mean train.valid_fraction?" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # the tracking store was not even opened
+
+
+def test_two_trainings_log_to_one_new_sqlite_store_at_once(project, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}")
+    set_params(project, {"train.max_epochs": 8})
+    trainings = [start(project, sys.executable, "-m", "pipeline.train", net) for net in ("net4", "net5")]
+    for training in trainings:
+        out, err = training.communicate(timeout=300)
+        assert training.returncode == 0, err
+        assert "locked" not in err
+    for net in ("net4", "net5"):
+        [finished] = runs(net)
+        for key in EPOCH_METRICS:
+            assert [step for step, _ in logged(finished.info.run_id, key)] == list(range(1, 9)), (net, key)
+
+
+def test_processes_creating_one_store_at_once_all_succeed(tmp_path, monkeypatch):
+    """The race that breaks MLflow's own table creation: several processes on a store that does not exist."""
+    store = tmp_path / "race" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    go = tmp_path / "go"
+    script = (
+        "import os, time\n"
+        "from pipeline.tracking import connect\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+        "connect()\n"
+    )
+    racers = [subprocess.Popen([sys.executable, "-c", script], env=os.environ, stderr=subprocess.PIPE, text=True,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+              for _ in range(4)]
+    time.sleep(3)  # let every racer finish importing, so that they connect together
+    go.touch()
+    for racer in racers:
+        _, err = racer.communicate(timeout=120)
+        assert racer.returncode == 0, err
+    assert mlflow.MlflowClient().get_experiment_by_name(EXPERIMENT) is not None
