@@ -1,6 +1,7 @@
 """The training stage under faults: kill -9, SIGTERM, changed params, divergence, a dead tracking
 store, two trainings on one SQLite store. Real processes, real DVC, real MLflow stores."""
 
+import math
 import os
 import shutil
 import signal
@@ -231,3 +232,25 @@ def test_processes_creating_one_store_at_once_all_succeed(tmp_path, monkeypatch)
         _, err = racer.communicate(timeout=120)
         assert racer.returncode == 0, err
     assert mlflow.MlflowClient().get_experiment_by_name(EXPERIMENT) is not None
+
+
+@pytest.mark.parametrize("net", ["net4", "net5"])
+def test_torchrun_on_two_processes_trains_like_one_process(project, tmp_path, net):
+    set_params(project, {"train.max_epochs": 2})
+    single = tmp_path / "single"
+    shutil.copytree(project, single, symlinks=True)
+    train(single, net)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    parallel = run(project, torchrun, "--standalone", "--nproc_per_node=2", "-m", "pipeline.train", net)
+    assert "x 2 processes" in parallel.stdout
+    distributed = [r for r in runs(net) if r.data.params["world_size"] == "2"]
+    assert len(distributed) == 1 and distributed[0].info.status == "FINISHED"  # rank 1 logs nothing
+    for key in ("train_loss", "valid_loss"):
+        points = logged(distributed[0].info.run_id, key)
+        assert [step for step, _ in points] == [1, 2] and all(math.isfinite(value) for _, value in points)
+    # Same batches and flips, split over two ranks: only the order of float additions differs.
+    together, alone = history(project, net), history(single, net)
+    for key in ("train_loss", "valid_loss"):
+        assert together[key].tolist() == pytest.approx(alone[key].tolist(), rel=1e-5), key
+    for key, value in weights(single, net).items():
+        assert torch.allclose(weights(project, net)[key], value, rtol=1e-4, atol=1e-6), key
