@@ -133,13 +133,23 @@ def _reason(error: Exception) -> str:
 
 
 def _set_experiment() -> str:
-    try:
-        return mlflow.set_experiment(EXPERIMENT).experiment_id
-    except MlflowException as error:
-        # Another process created it between MLflow's lookup and its create: use that one.
-        if error.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return mlflow.set_experiment(EXPERIMENT).experiment_id
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        try:
+            mlflow.create_experiment(EXPERIMENT, artifact_location=_artifact_location(mlflow.get_tracking_uri()))
+        except MlflowException as error:
+            # Another process created it between the lookup and the create: use that one.
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    return mlflow.set_experiment(EXPERIMENT).experiment_id
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Beside a SQLite store's file; MLflow's default, ./mlruns, would follow the working directory
+    into the temporary copies of queued experiments. A server chooses its own (None)."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    database = Path(uri.removeprefix(SQLITE_PREFIX).partition("?")[0])
+    return str(database.parent / "mlruns" / EXPERIMENT) if database.is_absolute() else None
 
 
 def _resumable(client: mlflow.MlflowClient, run_id: str | None) -> bool:

@@ -1,6 +1,7 @@
 """The whole pipeline, as users run it: `dvc repro` and `mlflow run .`."""
 
 import json
+import time
 
 import mlflow
 import pytest
@@ -75,3 +76,39 @@ def test_mlflow_run_rejects_an_unknown_parameter(tmp_path):
     result = run(project, "mlflow", "run", ".", "--env-manager", "local", "-P", "train.max_epoch=1", check=False)
     assert result.returncode != 0
     assert "did you mean train.max_epochs?" in result.stderr
+
+
+def test_queued_experiments_land_in_the_projects_store_tagged_with_their_names(tmp_path, monkeypatch):
+    """`dvc exp run --queue` runs in temporary copies; the runs must outlive them, in the project's store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the default store, as users have it
+    project = make_project(tmp_path / "project")
+    run(project, "dvc", "repro")
+    run(project, "git", "add", "-A")
+    run(project, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "baseline")
+    sweep = {"lr-002": 0.02, "lr-005": 0.05}
+    for name, start in sweep.items():
+        run(project, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.schedules.lr.start={start}")
+    run(project, "dvc", "queue", "start", "-j", "2")
+    deadline = time.monotonic() + 600
+    while True:
+        status = run(project, "dvc", "queue", "status").stdout
+        if status.count("Success") + status.count("Failed") == len(sweep):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert status.count("Success") == len(sweep), status
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    for name, start in sweep.items():
+        tagged = [r for r in runs if r.data.tags.get("dvc_experiment") == name]
+        assert sorted(r.info.run_name for r in tagged) == ["net4", "net5"], name
+        for logged in tagged:
+            assert logged.info.status == "FINISHED"
+            assert float(logged.data.params["train.schedules.lr.start"]) == start
+            assert [p.step for p in client.get_metric_history(logged.info.run_id, "train_loss")] == [1, 2]
+            assert "test_rmse_px" in logged.data.metrics  # evaluate, in the copy too, found the run
+            assert str(project) in logged.info.artifact_uri and ".dvc/tmp" not in logged.info.artifact_uri
+            assert client.list_artifacts(logged.info.run_id, "evaluation")
+    assert set(sweep) <= set(run(project, "dvc", "exp", "ls", "--name-only").stdout.split())
