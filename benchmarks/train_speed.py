@@ -9,6 +9,8 @@ Run it on an idle machine: a second training on the same cores distorts every fi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
 import os
 import platform
 import resource
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from benchmarks import reference
+from pipeline import checkpoint, memory
 from pipeline.config import Config, load_config
 from pipeline.data import FaceSet, load
 from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, KEYPOINTS, write_training_csv
@@ -129,31 +132,70 @@ def reference_epoch(faces: FaceSet, seed: int) -> Callable[[], object]:
     return lambda: reference.train_epoch(net, loader, optimizer)
 
 
-def time_interleaved(epochs: dict[str, Callable[[], object]], n_epochs: int, n_images: int) -> list[Timing]:
-    """One epoch of every loop per round: this machine's speed drifts by tens of percent within
-    minutes, and taking turns makes the drift hit every loop alike."""
-    seconds = {name: [] for name in epochs}
-    kernel_seconds = {name: [] for name in epochs}
-    for _ in range(n_epochs):
-        for name, run_one_epoch in epochs.items():
-            kernel_before, started = kernel_cpu_seconds(), time.perf_counter()
-            run_one_epoch()
-            seconds[name].append(time.perf_counter() - started)
-            kernel_seconds[name].append(kernel_cpu_seconds() - kernel_before)
-    return [Timing(name, seconds[name], kernel_seconds[name], n_images) for name in epochs]
+@dataclass(frozen=True)
+class Loop:
+    """A training loop as it runs in real use, in a process of its own: the allocator setting of
+    pipeline/memory.py is process-wide, and the train stage makes it while a plain port does not."""
+
+    name: str
+    net: str | None  # None: the plain reference loop
+    reuse_freed_memory: bool
+
+
+LOOPS = (
+    Loop("reference", None, reuse_freed_memory=False),
+    Loop("net4", "net4", reuse_freed_memory=True),
+    Loop("net5", "net5", reuse_freed_memory=True),
+    # Not a target: how much of the gain the allocator setting alone would give the plain loop.
+    Loop("ref+alloc", None, reuse_freed_memory=True),
+)
+
+
+def serve_epochs(loop: Loop, n_images: int, seed: int, connection) -> None:
+    """In the loop's own process: build it, then time one epoch per request."""
+    if loop.reuse_freed_memory:
+        memory.reuse_freed_memory()
+    faces = random_faces(n_images, seed)
+    run_one_epoch = reference_epoch(faces, seed) if loop.net is None else project_epoch(loop.net, faces)
+    connection.send("ready")
+    while connection.recv() == "epoch":
+        kernel_before, started = kernel_cpu_seconds(), time.perf_counter()
+        run_one_epoch()
+        connection.send((time.perf_counter() - started, kernel_cpu_seconds() - kernel_before))
+    connection.close()
+
+
+def time_interleaved(loops: tuple[Loop, ...], n_epochs: int, n_images: int, seed: int) -> list[Timing]:
+    """One epoch of every loop per round, one process at a time: this machine's speed drifts by
+    tens of percent within minutes, and taking turns makes the drift hit every loop alike."""
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    try:
+        for loop in loops:
+            ours, theirs = context.Pipe()
+            process = context.Process(target=serve_epochs, args=(loop, n_images, seed, theirs), daemon=True)
+            process.start()
+            workers[loop.name] = (process, ours)
+        for _, connection in workers.values():
+            connection.recv()
+        seconds = {name: [] for name in workers}
+        kernel_seconds = {name: [] for name in workers}
+        for _ in range(n_epochs):
+            for name, (_, connection) in workers.items():
+                connection.send("epoch")
+                wall, kernel = connection.recv()
+                seconds[name].append(wall)
+                kernel_seconds[name].append(kernel)
+    finally:
+        for process, connection in workers.values():
+            with contextlib.suppress(OSError):
+                connection.send("stop")
+            process.join(timeout=30)
+    return [Timing(name, seconds[name], kernel_seconds[name], n_images) for name in workers]
 
 
 def kernel_cpu_seconds() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_stime
-
-
-def time_training(faces: FaceSet, n_epochs: int, seed: int) -> list[Timing]:
-    epochs = {
-        "reference": reference_epoch(faces, seed),
-        "net4": project_epoch("net4", faces),
-        "net5": project_epoch("net5", faces),
-    }
-    return time_interleaved(epochs, n_epochs, len(faces))
 
 
 def flip_seconds_per_epoch(faces: FaceSet, n_epochs: int) -> float:
@@ -173,13 +215,17 @@ def flip_seconds_per_epoch(faces: FaceSet, n_epochs: int) -> float:
 
 def training_table(timings: list[Timing]) -> str:
     baseline = timings[0]
-    lines = [f"{'loop':<10} {'epoch s':>8} {'images/s':>9} {'ms/image':>9} {'vs reference':>13} {'kernel':>7}"
-             f"   all epochs, s"]
+    allocator = {loop.name: "reuse" if loop.reuse_freed_memory else "default" for loop in LOOPS}
+    lines = [f"{'loop':<10} {'allocator':>9} {'epoch s':>8} {'images/s':>9} {'ms/image':>9} {'vs reference':>13} "
+             f"{'kernel':>7}   all epochs, s"]
     for timing in timings:
         speedup = baseline.ms_per_image / timing.ms_per_image
         every_epoch = " ".join(f"{seconds:.2f}" for seconds in timing.epoch_seconds)
-        lines.append(f"{timing.name:<10} {timing.median_seconds:8.2f} {timing.n_images / timing.median_seconds:9.1f} "
-                     f"{timing.ms_per_image:9.2f} {speedup:12.2f}x {timing.kernel_percent:6.0f}%   {every_epoch}")
+        lines.append(f"{timing.name:<10} {allocator.get(timing.name, '?'):>9} {timing.median_seconds:8.2f} "
+                     f"{timing.n_images / timing.median_seconds:9.1f} {timing.ms_per_image:9.2f} {speedup:12.2f}x "
+                     f"{timing.kernel_percent:6.0f}%   {every_epoch}")
+    lines.append("allocator: default = glibc as a plain PyTorch program has it; reuse = freed memory kept for the "
+                 "next step, as the train stage sets it (pipeline/memory.py)")
     lines.append("kernel: share of the CPU time spent in the kernel, nearly all of it faulting in the pages of "
                  "freshly allocated tensors")
     return "\n".join(lines)
@@ -261,6 +307,25 @@ def logging_report(directory: Path, net4: Timing) -> str:
             f"(target <= {MAX_LOGGING_PERCENT:.0f} %) {verdict(share <= MAX_LOGGING_PERCENT)}")
 
 
+def checkpoint_report(directory: Path, net4: Timing, n_epochs: int) -> str:
+    """The resumable state saved after every epoch: copied in the training thread, written by another."""
+    trainer, data = project_trainer("net5"), project_tensors(random_faces(128, 0))
+    run_epoch(trainer, data, train=True)  # the optimizer's momentum buffers exist from the first step on
+    copy_seconds, write_seconds = [], []
+    for _ in range(n_epochs):
+        started = time.perf_counter()
+        state = checkpoint.training_state(trainer, "benchmark", None)
+        copied = time.perf_counter()
+        checkpoint.write_training_state(directory / "checkpoint.pt", state)
+        copy_seconds.append(copied - started)
+        write_seconds.append(time.perf_counter() - copied)
+    size = (directory / "checkpoint.pt").stat().st_size / 1e6
+    copy, write = statistics.median(copy_seconds), statistics.median(write_seconds)
+    return (f"checkpoint ({size:.0f} MB): copying the state {1000 * copy:.0f} ms = "
+            f"{100 * copy / net4.median_seconds:.2f} % of a net4 epoch in the training thread; writing it "
+            f"{1000 * write:.0f} ms in a background thread")
+
+
 def dvc_report(directory: Path) -> str:
     seconds = noop_repro_seconds(directory)
     return (f"no-op dvc repro: {seconds:.2f} s (target <= {MAX_NOOP_REPRO_SECONDS:.0f} s) "
@@ -287,16 +352,18 @@ def main(argv: list[str] | None = None) -> None:
     print(machine_description())
     settings = project_config().train
     print(f"training: {args.images} random 96x96 faces, batch {settings.batch_size}, median epoch of epochs "
-          f"2..{args.epochs}, the loops taking turns epoch by epoch; project loop with channels_last "
-          f"{settings.channels_last}, bf16 {settings.bf16}\n")
+          f"2..{args.epochs}, each loop in a process of its own, taking turns epoch by epoch; project loop "
+          f"with channels_last {settings.channels_last}, bf16 {settings.bf16}\n")
+    timings = time_interleaved(LOOPS, args.epochs, args.images, args.seed)
+    print(training_table(timings) + "\n")
+    reference_timing, net4, net5, _ = timings
     faces = random_faces(args.images, args.seed)
-    reference_timing, net4, net5 = time_training(faces, args.epochs, args.seed)
-    print(training_table([reference_timing, net4, net5]) + "\n")
     flip_seconds = flip_seconds_per_epoch(faces, args.epochs)
     print("\n".join(training_verdicts(reference_timing, net4, net5, flip_seconds)))
     with tempfile.TemporaryDirectory(prefix="train-speed-") as scratch:
         directory = Path(scratch)
         print(logging_report(directory, net4))
+        print(checkpoint_report(directory, net4, args.epochs))
         if not args.skip_csv:
             print(csv_load_report(directory, args.seed))
         if not args.skip_dvc:
