@@ -125,23 +125,37 @@ class Checkpointer(Callback):
     """Save the training state after every epoch, written while the next epoch runs.
 
     Copying the state takes milliseconds; writing its 64 MB takes 50-200 ms, a twentieth of an
-    epoch on a CPU and more than a whole epoch on a GPU, so a thread writes it. One write at a
-    time: a new one waits for the last. Use as a context manager, which waits for the last write.
+    epoch on a CPU and more than a whole epoch on a GPU, so a thread writes it, and training
+    never waits for it: an epoch that ends while the last write is still going is not saved
+    (the next one will be), and the end of training saves the last epoch whatever happened.
+    Use as a context manager, which waits for the last write.
     """
 
     def __init__(self, path: Path, settings_hash: str, run_id: str | None):
         self.path, self.settings_hash, self.run_id = Path(path), settings_hash, run_id
+        self.saved_epochs = 0
         self._writer: threading.Thread | None = None
         self._failure: BaseException | None = None
 
     def on_epoch_finished(self, trainer: Trainer, history: list[dict]) -> None:
-        state = training_state(trainer, self.settings_hash, self.run_id)
-        self.wait()
-        self._writer = threading.Thread(target=self._write, args=(state,), name="checkpoint writer")
-        self._writer.start()
+        if self._writer is not None and self._writer.is_alive():
+            return
+        self._save(trainer, in_background=True)
 
     def on_train_end(self, trainer: Trainer, history: list[dict]) -> None:
         self.wait()
+        if self.saved_epochs < len(history):
+            self._save(trainer, in_background=False)
+
+    def _save(self, trainer: Trainer, in_background: bool) -> None:
+        self.wait()
+        state = training_state(trainer, self.settings_hash, self.run_id)
+        self.saved_epochs = len(trainer.history)
+        if in_background:
+            self._writer = threading.Thread(target=self._write, args=(state,), name="checkpoint writer")
+            self._writer.start()
+        else:
+            write_training_state(self.path, state)
 
     def _write(self, state: dict) -> None:
         try:
@@ -165,4 +179,4 @@ class Checkpointer(Callback):
         if kind is None:
             self.wait()
         elif self._writer is not None:
-            self._writer.join()  # keep the last epoch's state; the error in flight is the one to report
+            self._writer.join()  # keep the last saved epoch; the error in flight is the one to report
