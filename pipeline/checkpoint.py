@@ -7,14 +7,17 @@ import json
 import pickle
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.callbacks import Callback
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write
-from pipeline.loop import Trainer
 from pipeline.model import KeypointNet
+
+if TYPE_CHECKING:
+    from pipeline.loop import Trainer
 
 
 def save_model(path: Path, model: torch.nn.Module) -> None:
