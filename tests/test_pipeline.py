@@ -112,3 +112,24 @@ def test_queued_experiments_land_in_the_projects_store_tagged_with_their_names(t
             assert str(project) in logged.info.artifact_uri and ".dvc/tmp" not in logged.info.artifact_uri
             assert client.list_artifacts(logged.info.run_id, "evaluation")
     assert set(sweep) <= set(run(project, "dvc", "exp", "ls", "--name-only").stdout.split())
+
+
+def test_a_dvc_remote_carries_data_and_models_to_a_fresh_clone(tmp_path):
+    origin = make_project(tmp_path / "origin")
+    run(origin, "dvc", "repro")
+    run(origin, "dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote"))
+    run(origin, "git", "add", "-A")
+    run(origin, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "results")
+    run(origin, "dvc", "push")
+
+    clone = tmp_path / "clone"
+    run(tmp_path, "git", "clone", "-q", str(origin), str(clone))
+    assert not (clone / "models/net4.pt").exists()
+    run(clone, "dvc", "pull")
+    cached = ["models/net4.pt", "models/net5.pt", "data/prepared/train.npz", "data/prepared/test.npz",
+              "data/synthetic/training.csv"]
+    for path in cached:
+        assert (clone / path).read_bytes() == (origin / path).read_bytes(), path
+    assert "Data and pipelines are up to date" in run(clone, "dvc", "status").stdout
+    again = run(clone, "dvc", "repro")
+    assert "Data and pipelines are up to date" in again.stdout and "Running stage" not in again.stdout

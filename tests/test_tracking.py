@@ -1,3 +1,11 @@
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
 import mlflow
 import numpy as np
 import pytest
@@ -5,7 +13,7 @@ import pytest
 from pipeline.callbacks import AdjustHyperparameter
 from pipeline.loop import fit
 from pipeline.tracking import EPOCH_METRICS, EXPERIMENT, MlflowLogger, git_state, training_run
-from project import run
+from project import make_project, run
 from test_loop import data, make_trainer
 
 
@@ -85,3 +93,54 @@ def test_git_state_ignores_the_pipelines_own_outputs(tmp_path, monkeypatch):
     assert git_state(["metrics"]) == (commit, False)
     (tmp_path / "train.py").write_text("print(2)")
     assert git_state(["metrics"]) == (commit, True)
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1: SQLite backend, artifacts served from a local folder."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    artifacts = tmp_path / "server-artifacts"
+    command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+               "--artifacts-destination", str(artifacts)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, server.communicate()[1][-2000:]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not answer within 90 s"
+            time.sleep(0.5)
+        yield url, artifacts
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_a_training_logs_to_a_tracking_server_over_http(tracking_server, tmp_path, monkeypatch):
+    url, artifacts = tracking_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    project = make_project(tmp_path / "project")
+    for stage in ("synthesize", "prepare"):
+        run(project, sys.executable, "-m", f"pipeline.{stage}")
+    run(project, sys.executable, "-m", "pipeline.train", "net4")
+    assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()
+
+    client = mlflow.MlflowClient(tracking_uri=url)
+    [logged] = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert logged.info.run_name == "net4" and logged.info.status == "FINISHED"
+    for key in EPOCH_METRICS:
+        assert [point.step for point in client.get_metric_history(logged.info.run_id, key)] == [1, 2], key
+    assert list(artifacts.rglob("MLmodel")), "the model did not reach the server's artifact store"
