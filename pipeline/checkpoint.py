@@ -137,11 +137,14 @@ class Checkpointer(Callback):
     Use as a context manager, which waits for the last write.
     """
 
-    def __init__(self, path: Path, settings_hash: str, run_id: str | None):
+    def __init__(self, path: Path, settings_hash: str, run_id: str | None = None):
         self.path, self.settings_hash, self.run_id = Path(path), settings_hash, run_id
         self.saved_epochs = 0
         self._writer: threading.Thread | None = None
         self._failure: BaseException | None = None
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.saved_epochs = len(trainer.history)  # a resumed training's earlier epochs are in the file
 
     def on_epoch_finished(self, trainer: Trainer, history: list[dict]) -> None:
         if self._writer is not None and self._writer.is_alive():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import os
 import signal
 import sys
@@ -120,6 +121,13 @@ def write_history(path: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
+def code_hash() -> str:
+    """The source of the project's modules this process runs: a checkpoint of other code is not resumed."""
+    files = sorted(module.__file__ for name, module in sys.modules.items()
+                   if name.startswith("pipeline.") and getattr(module, "__file__", None))
+    return hashlib.sha256(b"".join(Path(file).read_bytes() for file in files)).hexdigest()
+
+
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """SIGTERM (a scheduler or `kill` stopping the job) stops training the way Ctrl-C does."""
@@ -178,7 +186,7 @@ def train(config: Config, net_name: str, device: torch.device, ranks: Ranks) -> 
     }
     settings_hash = fingerprint({
         "net": net_name, "train": asdict(config.train), "net_settings": asdict(config.net(net_name)),
-        "data_hash": data_hash, "device": device.type, "world_size": ranks.world_size,
+        "data_hash": data_hash, "device": device.type, "world_size": ranks.world_size, "code": code_hash(),
     })
     checkpoint = paths.checkpoint(net_name)
     state = read_training_state(checkpoint)
@@ -199,17 +207,18 @@ def train(config: Config, net_name: str, device: torch.device, ranks: Ranks) -> 
     generated = [paths.models, paths.metrics, paths.plots, paths.reports]
     tags = {"data_hash": data_hash, "net": net_name}
     resume_run_id = state["mlflow_run_id"] if state is not None else None
+    checkpointer = Checkpointer(checkpoint, settings_hash)
     try:
-        with (training_run(net_name, params, tags, generated, resume_run_id) as run,
-              Checkpointer(checkpoint, settings_hash, run.info.run_id) as checkpointer,
-              sigterm_interrupts()):
-            run_id = run.info.run_id
+        with training_run(net_name, params, tags, generated, resume_run_id) as run, checkpointer, sigterm_interrupts():
+            run_id = checkpointer.run_id = run.info.run_id
             trainer.callbacks += [checkpointer, EpochTable(), MlflowLogger(run_id)]
             history = fit(trainer, train_data, valid_data)
     except KeyboardInterrupt:
+        saved = checkpointer.saved_epochs
         raise Interrupted(
-            f"train {net_name} interrupted after epoch {len(trainer.history)}; {checkpoint} keeps it: "
-            "run the stage again (`dvc repro`) to continue"
+            f"train {net_name} interrupted in epoch {len(trainer.history) + 1}; "
+            + (f"{checkpoint} keeps epochs 1-{saved}: run the stage again (`dvc repro`) to continue" if saved
+               else "no epoch had ended, so there is nothing to resume")
         ) from None
     save_model(paths.model(net_name), trainer.network)
     write_json(paths.model_info(net_name), {

@@ -123,11 +123,13 @@ def test_sigterm_keeps_the_checkpoint_and_marks_the_run_killed(project):
     training.send_signal(signal.SIGTERM)
     out, err = training.communicate(timeout=60)
     assert training.returncode == 130
-    assert err.splitlines()[-1].startswith("error: train net4 interrupted after epoch") and "Traceback" not in err
+    done = saved_epochs(project)
+    assert err.splitlines()[-1].startswith("error: train net4 interrupted in epoch ")
+    assert f"checkpoints/net4.pt keeps epochs 1-{done}: run the stage again" in err and "Traceback" not in err
     [killed] = runs()
     assert killed.info.status == "KILLED"
-    done = saved_epochs(project)
-    assert [step for step, _ in logged(killed.info.run_id)] == list(range(1, done + 1))
+    steps = [step for step, _ in logged(killed.info.run_id)]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= done
 
     finished = train(project)
     assert f"resuming after epoch {done}" in finished.stdout
@@ -136,18 +138,29 @@ def test_sigterm_keeps_the_checkpoint_and_marks_the_run_killed(project):
     assert [step for step, _ in logged(same.info.run_id)] == list(range(1, EPOCHS + 1))
 
 
-def test_changed_params_train_afresh_instead_of_resuming(project):
+def change_learning_rate(project):
+    set_params(project, {"train.schedules.lr.start": 0.02})
+
+
+def change_the_model_code(project):
+    with (project / "pipeline/model.py").open("a") as source:
+        source.write("\n# edited after the checkpoint was saved\n")
+
+
+@pytest.mark.parametrize("change", [change_learning_rate, change_the_model_code])
+def test_changed_params_or_code_train_afresh_instead_of_resuming(project, change):
     training = start(project, sys.executable, "-m", "pipeline.train", "net4")
     wait_for_checkpoint(project, training)
     training.send_signal(signal.SIGTERM)
     training.communicate(timeout=60)
-    set_params(project, {"train.schedules.lr.start": 0.02})
+    change(project)
     fresh = train(project)
     assert "training afresh" in fresh.stdout and "resuming" not in fresh.stdout
     statuses = {r.info.status: r for r in runs()}
     assert set(statuses) == {"KILLED", "FINISHED"}
     assert [step for step, _ in logged(statuses["FINISHED"].info.run_id)] == list(range(1, EPOCHS + 1))
-    assert history(project)["learning_rate"].iloc[0] == pytest.approx(0.02)
+    expected_rate = 0.02 if change is change_learning_rate else 0.03
+    assert history(project)["learning_rate"].iloc[0] == pytest.approx(expected_rate)
 
 
 def test_two_cpu_runs_give_identical_weights_and_histories(project, tmp_path):
