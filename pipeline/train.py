@@ -122,10 +122,9 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 
 def code_hash() -> str:
-    """The source of the project's modules this process runs: a checkpoint of other code is not resumed."""
-    files = sorted(module.__file__ for name, module in sys.modules.items()
-                   if name.startswith("pipeline.") and getattr(module, "__file__", None))
-    return hashlib.sha256(b"".join(Path(file).read_bytes() for file in files)).hexdigest()
+    """The pipeline package's source: a checkpoint saved by other code is not resumed."""
+    files = sorted(Path(__file__).parent.glob("*.py"))
+    return hashlib.sha256(b"".join(file.read_bytes() for file in files)).hexdigest()
 
 
 @contextlib.contextmanager
