@@ -69,22 +69,28 @@ def tracking_uri() -> str:
     every stage the project's root in DVC_ROOT, the original one for queued experiments too.
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or SQLITE_PREFIX + DEFAULT_STORE
-    if not uri.startswith(SQLITE_PREFIX):
-        return uri
-    path, _, query = uri.removeprefix(SQLITE_PREFIX).partition("?")
-    if path == ":memory:" or os.path.isabs(path):
+    database = _sqlite_file(uri)
+    if database is None or database.is_absolute():
         return uri
     root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
-    return SQLITE_PREFIX + str((root / path).resolve()) + (f"?{query}" if query else "")
+    return uri.replace(str(database), str((root / database).resolve()), 1)
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite URI (relative as written), None for any other store."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    path = uri.removeprefix(SQLITE_PREFIX).partition("?")[0]
+    return None if path == ":memory:" else Path(path)
 
 
 @contextlib.contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     """Serialise the creation of a SQLite store: two processes creating its tables at once fail."""
-    if not uri.startswith(SQLITE_PREFIX):
+    database = _sqlite_file(uri)
+    if database is None:
         yield
         return
-    database = Path(uri.removeprefix(SQLITE_PREFIX).partition("?")[0])
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(database.with_name(database.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -146,19 +152,19 @@ def _set_experiment() -> str:
 def _artifact_location(uri: str) -> str | None:
     """Beside a SQLite store's file; MLflow's default, ./mlruns, would follow the working directory
     into the temporary copies of queued experiments. A server chooses its own (None)."""
-    if not uri.startswith(SQLITE_PREFIX):
-        return None
-    database = Path(uri.removeprefix(SQLITE_PREFIX).partition("?")[0])
-    return str(database.parent / "mlruns" / EXPERIMENT) if database.is_absolute() else None
+    database = _sqlite_file(uri)
+    return str(database.parent / "mlruns" / EXPERIMENT) if database and database.is_absolute() else None
 
 
-def _resumable(client: mlflow.MlflowClient, run_id: str | None) -> bool:
+def _resumable(client: mlflow.MlflowClient, run_id: str | None) -> mlflow.entities.Run | None:
+    """The run to continue, if the store still has it and it is not deleted."""
     if not run_id:
-        return False
+        return None
     try:
-        return client.get_run(run_id).info.lifecycle_stage == "active"
+        run = client.get_run(run_id)
     except MlflowException:
-        return False
+        return None
+    return run if run.info.lifecycle_stage == "active" else None
 
 
 @contextlib.contextmanager
@@ -170,8 +176,9 @@ def training_run(net_name: str, params: dict, tags: dict, generated: list[str],
     would resume and overwrite that run, so the training becomes its child instead.
     """
     client = mlflow.MlflowClient()
-    if _resumable(client, resume_run_id):
-        logged = client.get_run(resume_run_id).data.params
+    resumed = _resumable(client, resume_run_id)
+    if resumed is not None:
+        logged = resumed.data.params
         # Params outside the training's fingerprint may have changed since; the run keeps its own.
         with _running(resume_run_id, {key: value for key, value in params.items() if key not in logged}) as active:
             yield active

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,10 +46,21 @@ def make_project(directory: Path, params: dict | None = None) -> Path:
     return directory
 
 
+def tool_env() -> dict[str, str]:
+    """The environment with this interpreter's tools (dvc, mlflow, torchrun) first on PATH."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on once the probe is closed."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run(project: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command in the project as a user would, with this interpreter's tools on PATH."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=project, env=tool_env(), capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result

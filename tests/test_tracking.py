@@ -1,6 +1,5 @@
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import pytest
 from pipeline.callbacks import AdjustHyperparameter
 from pipeline.loop import fit
 from pipeline.tracking import EPOCH_METRICS, EXPERIMENT, MlflowLogger, git_state, training_run
-from project import make_project, run
+from project import free_port, make_project, run
 from test_loop import data, make_trainer
 
 
@@ -98,9 +97,7 @@ def test_git_state_ignores_the_pipelines_own_outputs(tmp_path, monkeypatch):
 @pytest.fixture
 def tracking_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1: SQLite backend, artifacts served from a local folder."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     artifacts = tmp_path / "server-artifacts"
     command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
                "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

@@ -5,7 +5,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.tracking import EPOCH_METRICS, EXPERIMENT
-from project import make_project, run, set_params
+from project import free_port, make_project, run, set_params, tool_env
 
 EPOCHS = 14
 
@@ -34,10 +33,6 @@ def project(prepared, tmp_path):
     copy = tmp_path / "project"
     shutil.copytree(prepared, copy, symlinks=True)
     return copy
-
-
-def tool_env():
-    return {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
 
 
 def start(project, *command):
@@ -185,14 +180,8 @@ def test_divergence_fails_the_run_and_writes_no_model(project):
     assert not (project / "models/net4.pt").exists() and not (project / "models/net4.json").exists()
 
 
-def closed_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]  # nothing listens once the probe is closed
-
-
 def test_an_unreachable_tracking_store_fails_before_training(project, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     result = train(project, check=False)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Connection refused" in result.stderr
