@@ -1,9 +1,10 @@
-"""How fast does the project train, and what do tracking, loading and DVC cost around it?
+"""How fast does the project train, and what do loading and DVC cost around it?
 
 Usage: python -m benchmarks.train_speed [--images 1712] [--epochs 4] [--skip-csv] [--skip-dvc]
 
 Trains on random but seeded faces, so the figures depend on the machine and the code only.
-Run it on an idle machine: a second training on the same cores distorts every figure.
+Run it on an idle machine: a second training on the same cores distorts every figure. What the
+train stage spends around its epochs (MLflow, checkpoints) is benchmarks/stage_overhead.py's.
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ import numpy as np
 import torch
 
 from benchmarks import reference
-from pipeline import checkpoint, memory
+from pipeline import memory
 from pipeline.config import Config, load_config
 from pipeline.data import FaceSet, load
 from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, KEYPOINTS, write_training_csv
 from pipeline.loop import Tensors, Trainer, run_epoch
-from pipeline.tracking import EPOCH_METRICS, MlflowLogger, training_run
 from pipeline.train import build_trainer, memory_format
 from tests.project import make_project, run
 
@@ -41,7 +41,6 @@ DEVICE = torch.device("cpu")
 # The issue's targets.
 MIN_SPEEDUP, STRETCH_SPEEDUP = 3.0, 5.0
 MAX_FLIP_OVERHEAD_PERCENT = 3.0
-MAX_LOGGING_PERCENT = 1.0
 MAX_CSV_SECONDS = 10.0
 MAX_NOOP_REPRO_SECONDS = 3.0
 
@@ -49,7 +48,6 @@ MAX_NOOP_REPRO_SECONDS = 3.0
 # others have only these four.
 KAGGLE_ROWS, KAGGLE_COMPLETE_ROWS = 7049, 2140
 KEYPOINTS_OF_INCOMPLETE_ROWS = ("left_eye_center", "right_eye_center", "nose_tip", "mouth_center_bottom_lip")
-LOGGED_EPOCHS = 20
 
 
 @dataclass
@@ -231,20 +229,6 @@ def training_table(timings: list[Timing]) -> str:
     return "\n".join(lines)
 
 
-def logging_seconds_per_epoch(directory: Path) -> float:
-    """Median time of MlflowLogger.on_epoch_finished on a fresh SQLite store."""
-    with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": f"sqlite:///{directory / 'mlflow.db'}"}):
-        with training_run("benchmark", {"benchmark": True}, {}, []) as run:
-            logger = MlflowLogger(run.info.run_id)
-            history, seconds = [], []
-            for epoch in range(1, LOGGED_EPOCHS + 1):
-                history.append({"epoch": epoch, **{key: 0.01 * epoch for key in EPOCH_METRICS}})
-                started = time.perf_counter()
-                logger.on_epoch_finished(None, history)
-                seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
-
-
 def kaggle_size_csv(path: Path, seed: int) -> None:
     """Random pixels (their text is as long as real faces'), and the Kaggle file's pattern of
     missing keypoints, so that load drops as many rows."""
@@ -300,32 +284,6 @@ def training_verdicts(reference_timing: Timing, net4: Timing, net5: Timing, flip
     ]
 
 
-def logging_report(directory: Path, net4: Timing) -> str:
-    seconds = logging_seconds_per_epoch(directory)
-    share = 100 * seconds / net4.median_seconds
-    return (f"MLflow logging: {1000 * seconds:.1f} ms per epoch = {share:.2f} % of a net4 epoch "
-            f"(target <= {MAX_LOGGING_PERCENT:.0f} %) {verdict(share <= MAX_LOGGING_PERCENT)}")
-
-
-def checkpoint_report(directory: Path, net4: Timing, n_epochs: int) -> str:
-    """The resumable state saved after every epoch: copied in the training thread, written by another."""
-    trainer, data = project_trainer("net5"), project_tensors(random_faces(128, 0))
-    run_epoch(trainer, data, train=True)  # the optimizer's momentum buffers exist from the first step on
-    copy_seconds, write_seconds = [], []
-    for _ in range(n_epochs):
-        started = time.perf_counter()
-        state = checkpoint.training_state(trainer, "benchmark", None)
-        copied = time.perf_counter()
-        checkpoint.write_training_state(directory / "checkpoint.pt", state)
-        copy_seconds.append(copied - started)
-        write_seconds.append(time.perf_counter() - copied)
-    size = (directory / "checkpoint.pt").stat().st_size / 1e6
-    copy, write = statistics.median(copy_seconds), statistics.median(write_seconds)
-    return (f"checkpoint ({size:.0f} MB): copying the state {1000 * copy:.0f} ms = "
-            f"{100 * copy / net4.median_seconds:.2f} % of a net4 epoch in the training thread; writing it "
-            f"{1000 * write:.0f} ms in a background thread")
-
-
 def dvc_report(directory: Path) -> str:
     seconds = noop_repro_seconds(directory)
     return (f"no-op dvc repro: {seconds:.2f} s (target <= {MAX_NOOP_REPRO_SECONDS:.0f} s) "
@@ -362,8 +320,6 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(training_verdicts(reference_timing, net4, net5, flip_seconds)))
     with tempfile.TemporaryDirectory(prefix="train-speed-") as scratch:
         directory = Path(scratch)
-        print(logging_report(directory, net4))
-        print(checkpoint_report(directory, net4, args.epochs))
         if not args.skip_csv:
             print(csv_load_report(directory, args.seed))
         if not args.skip_dvc:

@@ -40,11 +40,13 @@ def flip_random_half(images: torch.Tensor, targets: torch.Tensor,
     """Flip a random half of the batch into new tensors; the inputs are never modified.
 
     The seed's iterator flipped views of its stored data in place, so its flips piled up from
-    epoch to epoch; copying here keeps the stored training set as it was loaded.
+    epoch to epoch; selecting into new tensors keeps the stored training set as it was loaded.
+    The half is the first n // 2 rows of a random permutation, chosen by a mask rather than
+    written through an index: no scatter kernel, which on a GPU in deterministic mode would be a
+    sort, and nothing that waits for the host.
     """
-    chosen = torch.randperm(len(images), generator=generator, device=generator.device)[: len(images) // 2]
-    flipped_images, flipped_targets = flip(images[chosen], targets[chosen])
-    images, targets = images.clone(), targets.clone()
-    images[chosen] = flipped_images
-    targets[chosen] = flipped_targets
-    return images, targets
+    order = torch.randperm(len(images), generator=generator, device=generator.device)
+    chosen = order.argsort() < len(images) // 2  # row i is chosen if it comes in the permutation's first half
+    flipped_images, flipped_targets = flip(images, targets)
+    return (torch.where(chosen[:, None, None, None], flipped_images, images),
+            torch.where(chosen[:, None], flipped_targets, targets))

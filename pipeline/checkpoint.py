@@ -1,11 +1,11 @@
-"""Trained weights and resumable training states; loading never unpickles arbitrary objects."""
+"""Resumable training states: one callback restores a training or starts it afresh, then saves it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,46 +15,13 @@ import torch.utils.serialization
 from pipeline.callbacks import Callback
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write
-from pipeline.model import KeypointNet
+from pipeline.weights import load_tensors
 
 if TYPE_CHECKING:
     from pipeline.loop import Trainer
 
-
-def save_model(path: Path, model: torch.nn.Module) -> None:
-    with atomic_write(path) as temporary:
-        torch.save({key: value.cpu().contiguous() for key, value in model.state_dict().items()}, temporary)
-
-
-def load_model(path: Path, device: torch.device | str = "cpu") -> KeypointNet:
-    """The trained net in evaluation mode, on `device`."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: no such model file (train it first with `dvc repro`)")
-    state = _load_tensors(path, device)
-    model = KeypointNet()
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as error:
-        raise PipelineError(f"{path}: not a KeypointNet state_dict ({str(error).splitlines()[0]})") from None
-    return model.to(device).eval()
-
-
-def _load_tensors(path: Path, device: torch.device | str = "cpu"):
-    """torch.load restricted to tensors and plain data: a file that carries code is refused unread."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError:
-        raise PipelineError(
-            f"{path}: holds objects other than tensors and plain data; refusing to unpickle it "
-            "(only files the pipeline wrote load)"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise PipelineError(f"{path}: not a readable PyTorch file ({str(error).splitlines()[0]})") from None
-
-
 # The training state: enough to continue a training exactly where its last finished epoch left it.
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 
 
 def fingerprint(settings: dict) -> str:
@@ -63,50 +30,59 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _copy(value):
-    """A deep copy on the host of a state's tensors, so that training can go on while it is written."""
+def copy_into(target, value):
+    """A copy of `value`'s tensors, written into `target`'s tensors of the same shape where it has them.
+
+    Reusing the buffers keeps the copy of an epoch's state to one pass over memory, with no
+    allocation; on a GPU it stays on the device and the training does not wait for it.
+    """
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        if (isinstance(target, torch.Tensor) and target.shape == value.shape and target.dtype == value.dtype
+                and target.device == value.device and target.stride() == value.stride()):
+            return target.copy_(value)
+        return value.detach().clone()
     if isinstance(value, dict):
-        return {key: _copy(item) for key, item in value.items()}
+        target = target if isinstance(target, dict) else {}
+        return {key: copy_into(target.get(key), item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_copy(item) for item in value)
+        target = target if isinstance(target, (list, tuple)) and len(target) == len(value) else [None] * len(value)
+        return type(value)(copy_into(old, item) for old, item in zip(target, value))
     return value
 
 
-def training_state(trainer: Trainer, settings_hash: str, run_id: str | None) -> dict:
-    """Everything a training needs to go on exactly where its last finished epoch left it."""
-    generators = {"torch": torch.get_rng_state(), "shuffle": trainer.generator.get_state()}
+def on_host(value):
+    """`value` with every tensor on the CPU, as torch.save writes them."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: on_host(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_host(item) for item in value)
+    return value
+
+
+def generator_states(trainer: Trainer) -> dict[str, torch.Tensor]:
+    states = {"torch": torch.get_rng_state(), "shuffle": trainer.generator.get_state()}
     if trainer.augment_generator is not None:
-        generators["augment"] = trainer.augment_generator.get_state()
-    if torch.cuda.is_available():
-        generators["cuda"] = torch.cuda.get_rng_state_all()
-    return _copy({
-        "format": STATE_FORMAT,
-        "fingerprint": settings_hash,
-        "mlflow_run_id": run_id,
-        "history": [dict(row) for row in trainer.history],
-        "model": trainer.network.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
-        "generators": generators,
-    })
+        states["augment"] = trainer.augment_generator.get_state()
+    return states
 
 
 def write_training_state(path: Path, state: dict) -> None:
     """Atomically: a kill at any moment leaves the previous whole state, never half of this one."""
-    # Without the zip format's CRC32, which for 64 MB costs four times the CPU of the write itself,
-    # taken from the training beside it; the atomic rename already guarantees a whole file.
+    # Without the zip format's CRC32, which for 64 MB costs four times the CPU of the write itself;
+    # the atomic rename already guarantees a whole file.
     with atomic_write(path) as temporary, torch.utils.serialization.config.patch({"save.compute_crc32": False}):
-        torch.save(state, temporary)
+        torch.save(on_host(state), temporary)
 
 
 def read_training_state(path: Path) -> dict | None:
-    """The saved state, or None when there is none; never unpickles anything but tensors and plain data."""
+    """The saved state, on the CPU, or None when there is none; never unpickles anything but tensors and plain data."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        state = _load_tensors(path)
+        state = load_tensors(path)
     except PipelineError as error:
         raise PipelineError(f"{error}; delete it to train from the first epoch") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
@@ -114,78 +90,131 @@ def read_training_state(path: Path) -> dict | None:
     return state
 
 
-def restore_training_state(trainer: Trainer, state: dict) -> None:
-    trainer.network.load_state_dict(state["model"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    generators = state["generators"]
-    torch.set_rng_state(generators["torch"])
-    trainer.generator.set_state(generators["shuffle"])
-    if trainer.augment_generator is not None:
-        trainer.augment_generator.set_state(generators["augment"])
-    if "cuda" in generators and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(generators["cuda"])
-    trainer.history = list(state["history"])
+class Checkpoint(Callback):
+    """The resumable state of one training: skorch's LoadInitState and Checkpoint in one callback.
 
-
-class Checkpointer(Callback):
-    """Save the training state after every epoch, written while the next epoch runs.
-
-    Copying the state takes milliseconds; writing its 64 MB takes 50-200 ms, a twentieth of an
-    epoch on a CPU and more than a whole epoch on a GPU, so a thread writes it, and training
-    never waits for it: an epoch that ends while the last write is still going is not saved
-    (the next one will be), and the end of training saves the last epoch whatever happened.
-    Use as a context manager, which waits for the last write.
+    `resume()` restores the saved state if it was saved with the same settings (their
+    fingerprint), else the training starts afresh. While training, every finished epoch's
+    weights, optimizer state and random generators are copied on the training device (one pass
+    over 64 MB: microseconds on a GPU, milliseconds on a CPU); a thread writes that copy to disk
+    at most every `interval_seconds`, so the loop never waits for the disk and a long training
+    writes a few hundred MB, not a checkpoint per epoch. The last epoch is written at the end of
+    the training, and the last finished epoch when it stops on an interrupt or an error (use the
+    callback as a context manager around the training). `run_id` is the MLflow run it continues.
     """
 
-    def __init__(self, path: Path, settings_hash: str, run_id: str | None = None):
-        self.path, self.settings_hash, self.run_id = Path(path), settings_hash, run_id
+    def __init__(self, path: Path, settings: dict, interval_seconds: float, saves: bool = True):
+        self.path, self.interval_seconds, self.saves = Path(path), interval_seconds, saves
+        self.fingerprint = fingerprint(settings)
+        self.run_id: str | None = None
         self.saved_epochs = 0
+        self._trainer: Trainer | None = None
+        self._epoch_state: dict | None = None  # the last finished epoch's state, on the training device
+        self._epoch = 0  # which epoch that is; 0 while it is being copied, or before the first
+        self._writer_state: dict | None = None  # the copy a writer thread is writing
         self._writer: threading.Thread | None = None
         self._failure: BaseException | None = None
+        self._last_write = 0.0
+
+    def resume(self, trainer: Trainer) -> bool:
+        """Restore the saved training into `trainer`, if one was saved with these settings."""
+        state = read_training_state(self.path)
+        if state is None:
+            return False
+        if state["fingerprint"] != self.fingerprint:
+            if self.saves:
+                print(f"{self.path} was saved with other settings, data or code: training afresh")
+            return False
+        trainer.network.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        generators = state["generators"]
+        torch.set_rng_state(generators["torch"])
+        trainer.generator.set_state(generators["shuffle"])
+        if trainer.augment_generator is not None:
+            trainer.augment_generator.set_state(generators["augment"])
+        trainer.history = list(state["history"])
+        self.run_id = state["mlflow_run_id"]
+        self.saved_epochs = len(trainer.history)
+        return True
 
     def on_train_begin(self, trainer: Trainer) -> None:
+        self._trainer = trainer
         self.saved_epochs = len(trainer.history)  # a resumed training's earlier epochs are in the file
+        self._last_write = time.monotonic()
 
     def on_epoch_finished(self, trainer: Trainer, history: list[dict]) -> None:
-        if self._writer is not None and self._writer.is_alive():
+        if not self.saves:
             return
-        self._save(trainer, in_background=True)
+        self._epoch = 0  # an interrupt during the copy must not save half of it
+        self._epoch_state = copy_into(self._epoch_state, {
+            "model": trainer.network.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "generators": generator_states(trainer),
+        })
+        self._epoch = len(history)
+        self._report_failure()
+        due = time.monotonic() - self._last_write >= self.interval_seconds
+        if due and (self._writer is None or not self._writer.is_alive()):
+            self._write_in_background()
 
     def on_train_end(self, trainer: Trainer, history: list[dict]) -> None:
-        self.wait()
-        if self.saved_epochs < len(history):
-            self._save(trainer, in_background=False)
+        if self.saves:
+            self._wait()
+            self._write_last_epoch()
 
-    def _save(self, trainer: Trainer, in_background: bool) -> None:
-        self.wait()
-        state = training_state(trainer, self.settings_hash, self.run_id)
-        self.saved_epochs = len(trainer.history)
-        if in_background:
-            self._writer = threading.Thread(target=self._write, args=(state,), name="checkpoint writer")
-            self._writer.start()
-        else:
-            write_training_state(self.path, state)
+    def _state(self, tensors: dict, epochs: int) -> dict:
+        return {
+            "format": STATE_FORMAT,
+            "fingerprint": self.fingerprint,
+            "mlflow_run_id": self.run_id,
+            "history": [dict(row) for row in self._trainer.history[:epochs]],
+            **tensors,
+        }
+
+    def _write_in_background(self) -> None:
+        # A second copy, since the next epoch's state overwrites the first while the thread writes.
+        self._writer_state = copy_into(self._writer_state, self._epoch_state)
+        state = self._state(self._writer_state, self._epoch)
+        self._last_write = time.monotonic()
+        self._writer = threading.Thread(target=self._write, args=(state,), name="checkpoint writer", daemon=True)
+        self._writer.start()
 
     def _write(self, state: dict) -> None:
         try:
             write_training_state(self.path, state)
-        except BaseException as error:  # noqa: BLE001 - reported in the training's thread by wait()
+        except BaseException as error:  # noqa: BLE001 - reported in the training's thread
             self._failure = error
+        else:
+            self.saved_epochs = max(self.saved_epochs, len(state["history"]))
 
-    def wait(self) -> None:
-        """Until the last write is on disk; its failure, if any, becomes the training's."""
+    def _write_last_epoch(self) -> None:
+        """The last finished epoch, now, unless the file already has it."""
+        if self._epoch > self.saved_epochs:
+            self._write(self._state(self._epoch_state, self._epoch))
+            self._report_failure()
+
+    def _wait(self) -> None:
         if self._writer is not None:
             self._writer.join()
             self._writer = None
+        self._report_failure()
+
+    def _report_failure(self) -> None:
+        """A failed write becomes the training's error."""
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise PipelineError(f"{self.path}: the checkpoint could not be written ({failure})")
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> "Checkpoint":
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        if kind is None:
-            self.wait()
-        elif self._writer is not None:
-            self._writer.join()  # keep the last saved epoch; the error in flight is the one to report
+        if kind is None or not self.saves:
+            return
+        # Stopped by an interrupt or an error: keep the last finished epoch. The error in flight is
+        # the one to report, not a second failure to write.
+        try:
+            self._wait()
+            self._write_last_epoch()
+        except PipelineError:
+            pass

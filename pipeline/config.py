@@ -101,6 +101,7 @@ class TrainConfig:
     valid_fraction: float
     seed: int
     device: str
+    deterministic: bool
     channels_last: bool
     bf16: bool
     schedules: dict[str, Schedule]
@@ -126,6 +127,16 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """How often an unfinished training's state is saved; it never changes what is trained."""
+
+    interval_seconds: float
+
+    def __post_init__(self):
+        _require(self.interval_seconds >= 0, "checkpoint.interval_seconds", "must be 0 (every epoch) or more")
+
+
+@dataclass(frozen=True)
 class NetConfig:
     flip: bool
 
@@ -137,6 +148,7 @@ class Config:
     synthetic: SyntheticConfig
     prepare: PrepareConfig
     train: TrainConfig
+    checkpoint: CheckpointConfig
     nets: dict[str, NetConfig]
 
     @property

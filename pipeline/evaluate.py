@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import plots
-from pipeline.checkpoint import load_model
+from pipeline.weights import load_model
 from pipeline.config import load_config
 from pipeline.data import FaceSet, load_faces, read_summary, unscale_keypoints
 from pipeline.files import write_json, write_text

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline.checkpoint import load_model
+from pipeline.weights import load_model
 from pipeline.config import load_config
 from pipeline.data import unscale_keypoints
 from pipeline.errors import PipelineError, reports_errors

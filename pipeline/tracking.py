@@ -6,11 +6,13 @@ Nothing else in the project calls MLflow while training; the logger only reads t
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import os
+import queue
 import re
 import subprocess
-import warnings
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -33,10 +35,6 @@ DEFAULT_STORE = "mlflow.db"
 SQLITE_PREFIX = "sqlite:///"
 # Seconds the preflight waits for a tracking server, instead of minutes of retries.
 PREFLIGHT_TIMEOUT = 10
-EPOCH_METRICS = (
-    "train_loss", "valid_loss", "train_valid_ratio", "valid_rmse_px",
-    "learning_rate", "momentum", "epoch_seconds",
-)
 
 
 def git_state(generated: list[str]) -> tuple[str, bool]:
@@ -101,10 +99,10 @@ def _store_lock(uri: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _without_retries() -> Iterator[None]:
-    """MLflow retries HTTP requests for minutes; a preflight should fail in seconds instead."""
-    saved = {name: os.environ.get(name) for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(PREFLIGHT_TIMEOUT))
+def _environment(**values: str) -> Iterator[None]:
+    """MLflow reads some settings only from environment variables: set them for the block alone."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -124,7 +122,9 @@ def connect() -> str:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        with _store_lock(uri), _without_retries():
+        # MLflow retries HTTP requests for minutes; a preflight should fail in seconds instead.
+        with _store_lock(uri), _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+                                            MLFLOW_HTTP_REQUEST_TIMEOUT=str(PREFLIGHT_TIMEOUT)):
             _set_experiment()
     except Exception as error:  # noqa: BLE001 - whatever the store's client raises, the store is unusable
         raise TrackingError(f"MLflow tracking store {uri} is not usable: {_reason(error)}") from None
@@ -215,56 +215,128 @@ def _running(run_id: str, params: dict) -> Iterator[mlflow.ActiveRun]:
 
 
 class MlflowLogger(Callback):
-    """Log each epoch's row of the history (step = epoch) and, at the end, the model.
+    """Log every key of each epoch's history row (step = epoch) and, at the end, the model.
 
-    A resumed training brings the history of its earlier epochs; those the run lacks (the
-    process died between saving an epoch and logging it) are logged first, and no epoch twice.
+    A thread writes the rows, so the loop never waits on the store: at most once a second, it
+    sends whatever rows have queued up in one request. Use the logger as a context manager:
+    leaving it waits until every queued row is stored, however the training ended. A resumed
+    training brings the history of its earlier epochs; those the run lacks (the process died
+    before logging them) are logged first, and no epoch twice.
     """
+
+    # MLflow takes at most 1000 metrics in one request; whole rows keep each epoch in one transaction.
+    ROWS_PER_REQUEST = 100
+    SECONDS_BETWEEN_REQUESTS = 1.0
 
     def __init__(self, run_id: str):
         self.run_id = run_id
         self.client = mlflow.MlflowClient()
         self.logged: set[int] = set()
+        self._rows: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
+        self._sender: threading.Thread | None = None
+        self._flushing = threading.Event()
+        self._failure: Exception | None = None
 
     def on_train_begin(self, trainer) -> None:
-        if not trainer.history:
-            return
-        # Each epoch is one log_batch, stored in one transaction: one key tells which epochs are in.
-        self.logged = {point.step for point in self.client.get_metric_history(self.run_id, EPOCH_METRICS[0])}
+        if trainer.history:
+            # Each epoch is logged whole in one request, so any one key tells which epochs are in.
+            key = next(key for key in trainer.history[0] if key != "epoch")
+            self.logged = {point.step for point in self.client.get_metric_history(self.run_id, key)}
         for row in trainer.history:
-            self._log(row)
+            self._send(row)
 
     def on_epoch_finished(self, trainer, history: list[dict]) -> None:
-        self._log(history[-1])
+        self._report_failure()
+        self._send(history[-1])
 
-    def _log(self, row: dict) -> None:
+    def on_train_end(self, trainer, history: list[dict]) -> None:
+        self.flush()
+        log_model(trainer.network)
+
+    def _send(self, row: dict) -> None:
         # An epoch logged before its checkpoint was written is computed again, identically, on
         # resuming; the run keeps the first.
         if row["epoch"] in self.logged:
             return
-        now = get_current_time_millis()
-        metrics = [Metric(key, float(row[key]), now, row["epoch"]) for key in EPOCH_METRICS]
-        self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
         self.logged.add(row["epoch"])
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_rows, name="mlflow logger", daemon=True)
+            self._sender.start()
+        self._rows.put(row)
 
-    def on_train_end(self, trainer, history: list[dict]) -> None:
-        model = trainer.network
-        # Two faces, not one: MLflow exports the model with torch.export, which would otherwise
-        # specialise the batch dimension to 1.
-        example = np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-        parameter = next(model.parameters())
-        with torch.no_grad():
-            output = model(torch.from_numpy(example).to(parameter.device)).cpu().numpy()
-        with warnings.catch_warnings():
-            # torch.export's note about channels_last weights, which it stores correctly anyway.
-            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
-            mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=infer_signature(example, output),
-                input_example=example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-            )
+    def _send_rows(self) -> None:
+        while True:
+            rows = [self._rows.get()]
+            # Short epochs (a GPU's take tens of ms) queue up while waiting: one request, one
+            # transaction for them all writes a fraction of the bytes of one per epoch.
+            self._flushing.wait(self.SECONDS_BETWEEN_REQUESTS)
+            while not self._rows.empty():
+                rows.append(self._rows.get())
+            done = rows[-1] is None
+            rows = [row for row in rows if row is not None]
+            for start in range(0, len(rows), self.ROWS_PER_REQUEST):
+                if self._failure is None:
+                    self._log(rows[start:start + self.ROWS_PER_REQUEST])
+            if done:
+                return
+
+    def _log(self, rows: list[dict]) -> None:
+        now = get_current_time_millis()
+        metrics = [Metric(key, float(value), now, row["epoch"]) for row in rows
+                   for key, value in row.items() if key != "epoch"]
+        try:
+            self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+        except Exception as error:  # noqa: BLE001 - whatever the store's client raises, reported by flush()
+            self._failure = error
+
+    def flush(self) -> None:
+        """Until every queued row is in the store; a failure to store them becomes the training's error."""
+        if self._sender is not None:
+            self._rows.put(None)
+            self._flushing.set()
+            self._sender.join()
+            self._sender = None
+            self._flushing.clear()
+        self._report_failure()
+
+    def _report_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise TrackingError(f"epoch metrics not stored in MLflow run {self.run_id}: {_reason(failure)}")
+
+    def __enter__(self) -> "MlflowLogger":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.flush()
+            return
+        try:
+            self.flush()
+        except TrackingError:
+            pass  # the error in flight is the one to report
+
+
+def log_model(model: torch.nn.Module) -> None:
+    """Log the net to the active run as an MLflow PyTorch model that loads on any machine.
+
+    MLflow stores it with torch.export, which fixes the device of the weights: the copy exported
+    is on the CPU, wherever the net trained, and MLflow's own check of the input example runs it
+    there too (its default on a GPU machine would be the GPU, which the exported weights refuse).
+    """
+    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
+    # Two faces, not one: torch.export would otherwise specialise the batch dimension to 1.
+    example = np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    with _environment(MLFLOW_DEFAULT_PREDICTION_DEVICE="cpu"):
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example, output),
+            input_example=example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+        )
 
 
 def log_evaluation(run_id: str, metrics: dict[str, float], artifacts: list) -> None:

@@ -12,57 +12,28 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
-import os
 import signal
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.augment import flip_random_half
-from pipeline.callbacks import AdjustHyperparameter, EpochTable
-from pipeline.checkpoint import Checkpointer, fingerprint, read_training_state, restore_training_state, save_model
+from pipeline.callbacks import AdjustHyperparameter, Callback, EpochTable
+from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config, flatten, load_config
 from pipeline.data import load_faces, read_summary, split
+from pipeline.device import Ranks, process_group, resolve_device, use_deterministic_kernels
 from pipeline.errors import Interrupted, PipelineError, reports_errors
 from pipeline.files import atomic_write, write_json
 from pipeline.loop import Tensors, Trainer, fit
 from pipeline.memory import reuse_freed_memory
 from pipeline.model import KeypointNet
 from pipeline.tracking import MlflowLogger, connect, training_run
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a torchrun job; a plain `python -m` run is rank 0 of 1."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def from_environment(cls) -> "Ranks":
-        return cls(*(int(os.environ.get(name, default)) for name, default in
-                     (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))))
-
-    @property
-    def lead(self) -> bool:
-        """Only the lead rank logs to MLflow and writes files."""
-        return self.rank == 0
-
-
-def resolve_device(name: str, ranks: Ranks = Ranks()) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError(f"train.device is {name!r}, but no CUDA device is available")
-    if name == "cuda":
-        return torch.device("cuda", ranks.local_rank)  # one GPU per process of a torchrun job
-    return torch.device(name)
+from pipeline.weights import save_model
 
 
 def memory_format(config: Config) -> torch.memory_format:
@@ -140,18 +111,6 @@ def sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
-def process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
-    if ranks.world_size == 1:
-        yield
-        return
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 @reports_errors
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
@@ -162,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     config.net(net_name)
     ranks = Ranks.from_environment()
     device = resolve_device(config.train.device, ranks)
+    use_deterministic_kernels(config.train.deterministic)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the CUDA work that names no device goes to the training's
     if ranks.lead:
         connect()
     reuse_freed_memory()
@@ -169,11 +131,31 @@ def main(argv: list[str] | None = None) -> None:
         train(config, net_name, device, ranks)
 
 
-def train(config: Config, net_name: str, device: torch.device, ranks: Ranks) -> None:
+def training_settings(config: Config, net_name: str, data_hash: str, device: torch.device, ranks: Ranks) -> dict:
+    """What shapes a training's result: a checkpoint saved with other settings is not resumed."""
+    return {
+        "net": net_name, "train": asdict(config.train), "net_settings": asdict(config.net(net_name)),
+        "data_hash": data_hash, "device": device.type, "world_size": ranks.world_size, "code": code_hash(),
+    }
+
+
+def train(config: Config, net_name: str, device: torch.device, ranks: Ranks,
+          callbacks: tuple[Callback, ...] = ()) -> None:
     paths = config.paths
     data_hash = read_summary(paths.prepared_summary)["data_hash"]
     training, validation = split(load_faces(paths.train_faces), config.train.valid_fraction, seed=config.train.seed)
     trainer = build_trainer(config, net_name, device, ranks)
+    checkpoint = Checkpoint(paths.checkpoint(net_name), training_settings(config, net_name, data_hash, device, ranks),
+                            config.checkpoint.interval_seconds, saves=ranks.lead)
+    checkpoint.resume(trainer)
+    layout = memory_format(config)
+    train_data, valid_data = Tensors.of(training, device, layout), Tensors.of(validation, device, layout)
+    if not ranks.lead:
+        fit(trainer, train_data, valid_data)
+        return
+    print(f"train {net_name}: {len(training)} train + {len(validation)} valid faces on {device}"
+          f"{f' x {ranks.world_size} processes' if ranks.world_size > 1 else ''}, {config.train.max_epochs} epochs"
+          f"{f', resuming after epoch {len(trainer.history)}' if trainer.history else ''}")
     params = {
         **flatten(config.to_dict()),
         "net": net_name,
@@ -183,40 +165,21 @@ def train(config: Config, net_name: str, device: torch.device, ranks: Ranks) -> 
         "device": str(device),
         "world_size": ranks.world_size,
     }
-    settings_hash = fingerprint({
-        "net": net_name, "train": asdict(config.train), "net_settings": asdict(config.net(net_name)),
-        "data_hash": data_hash, "device": device.type, "world_size": ranks.world_size, "code": code_hash(),
-    })
-    checkpoint = paths.checkpoint(net_name)
-    state = read_training_state(checkpoint)
-    if state is not None and state["fingerprint"] != settings_hash:
-        if ranks.lead:
-            print(f"train {net_name}: {checkpoint} was saved with other settings or data: training afresh")
-        state = None
-    if state is not None:
-        restore_training_state(trainer, state)
-    layout = memory_format(config)
-    train_data, valid_data = Tensors.of(training, device, layout), Tensors.of(validation, device, layout)
-    if not ranks.lead:
-        fit(trainer, train_data, valid_data)
-        return
-    print(f"train {net_name}: {len(training)} train + {len(validation)} valid faces on {device}"
-          f"{f' x {ranks.world_size} processes' if ranks.world_size > 1 else ''}, {config.train.max_epochs} epochs"
-          f"{f', resuming after epoch {len(trainer.history)}' if trainer.history else ''}")
     generated = [paths.models, paths.metrics, paths.plots, paths.reports]
     tags = {"data_hash": data_hash, "net": net_name}
-    resume_run_id = state["mlflow_run_id"] if state is not None else None
-    checkpointer = Checkpointer(checkpoint, settings_hash)
     try:
-        with training_run(net_name, params, tags, generated, resume_run_id) as run, checkpointer, sigterm_interrupts():
-            run_id = checkpointer.run_id = run.info.run_id
-            trainer.callbacks += [checkpointer, EpochTable(), MlflowLogger(run_id)]
-            history = fit(trainer, train_data, valid_data)
+        with training_run(net_name, params, tags, generated, checkpoint.run_id) as run, sigterm_interrupts():
+            run_id = checkpoint.run_id = run.info.run_id
+            logger = MlflowLogger(run_id)
+            trainer.callbacks += [checkpoint, EpochTable(), logger, *callbacks]
+            # Whatever ends the training, the last finished epoch is saved and every epoch logged.
+            with logger, checkpoint:
+                history = fit(trainer, train_data, valid_data)
     except KeyboardInterrupt:
-        saved = checkpointer.saved_epochs
+        saved = checkpoint.saved_epochs
         raise Interrupted(
             f"train {net_name} interrupted in epoch {len(trainer.history) + 1}; "
-            + (f"{checkpoint} keeps epochs 1-{saved}: run the stage again (`dvc repro`) to continue" if saved
+            + (f"{checkpoint.path} keeps epochs 1-{saved}: run the stage again (`dvc repro`) to continue" if saved
                else "no epoch had ended, so there is nothing to resume")
         ) from None
     save_model(paths.model(net_name), trainer.network)
@@ -225,7 +188,7 @@ def train(config: Config, net_name: str, device: torch.device, ranks: Ranks) -> 
     })
     write_history(paths.history(net_name), history)
     write_json(paths.train_metrics(net_name), final_figures(history))
-    checkpoint.unlink()
+    checkpoint.path.unlink()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ def set_params(project: Path, changes: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def make_project(directory: Path, params: dict | None = None) -> Path:
+def make_project(directory: Path, params: dict | None = None, git: bool = True) -> Path:
+    """The project's files and tiny params in `directory`, committed to a new git repository unless
+    `git` is false (a GPU machine may have no git, and runs the stages without DVC)."""
     for name in PROJECT_FILES:
         source, target = ROOT / name, directory / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -40,6 +42,8 @@ def make_project(directory: Path, params: dict | None = None) -> Path:
         else:
             shutil.copy2(source, target)
     set_params(directory, {**TINY_PARAMS, **(params or {})})
+    if not git:
+        return directory
     run(directory, "git", "init", "-q")
     run(directory, "git", "add", "-A")
     run(directory, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "scratch")

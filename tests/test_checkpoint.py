@@ -1,10 +1,13 @@
+import contextlib
+
 import pytest
 import torch
 
-from pipeline.checkpoint import (Checkpointer, fingerprint, load_model, read_training_state,
-                                 restore_training_state, save_model)
+from pipeline.callbacks import Callback
+from pipeline.checkpoint import Checkpoint, fingerprint, read_training_state
 from pipeline.errors import PipelineError
 from pipeline.loop import fit
+from pipeline.weights import load_model, save_model
 from test_loop import data, make_trainer
 
 
@@ -37,36 +40,116 @@ def test_saved_weights_load_into_the_net(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value)
 
 
-def test_a_restored_state_continues_exactly_like_an_unbroken_training(tmp_path):
+SETTINGS = {"train": {"max_epochs": 4}, "data_hash": "abc"}
+
+
+def strip(history):
+    return [{key: value for key, value in row.items() if key != "epoch_seconds"} for row in history]
+
+
+def train_saving(path, epochs, max_epochs=4, interval_seconds=0.0, callbacks=()):
+    """`epochs` epochs of a `max_epochs` training, with a Checkpoint as the train stage wires it."""
+    trainer = make_trainer(max_epochs, flip=True)
+    checkpoint = Checkpoint(path, SETTINGS, interval_seconds)
+    checkpoint.run_id = "run"
+    trainer.callbacks += [checkpoint, StopAfter(epochs), *callbacks]
+    with pytest.raises(KeyboardInterrupt) if epochs < max_epochs else contextlib.nullcontext():
+        with checkpoint:
+            fit(trainer, data(48), data(16, seed=1))
+    return trainer, checkpoint
+
+
+class StopAfter(Callback):
+    """Ctrl-C in the middle of the epoch after `epochs`, as a user or SIGTERM would stop it."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_batch_end(self, trainer, batch, n_batches):
+        if len(trainer.history) == self.epochs:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_training_resumes_exactly_like_an_unbroken_one(tmp_path):
     path = tmp_path / "checkpoints" / "net5.pt"
     unbroken = make_trainer(4, flip=True)
     fit(unbroken, data(48), data(16, seed=1))
 
-    first_half = make_trainer(2, flip=True)
-    with Checkpointer(path, "settings", "run") as checkpointer:
-        first_half.callbacks.append(checkpointer)
-        fit(first_half, data(48), data(16, seed=1))
+    # A long interval: nothing is written during the epochs, only the last finished one on the interrupt.
+    _, interrupted = train_saving(path, epochs=2, interval_seconds=3600)
+    assert interrupted.saved_epochs == 2
     state = read_training_state(path)
-    assert (state["fingerprint"], state["mlflow_run_id"], len(state["history"])) == ("settings", "run", 2)
+    assert (state["fingerprint"], state["mlflow_run_id"], len(state["history"])) == (fingerprint(SETTINGS), "run", 2)
 
     torch.manual_seed(123)  # the global generator is part of the state: disturb it
-    second_half = make_trainer(4, flip=True)
-    restore_training_state(second_half, state)
-    fit(second_half, data(48), data(16, seed=1))
-    strip = lambda history: [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in history]
-    assert strip(second_half.history) == strip(unbroken.history)
+    resumed = make_trainer(4, flip=True)
+    checkpoint = Checkpoint(path, SETTINGS, 3600)
+    assert checkpoint.resume(resumed) and checkpoint.run_id == "run"
+    fit(resumed, data(48), data(16, seed=1))
+    assert strip(resumed.history) == strip(unbroken.history)
     for key, value in unbroken.network.state_dict().items():
-        assert torch.equal(second_half.network.state_dict()[key], value), key
+        assert torch.equal(resumed.network.state_dict()[key], value), key
+
+
+class Saved(Callback):
+    """The epochs in the checkpoint file after each epoch, as another process would read them."""
+
+    def __init__(self, checkpoint):
+        self.checkpoint, self.epochs = checkpoint, []
+
+    def on_epoch_finished(self, trainer, history):
+        self.checkpoint._wait()  # the background write of this epoch, if one started
+        state = read_training_state(self.checkpoint.path)
+        self.epochs.append(len(state["history"]) if state else 0)
+
+
+def test_the_state_is_written_at_most_once_per_interval_and_at_the_end(tmp_path):
+    for interval, expected in ((0, [1, 2, 3, 4]), (3600, [0, 0, 0, 0])):
+        path = tmp_path / f"every-{interval}.pt"
+        trainer = make_trainer(4)
+        checkpoint = Checkpoint(path, SETTINGS, interval)
+        saved = Saved(checkpoint)
+        trainer.callbacks += [checkpoint, saved]
+        with checkpoint:
+            fit(trainer, data(32), data(16, seed=1))
+        assert saved.epochs == expected, interval
+        assert len(read_training_state(path)["history"]) == 4  # the end is always written
+
+
+def test_an_error_keeps_the_last_finished_epoch(tmp_path):
+    path = tmp_path / "net4.pt"
+    trainer = make_trainer(4)
+    checkpoint = Checkpoint(path, SETTINGS, 3600)
+
+    class Crash(Callback):
+        def on_epoch_begin(self, trainer, epoch):
+            if epoch == 3:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    trainer.callbacks += [checkpoint, Crash()]
+    with pytest.raises(RuntimeError, match="illegal memory access"), checkpoint:
+        fit(trainer, data(32), data(16, seed=1))
+    assert len(read_training_state(path)["history"]) == 2
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, capsys):
+    path = tmp_path / "net4.pt"
+    train_saving(path, epochs=1)
+    trainer = make_trainer(4)
+    checkpoint = Checkpoint(path, {**SETTINGS, "data_hash": "abd"}, 60)
+    assert not checkpoint.resume(trainer)
+    assert trainer.history == [] and checkpoint.run_id is None
+    assert "was saved with other settings, data or code: training afresh" in capsys.readouterr().out
 
 
 def test_a_failed_write_becomes_the_trainings_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     trainer = make_trainer(1)
-    with pytest.raises(PipelineError, match="checkpoint could not be written"):
-        with Checkpointer(blocker / "net4.pt", "settings", None) as checkpointer:
-            trainer.callbacks.append(checkpointer)
-            fit(trainer, data(16), data(16, seed=1))
+    checkpoint = Checkpoint(blocker / "net4.pt", SETTINGS, 0)
+    trainer.callbacks.append(checkpoint)
+    with pytest.raises(PipelineError, match="checkpoint could not be written"), checkpoint:
+        fit(trainer, data(16), data(16, seed=1))
 
 
 def test_the_fingerprint_changes_with_any_setting():

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipeline import evaluate
-from pipeline.checkpoint import load_model
+from pipeline.weights import load_model
 from pipeline.data import load_faces
 from pipeline.kaggle import KEYPOINTS
 from pipeline.metrics import mean_shape, predict, rmse_px

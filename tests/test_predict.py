@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.checkpoint import load_model, save_model
+from pipeline.weights import load_model, save_model
 from pipeline.kaggle import KEYPOINT_COLUMNS
 from pipeline.model import KeypointNet
 from pipeline.predict import NamedFaces, main, predict_pixels, read_image, read_images, submission_table

@@ -8,10 +8,11 @@ import urllib.request
 import mlflow
 import numpy as np
 import pytest
+import torch
 
-from pipeline.callbacks import AdjustHyperparameter
+from pipeline.callbacks import AdjustHyperparameter, Callback
 from pipeline.loop import fit
-from pipeline.tracking import EPOCH_METRICS, EXPERIMENT, MlflowLogger, git_state, training_run
+from pipeline.tracking import EXPERIMENT, MlflowLogger, git_state, log_model, training_run
 from project import free_port, make_project, run
 from test_loop import data, make_trainer
 
@@ -19,8 +20,10 @@ from test_loop import data, make_trainer
 def train_logged(net_name="net4", epochs=3):
     trainer = make_trainer(epochs, [AdjustHyperparameter("lr", 0.03, 0.0001), AdjustHyperparameter("momentum", 0.9, 0.999)])
     with training_run(net_name, {"train.max_epochs": epochs, "n_train": 32}, {"data_hash": "abc123"}, []) as run:
-        trainer.callbacks.append(MlflowLogger(run.info.run_id))
-        history = fit(trainer, data(32), data(16, seed=1))
+        logger = MlflowLogger(run.info.run_id)
+        trainer.callbacks.append(logger)
+        with logger:
+            history = fit(trainer, data(32), data(16, seed=1))
     return run.info.run_id, history
 
 
@@ -30,7 +33,9 @@ def test_every_epoch_is_logged_at_its_step():
     run = client.get_run(run_id)
     assert run.info.run_name == "net4" and run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
-    for key in EPOCH_METRICS:
+    keys = [key for key in history[0] if key != "epoch"]
+    assert set(keys) == set(run.data.metrics)
+    for key in keys:
         points = client.get_metric_history(run_id, key)
         assert sorted(point.step for point in points) == [1, 2, 3], key
         by_step = {point.step: point.value for point in points}
@@ -53,6 +58,49 @@ def test_the_model_is_logged_with_a_signature_and_loads():
     assert predict.predict(np.zeros((3, 1, 96, 96), dtype=np.float32)).shape == (3, 30)
 
 
+def test_the_logged_model_is_a_host_copy_that_predicts_like_the_net_and_logs_quietly(capfd):
+    trainer = make_trainer(2)
+    fit(trainer, data(32), data(16, seed=1))
+    net = trainer.network
+    with training_run("net4", {}, {}, []) as run:
+        log_model(net)
+    noise = capfd.readouterr()
+    assert "Failed to validate" not in noise.err + noise.out and "[[" not in noise.err + noise.out
+    assert net.features[0].weight.is_contiguous(memory_format=torch.channels_last)  # the net itself untouched
+    [model] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    loaded = mlflow.pytorch.load_model(model.model_uri)
+    faces = data(5, seed=2).images
+    with torch.no_grad():
+        assert torch.allclose(loaded(faces.contiguous()), net(faces), atol=1e-6)
+    served = mlflow.pyfunc.load_model(model.model_uri, model_config={"device": "cpu"})
+    assert served.predict(faces.numpy()).shape == (5, 30)
+
+
+class CrashIn(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_begin(self, trainer, epoch):
+        if epoch == self.epoch:
+            raise RuntimeError("CUDA error: out of memory")
+
+
+def test_every_epoch_before_a_crash_is_logged_once():
+    trainer = make_trainer(5, [CrashIn(4)])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with training_run("net4", {}, {}, []) as run:
+            logger = MlflowLogger(run.info.run_id)
+            trainer.callbacks.append(logger)
+            with logger:
+                fit(trainer, data(32), data(16, seed=1))
+    client = mlflow.MlflowClient()
+    finished = client.get_run(run.info.run_id)
+    assert finished.info.status == "FAILED"
+    assert set(finished.data.metrics) == {key for key in trainer.history[0] if key != "epoch"}
+    for key in finished.data.metrics:
+        assert [point.step for point in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
+
+
 def test_under_mlflow_run_the_training_is_a_child_run(monkeypatch):
     mlflow.set_experiment(EXPERIMENT)
     with mlflow.start_run(run_name="project") as parent:
@@ -70,8 +118,10 @@ def test_a_failed_training_marks_the_run_failed():
     trainer = make_trainer(2, lr=1e6)
     with pytest.raises(Exception, match="diverged"):
         with training_run("net4", {}, {}, []) as run:
-            trainer.callbacks.append(MlflowLogger(run.info.run_id))
-            fit(trainer, data(32), data(16, seed=1))
+            logger = MlflowLogger(run.info.run_id)
+            trainer.callbacks.append(logger)
+            with logger:
+                fit(trainer, data(32), data(16, seed=1))
     assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
 
 
@@ -150,6 +200,7 @@ def test_a_training_logs_to_a_tracking_server_over_http(tracking_server, tmp_pat
     client = mlflow.MlflowClient(tracking_uri=url)
     [logged] = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert logged.info.run_name == "net4" and logged.info.status == "FINISHED"
-    for key in EPOCH_METRICS:
+    assert {"train_loss", "valid_loss", "learning_rate", "momentum"} <= set(logged.data.metrics)
+    for key in logged.data.metrics:
         assert [point.step for point in client.get_metric_history(logged.info.run_id, key)] == [1, 2], key
     assert list(artifacts.rglob("MLmodel")), "the model did not reach the server's artifact store"

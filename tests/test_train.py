@@ -10,12 +10,13 @@ import sys
 import time
 
 import mlflow
-import pandas as pd
 import pytest
 import torch
 
-from pipeline.tracking import EPOCH_METRICS, EXPERIMENT
-from project import free_port, make_project, run, set_params, tool_env
+from pipeline.tracking import EXPERIMENT
+from project import free_port, make_project, run, set_params
+from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start, train,
+                       wait_for_checkpoint, weights)
 
 EPOCHS = 14
 
@@ -23,7 +24,9 @@ EPOCHS = 14
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A scratch project with its data prepared; each test trains in a copy of it."""
-    project = make_project(tmp_path_factory.mktemp("prepared") / "project", {"train.max_epochs": EPOCHS})
+    # A checkpoint after every epoch, so that a test can stop a training once one is on disk.
+    project = make_project(tmp_path_factory.mktemp("prepared") / "project",
+                           {"train.max_epochs": EPOCHS, "checkpoint.interval_seconds": 0})
     run(project, "dvc", "repro", "prepare")
     return project
 
@@ -35,63 +38,14 @@ def project(prepared, tmp_path):
     return copy
 
 
-def start(project, *command):
-    """A command in its own process group, as a terminal or a scheduler would start it."""
-    return subprocess.Popen(command, cwd=project, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
-def saved_epochs(project, net="net4"):
-    path = project / "checkpoints" / f"{net}.pt"
-    try:
-        return len(torch.load(path, weights_only=True)["history"])
-    except (FileNotFoundError, RuntimeError, EOFError):
-        return 0
-
-
-def wait_for_checkpoint(project, process, epochs=2):
-    deadline = time.monotonic() + 120
-    while saved_epochs(project) < epochs:
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "no checkpoint within 2 minutes"
-        time.sleep(0.05)
-
-
-def train(project, net="net4", check=True):
-    return run(project, sys.executable, "-m", "pipeline.train", net, check=check)
-
-
-def weights(project, net="net4"):
-    return torch.load(project / "models" / f"{net}.pt", weights_only=True)
-
-
-def history(project, net="net4"):
-    return pd.read_csv(project / "metrics" / "history" / f"{net}.csv").drop(columns="epoch_seconds")
-
-
-def runs(name="net4"):
-    client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    return [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == name]
-
-
-def logged(run_id, key="train_loss"):
-    return [(point.step, point.value) for point in mlflow.MlflowClient().get_metric_history(run_id, key)]
-
-
-def assert_same_weights(first, second):
-    assert first.keys() == second.keys()
-    for key in first:
-        assert torch.equal(first[key], second[key]), key
-
-
 def test_kill_9_then_dvc_repro_resumes_to_the_uninterrupted_result(project, tmp_path, monkeypatch):
     uninterrupted = tmp_path / "uninterrupted"
     shutil.copytree(project, uninterrupted, symlinks=True)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'uninterrupted.db'}")
     train(uninterrupted)
     reference_run = runs()[0].info.run_id
-    reference_history = {key: logged(reference_run, key) for key in EPOCH_METRICS if key != "epoch_seconds"}
+    reference_history = {key: logged(reference_run, key) for key in metric_keys(uninterrupted)
+                         if key != "epoch_seconds"}
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'resumed.db'}")
     repro = start(project, "dvc", "repro", "train@net4")
@@ -131,6 +85,29 @@ def test_sigterm_keeps_the_checkpoint_and_marks_the_run_killed(project):
     [same] = runs()
     assert same.info.run_id == killed.info.run_id and same.info.status == "FINISHED"
     assert [step for step, _ in logged(same.info.run_id)] == list(range(1, EPOCHS + 1))
+
+
+def test_sigterm_saves_the_last_finished_epoch_whatever_the_interval(project, tmp_path):
+    set_params(project, {"checkpoint.interval_seconds": 3600})
+    training = start(project, sys.executable, "-m", "pipeline.train", "net4")
+    finished = 0
+    while finished < 3:  # the plain per-epoch lines: "epoch 3/14 ..."
+        line = training.stdout.readline()
+        assert line, training.communicate()
+        finished += line.startswith("epoch ")
+    assert saved_epochs(project) == 0  # within the interval, nothing was written
+    training.send_signal(signal.SIGTERM)
+    out, err = training.communicate(timeout=60)
+    assert training.returncode == 130, err
+    done = saved_epochs(project)
+    finished += sum(line.startswith("epoch ") for line in out.splitlines())
+    assert 3 <= done == finished < EPOCHS
+    assert f"checkpoints/net4.pt keeps epochs 1-{done}: run the stage again" in err
+    [killed] = runs()
+    keys = killed.data.metrics
+    assert {"train_loss", "valid_loss", "learning_rate", "momentum"} <= set(keys)
+    for key in keys:  # every epoch that finished is in MLflow, once
+        assert [step for step, _ in logged(killed.info.run_id, key)] == list(range(1, done + 1)), key
 
 
 def change_learning_rate(project):
@@ -210,7 +187,7 @@ def test_two_trainings_log_to_one_new_sqlite_store_at_once(project, tmp_path, mo
         assert "locked" not in err
     for net in ("net4", "net5"):
         [finished] = runs(net)
-        for key in EPOCH_METRICS:
+        for key in metric_keys(project, net):
             assert [step for step, _ in logged(finished.info.run_id, key)] == list(range(1, 9)), (net, key)
 
 

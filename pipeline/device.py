@@ -1,0 +1,79 @@
+"""Where a training runs: the device, this process's place in a torchrun job, and the kernels' determinism."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.utils.deterministic
+
+from pipeline.errors import PipelineError
+
+# cuBLAS splits a matrix product's reductions by the workspace it is given; a fixed workspace makes
+# its results repeatable (NVIDIA's documented setting). Read when cuBLAS first starts in a process.
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun job; a plain `python -m` run is rank 0 of 1."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_environment(cls) -> "Ranks":
+        return cls(*(int(os.environ.get(name, default)) for name, default in
+                     (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))))
+
+    @property
+    def lead(self) -> bool:
+        """Only the lead rank logs to MLflow and writes files."""
+        return self.rank == 0
+
+
+def resolve_device(name: str, ranks: Ranks = Ranks()) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"train.device is {name!r}, but no CUDA device is available")
+    if name == "cuda":
+        return torch.device("cuda", ranks.local_rank)  # one GPU per process of a torchrun job
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise PipelineError(f"train.device is {name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def use_deterministic_kernels(deterministic: bool) -> None:
+    """Same params and seed on the same device and software give the same history, bit for bit.
+
+    CPU kernels already are deterministic; on a GPU, cuDNN and cuBLAS pick among algorithms whose
+    sums run in different orders, and a few kernels add with atomics. Call before any CUDA work.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(deterministic)
+    # Deterministic mode also fills every new tensor with NaN, to expose reads of uninitialised
+    # memory; no kernel here reads any, and the fill would cost a pass over every activation.
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cudnn.deterministic = deterministic
+    # Benchmarking picks the fastest convolution per shape by timing them: fast, but not repeatable.
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+@contextlib.contextmanager
+def process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
+    if ranks.world_size == 1:
+        yield
+        return
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

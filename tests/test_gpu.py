@@ -1,0 +1,172 @@
+"""The pipeline on a CUDA device: the train stage end to end, kill -9 and resume, reproducibility,
+flips, bf16, evaluation and prediction. Marked `gpu`: skipped, with the reason, where there is no
+CUDA device (as on CI); run them with `python -m pytest -m gpu` on a machine with one.
+
+The stages run as their commands (`python -m pipeline.train net4`), not through DVC, and the
+scratch project is no git repository: a GPU machine may have neither DVC nor git.
+"""
+
+import os
+import shutil
+import signal
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from pipeline.augment import flip, flip_random_half
+from pipeline.callbacks import AdjustHyperparameter
+from pipeline.loop import Tensors, Trainer, fit
+from pipeline.metrics import predict
+from pipeline.model import KeypointNet
+from pipeline.weights import load_model
+from project import make_project, run
+from test_loop import bright_square_faces
+from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start,
+                       wait_for_checkpoint, weights)
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = "cuda:0"
+EPOCHS = 8
+# Lines that MLflow prints when its check of the logged model fails, or when it prints an array.
+NOISE = ("Traceback", "Failed to validate", "Got error", "[[")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("gpu") / "project", {
+        "train.max_epochs": EPOCHS, "train.device": DEVICE, "checkpoint.interval_seconds": 0,
+    }, git=False)
+    for stage in ("synthesize", "prepare"):
+        run(project, sys.executable, "-m", f"pipeline.{stage}")
+    return project
+
+
+@pytest.fixture
+def project(prepared, tmp_path):
+    copy = tmp_path / "project"
+    shutil.copytree(prepared, copy)
+    return copy
+
+
+def stage(project, *args):
+    return run(project, sys.executable, "-m", *args)
+
+
+def test_the_stages_on_cuda_log_a_model_that_predicts_on_the_cpu(project):
+    for net in ("net4", "net5"):
+        trained = stage(project, "pipeline.train", net)
+        assert f"faces on {DEVICE}," in trained.stdout
+        assert not any(noise in trained.stdout + trained.stderr for noise in NOISE), trained.stderr
+    evaluated = stage(project, "pipeline.evaluate")
+    assert "Traceback" not in evaluated.stderr and (project / "metrics/evaluate.json").exists()
+
+    [run_] = runs("net5")
+    assert run_.info.status == "FINISHED" and run_.data.params["device"] == DEVICE
+    [model] = mlflow.search_logged_models(experiment_ids=[run_.info.experiment_id], output_format="list",
+                                          filter_string=f"source_run_id = '{run_.info.run_id}'")
+    logged_net = mlflow.pytorch.load_model(model.model_uri)
+    assert all(parameter.device.type == "cpu" for parameter in logged_net.parameters())
+    faces = torch.from_numpy(bright_square_faces(6, seed=3).X)
+    saved_net = load_model(project / "models/net5.pt", "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(logged_net(faces), saved_net(faces), rtol=0, atol=1e-5)
+    # MLflow's pyfunc picks the GPU on a machine with one; the exported weights live on the CPU.
+    served = mlflow.pyfunc.load_model(model.model_uri, model_config={"device": "cpu"})
+    assert served.predict(faces.numpy()).shape == (6, 30)
+
+
+def test_kill_9_on_cuda_then_resume_ends_like_an_uninterrupted_training(project, tmp_path, monkeypatch):
+    references = []
+    for name in ("first", "second"):
+        copy = tmp_path / name
+        shutil.copytree(project, copy)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / name}.db")
+        stage(copy, "pipeline.train", "net5")
+        references.append(copy)
+    first, second = references
+    # Reproducible: the same params and seed on the same GPU give the same training, bit for bit.
+    assert_same_weights(weights(first, "net5"), weights(second, "net5"))
+    assert history(first, "net5").equals(history(second, "net5"))
+    [reference_run] = runs("net5")
+    keys = [key for key in metric_keys(first, "net5") if key != "epoch_seconds"]
+    expected = {key: logged(reference_run.info.run_id, key) for key in keys}
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'resumed.db'}")
+    training = start(project, sys.executable, "-m", "pipeline.train", "net5")
+    wait_for_checkpoint(project, training, net="net5")
+    os.killpg(training.pid, signal.SIGKILL)
+    training.wait()
+    done = saved_epochs(project, "net5")
+    assert 2 <= done < EPOCHS
+    resumed = stage(project, "pipeline.train", "net5")
+    assert f"resuming after epoch {done}" in resumed.stdout
+    assert_same_weights(weights(project, "net5"), weights(first, "net5"))
+    assert history(project, "net5").equals(history(first, "net5"))
+    [resumed_run] = runs("net5")
+    for key in keys:
+        assert logged(resumed_run.info.run_id, key) == expected[key], key  # every epoch once, same values
+
+
+def test_flips_stay_on_the_device_and_never_wait_for_the_host():
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    images = torch.rand(128, 1, 96, 96, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    targets = torch.rand(128, 30, device=DEVICE) * 2 - 1
+    stored = images.clone(), targets.clone()
+    flip(images, targets)  # builds the device's flip tables, once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out_images, out_targets = flip_random_half(images, targets, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out_images.device == images.device and out_targets.device == targets.device
+    assert torch.equal(images, stored[0]) and torch.equal(targets, stored[1])
+    mirrored_images, mirrored_targets = flip(images.cpu(), targets.cpu())
+    changed = (out_images.cpu() != images.cpu()).flatten(1).any(1)
+    assert int(changed.sum()) == 64
+    assert torch.equal(out_images.cpu()[changed], mirrored_images[changed])
+    assert torch.equal(out_targets.cpu()[changed], mirrored_targets[changed])
+    assert torch.equal(out_targets.cpu()[~changed], targets.cpu()[~changed])
+
+
+def cuda_trainer(bf16=False, flip=False):
+    device = torch.device(DEVICE)
+    torch.manual_seed(0)
+    model = KeypointNet().to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True)
+    return Trainer(model, optimizer, max_epochs=3, batch_size=32,
+                   generator=torch.Generator(device=device).manual_seed(0),
+                   augment=flip_random_half if flip else None,
+                   augment_generator=torch.Generator(device=device).manual_seed(1) if flip else None,
+                   bf16=bf16, callbacks=[AdjustHyperparameter("lr", 0.03, 0.001)])
+
+
+def cuda_data(n, seed):
+    return Tensors.of(bright_square_faces(n, seed), torch.device(DEVICE))
+
+
+def test_bf16_on_cuda_trains_float32_weights_with_losses_close_to_float32():
+    full = fit(cuda_trainer(flip=True), cuda_data(96, 0), cuda_data(32, 1))
+    trainer = cuda_trainer(bf16=True, flip=True)
+    half = fit(trainer, cuda_data(96, 0), cuda_data(32, 1))
+    for exact, mixed in zip(full, half):
+        assert mixed["train_loss"] == pytest.approx(exact["train_loss"], rel=0.05)
+        assert mixed["valid_loss"] == pytest.approx(exact["valid_loss"], rel=0.05)
+    assert half[0]["train_loss"] != full[0]["train_loss"]
+    assert all(parameter.dtype == torch.float32 for parameter in trainer.model.parameters())
+
+
+def test_evaluation_and_prediction_on_cuda_agree_with_the_cpu(tmp_path):
+    trainer = cuda_trainer()
+    fit(trainer, cuda_data(64, 0), cuda_data(16, 1))
+    torch.save({key: value.cpu() for key, value in trainer.network.state_dict().items()}, tmp_path / "net.pt")
+    faces = bright_square_faces(40, seed=4).X
+    on_gpu, on_cpu = load_model(tmp_path / "net.pt", DEVICE), load_model(tmp_path / "net.pt", "cpu")
+    assert next(on_gpu.parameters()).device == torch.device(DEVICE)
+    predicted_gpu, predicted_cpu = predict(on_gpu, faces), predict(on_cpu, faces)
+    assert isinstance(predicted_gpu, np.ndarray) and predicted_gpu.shape == (40, 30)
+    np.testing.assert_allclose(predicted_gpu, predicted_cpu, rtol=0, atol=1e-4)

@@ -1,0 +1,67 @@
+"""Real trainings in a scratch project (tests/project.py), and what they leave: files, checkpoints, MLflow runs."""
+
+import subprocess
+import sys
+import time
+
+import mlflow
+import pandas as pd
+import torch
+
+from pipeline.tracking import EXPERIMENT
+from project import run, tool_env
+
+
+def start(project, *command):
+    """A command in its own process group, as a terminal or a scheduler would start it."""
+    return subprocess.Popen(command, cwd=project, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def saved_epochs(project, net="net4"):
+    path = project / "checkpoints" / f"{net}.pt"
+    try:
+        return len(torch.load(path, weights_only=True)["history"])
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return 0
+
+
+def wait_for_checkpoint(project, process, epochs=2, net="net4"):
+    deadline = time.monotonic() + 120
+    while saved_epochs(project, net) < epochs:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within 2 minutes"
+        time.sleep(0.05)
+
+
+def train(project, net="net4", check=True):
+    return run(project, sys.executable, "-m", "pipeline.train", net, check=check)
+
+
+def weights(project, net="net4"):
+    return torch.load(project / "models" / f"{net}.pt", weights_only=True)
+
+
+def history(project, net="net4"):
+    return pd.read_csv(project / "metrics" / "history" / f"{net}.csv").drop(columns="epoch_seconds")
+
+
+def metric_keys(project, net="net4"):
+    """Every figure of the history, each logged to MLflow at every epoch."""
+    return list(history(project, net).columns.drop("epoch")) + ["epoch_seconds"]
+
+
+def runs(name="net4"):
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == name]
+
+
+def logged(run_id, key="train_loss"):
+    return [(point.step, point.value) for point in mlflow.MlflowClient().get_metric_history(run_id, key)]
+
+
+def assert_same_weights(first, second):
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
