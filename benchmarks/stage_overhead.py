@@ -18,9 +18,7 @@ import contextlib
 import math
 import os
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +34,7 @@ from pipeline.config import load_config
 from pipeline.device import Ranks, resolve_device, use_deterministic_kernels
 from pipeline.memory import reuse_freed_memory
 from pipeline.train import train
-from tests.project import set_params
+from tests.project import make_project, run
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_PROTOCOL_EPOCHS = 3000
@@ -150,23 +148,15 @@ def verdict(met: bool) -> str:
     return "ok" if met else "MISSED"
 
 
-def scratch_project(directory: Path, params: dict) -> Path:
-    """The stages' code and params in `directory`, its data synthesized and prepared (no git, no DVC:
-    a GPU machine may have neither)."""
-    shutil.copytree(ROOT / "pipeline", directory / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(ROOT / "params.yaml", directory / "params.yaml")
-    set_params(directory, params)
-    for stage in ("synthesize", "prepare"):
-        subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=directory, check=True,
-                       stdout=subprocess.DEVNULL)
-    return directory
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # On the disk, not in a memory file system, so that the writes are counted.
     with tempfile.TemporaryDirectory(prefix=".stage-overhead-", dir=ROOT) as scratch:
-        project = scratch_project(Path(scratch), {"synthetic.n_faces": args.faces, "train.max_epochs": args.epochs})
+        # No git, no DVC: a GPU machine may have neither.
+        project = make_project(Path(scratch) / "project", {"synthetic.n_faces": args.faces,
+                                                           "train.max_epochs": args.epochs}, git=False)
+        for stage in ("synthesize", "prepare"):
+            run(project, sys.executable, "-m", f"pipeline.{stage}")
         previous = Path.cwd()
         os.chdir(project)
         try:

@@ -188,7 +188,7 @@ def train(config: Config, net_name: str, device: torch.device, ranks: Ranks,
     })
     write_history(paths.history(net_name), history)
     write_json(paths.train_metrics(net_name), final_figures(history))
-    checkpoint.path.unlink()
+    checkpoint.path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,6 @@
+import re
+import sys
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -6,6 +9,7 @@ from benchmarks import reference, train_speed
 from pipeline.data import FaceSet
 from pipeline.loop import Tensors, Trainer, run_epoch
 from pipeline.model import KeypointNet
+from project import ROOT, run
 
 # Every batch full, so an epoch's mean loss is the plain mean of its batch losses.
 BATCH_SIZE, N_IMAGES, EPOCHS = 16, 48, 3
@@ -83,3 +87,15 @@ def test_benchmark_prints_every_row(capsys):
     assert {"machine:", "loop", "reference", "net4", "net5"} <= rows
     assert "flip overhead over net4" in printed
     assert "Kaggle-size CSV" not in printed and "dvc repro" not in printed
+
+
+def test_stage_overhead_benchmark_times_the_real_stage():
+    # In a process of its own, as it is run: it sets the process's allocator and kernels as the stage does.
+    lines = run(ROOT, sys.executable, "-m", "benchmarks.stage_overhead", "--epochs", "3", "--faces", "120").stdout.splitlines()
+    assert lines[-4].startswith("device: cpu, torch ") and lines[-4].endswith(", 3 epochs")
+    outside = re.search(r"outside them: median ([\d.]+) ms = ([\d.]+) % of the passes", lines[-3])
+    assert outside and float(outside.group(1)) > 0
+    written = re.search(r"disk writes: ([\d.]+) MB in all: during the epochs (\d+) checkpoints of ([\d.]+) MB", lines[-2])
+    # 64 MB of training state (weights and momentum), and at least the model and the final state written.
+    assert written and 60 < float(written.group(3)) < 70 and float(written.group(1)) > 2 * float(written.group(3))
+    assert lines[-1].startswith("projected to 3000 epochs of ")

@@ -50,6 +50,7 @@ def test_missing_key_is_named(tmp_path):
     ("max_epochs", True, "train.max_epochs must be an integer"),
     ("valid_fraction", 1.0, "train.valid_fraction must be strictly between 0 and 1"),
     ("device", "tpu", "train.device must be"),
+    ("deterministic", "yes", "train.deterministic must be true or false"),
 ])
 def test_bad_train_values_are_named(tmp_path, key, value, fragment):
     expect_error(tmp_path, lambda p: p["train"].update({key: value}), fragment)
@@ -58,6 +59,15 @@ def test_bad_train_values_are_named(tmp_path, key, value, fragment):
 def test_bad_schedule_values_are_named(tmp_path):
     expect_error(tmp_path, lambda p: p["train"]["schedules"]["lr"].update(start=-1), "train.schedules.lr")
     expect_error(tmp_path, lambda p: p["train"]["schedules"]["momentum"].update(stop=1.0), "train.schedules.momentum")
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (-1, "checkpoint.interval_seconds must be 0 (every epoch) or more"),
+    (float("nan"), "checkpoint.interval_seconds must be 0 (every epoch) or more"),
+    ("1m", "checkpoint.interval_seconds must be a number"),
+])
+def test_bad_checkpoint_interval_is_named(tmp_path, value, fragment):
+    expect_error(tmp_path, lambda p: p["checkpoint"].update(interval_seconds=value), fragment)
 
 
 def test_bad_source_and_flip(tmp_path):

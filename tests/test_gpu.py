@@ -30,7 +30,8 @@ from trainings import (assert_same_weights, history, logged, metric_keys, runs, 
 pytestmark = pytest.mark.gpu
 
 DEVICE = "cuda:0"
-EPOCHS = 8
+# Epochs of a few milliseconds each: enough of them that a test can kill the training midway.
+EPOCHS, FACES = 400, 600
 # Lines that MLflow prints when its check of the logged model fails, or when it prints an array.
 NOISE = ("Traceback", "Failed to validate", "Got error", "[[")
 
@@ -38,7 +39,8 @@ NOISE = ("Traceback", "Failed to validate", "Got error", "[[")
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("gpu") / "project", {
-        "train.max_epochs": EPOCHS, "train.device": DEVICE, "checkpoint.interval_seconds": 0,
+        "synthetic.n_faces": FACES, "train.max_epochs": EPOCHS, "train.device": DEVICE,
+        "checkpoint.interval_seconds": 0,
     }, git=False)
     for stage in ("synthesize", "prepare"):
         run(project, sys.executable, "-m", f"pipeline.{stage}")
