@@ -96,7 +96,7 @@ class Checkpoint(Callback):
     `resume()` restores the saved state if it was saved with the same settings (their
     fingerprint), else the training starts afresh. While training, every finished epoch's
     weights, optimizer state and random generators are copied on the training device (one pass
-    over 64 MB: microseconds on a GPU, milliseconds on a CPU); a thread writes that copy to disk
+    over 64 MB: microseconds on a GPU, milliseconds on a CPU); a thread writes such a copy to disk
     at most every `interval_seconds`, so the loop never waits for the disk and a long training
     writes a few hundred MB, not a checkpoint per epoch. The last epoch is written at the end of
     the training, and the last finished epoch when it stops on an interrupt or an error (use the
@@ -109,8 +109,11 @@ class Checkpoint(Callback):
         self.run_id: str | None = None
         self.saved_epochs = 0
         self._trainer: Trainer | None = None
-        self._epoch_state: dict | None = None  # the last finished epoch's state, on the training device
-        self._epoch = 0  # which epoch that is; 0 while it is being copied, or before the first
+        # Two copies of finished epochs' states on the training device, taking turns, so that a
+        # stop during one copy still finds the previous epoch whole in the other.
+        self._epoch_states: list[dict | None] = [None, None]
+        self._epochs = [0, 0]  # which epoch each copy holds (0: none)
+        self._latest = 0  # the copy of the last finished epoch
         self._writer_state: dict | None = None  # the copy a writer thread is writing
         self._writer: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -145,13 +148,15 @@ class Checkpoint(Callback):
     def on_epoch_finished(self, trainer: Trainer, history: list[dict]) -> None:
         if not self.saves:
             return
-        self._epoch = 0  # an interrupt during the copy must not save half of it
-        self._epoch_state = copy_into(self._epoch_state, {
+        spare = 1 - self._latest
+        self._epochs[spare] = 0  # until the copy is whole
+        self._epoch_states[spare] = copy_into(self._epoch_states[spare], {
             "model": trainer.network.state_dict(),
             "optimizer": trainer.optimizer.state_dict(),
             "generators": generator_states(trainer),
         })
-        self._epoch = len(history)
+        self._epochs[spare] = len(history)
+        self._latest = spare
         self._report_failure()
         due = time.monotonic() - self._last_write >= self.interval_seconds
         if due and (self._writer is None or not self._writer.is_alive()):
@@ -172,9 +177,9 @@ class Checkpoint(Callback):
         }
 
     def _write_in_background(self) -> None:
-        # A second copy, since the next epoch's state overwrites the first while the thread writes.
-        self._writer_state = copy_into(self._writer_state, self._epoch_state)
-        state = self._state(self._writer_state, self._epoch)
+        # A copy of its own, since the next epochs overwrite the others while the thread writes.
+        self._writer_state = copy_into(self._writer_state, self._epoch_states[self._latest])
+        state = self._state(self._writer_state, self._epochs[self._latest])
         self._last_write = time.monotonic()
         self._writer = threading.Thread(target=self._write, args=(state,), name="checkpoint writer", daemon=True)
         self._writer.start()
@@ -189,8 +194,9 @@ class Checkpoint(Callback):
 
     def _write_last_epoch(self) -> None:
         """The last finished epoch, now, unless the file already has it."""
-        if self._epoch > self.saved_epochs:
-            self._write(self._state(self._epoch_state, self._epoch))
+        epochs = self._epochs[self._latest]
+        if epochs > self.saved_epochs:
+            self._write(self._state(self._epoch_states[self._latest], epochs))
             self._report_failure()
 
     def _wait(self) -> None:

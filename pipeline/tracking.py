@@ -231,6 +231,7 @@ class MlflowLogger(Callback):
     def __init__(self, run_id: str):
         self.run_id = run_id
         self.client = mlflow.MlflowClient()
+        self.history: list[dict] = []
         self.logged: set[int] = set()
         self._rows: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
         self._sender: threading.Thread | None = None
@@ -238,6 +239,7 @@ class MlflowLogger(Callback):
         self._failure: Exception | None = None
 
     def on_train_begin(self, trainer) -> None:
+        self.history = trainer.history
         if trainer.history:
             # Each epoch is logged whole in one request, so any one key tells which epochs are in.
             key = next(key for key in trainer.history[0] if key != "epoch")
@@ -311,6 +313,10 @@ class MlflowLogger(Callback):
         if kind is None:
             self.flush()
             return
+        # A stop between an epoch's end and its row reaching this logger (another callback's hook
+        # was running) leaves a finished epoch unsent.
+        for row in self.history:
+            self._send(row)
         try:
             self.flush()
         except TrackingError:

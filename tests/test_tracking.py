@@ -101,6 +101,30 @@ def test_every_epoch_before_a_crash_is_logged_once():
         assert [point.step for point in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
 
 
+class StopAtTheEndOf(Callback):
+    """Ctrl-C while another callback handles the end of an epoch, before the logger has its row."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_finished(self, trainer, history):
+        if history[-1]["epoch"] == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_an_epoch_stopped_before_the_logger_saw_it_is_still_logged():
+    trainer = make_trainer(4)
+    with pytest.raises(KeyboardInterrupt):
+        with training_run("net4", {}, {}, []) as run:
+            logger = MlflowLogger(run.info.run_id)
+            trainer.callbacks += [StopAtTheEndOf(2), logger]
+            with logger:
+                fit(trainer, data(32), data(16, seed=1))
+    client = mlflow.MlflowClient()
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert [point.step for point in client.get_metric_history(run.info.run_id, "valid_loss")] == [1, 2]
+
+
 def test_under_mlflow_run_the_training_is_a_child_run(monkeypatch):
     mlflow.set_experiment(EXPERIMENT)
     with mlflow.start_run(run_name="project") as parent:
