@@ -81,7 +81,7 @@ def test_weights_of_another_shape_are_refused():
 
 
 def test_benchmark_prints_every_row(capsys):
-    train_speed.main(["--images", "256", "--epochs", "2", "--skip-csv", "--skip-dvc"])
+    train_speed.main(["--images", "128", "--epochs", "2", "--skip-csv", "--skip-dvc"])
     printed = capsys.readouterr().out
     rows = {line.split()[0] for line in printed.splitlines() if line.strip()}
     assert {"machine:", "loop", "reference", "net4", "net5"} <= rows
