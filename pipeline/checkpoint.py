@@ -185,19 +185,24 @@ class Checkpoint(Callback):
         self._writer.start()
 
     def _write(self, state: dict) -> None:
+        """In the writer thread: a failure is kept for the training's thread to report."""
         try:
-            write_training_state(self.path, state)
+            self._save(state)
         except BaseException as error:  # noqa: BLE001 - reported in the training's thread
             self._failure = error
-        else:
-            self.saved_epochs = max(self.saved_epochs, len(state["history"]))
+
+    def _save(self, state: dict) -> None:
+        write_training_state(self.path, state)
+        self.saved_epochs = max(self.saved_epochs, len(state["history"]))
 
     def _write_last_epoch(self) -> None:
         """The last finished epoch, now, unless the file already has it."""
         epochs = self._epochs[self._latest]
         if epochs > self.saved_epochs:
-            self._write(self._state(self._epoch_states[self._latest], epochs))
-            self._report_failure()
+            try:
+                self._save(self._state(self._epoch_states[self._latest], epochs))
+            except Exception as error:  # noqa: BLE001 - a second Ctrl-C still stops at once
+                raise self._unwritten(error) from None
 
     def _wait(self) -> None:
         if self._writer is not None:
@@ -209,7 +214,10 @@ class Checkpoint(Callback):
         """A failed write becomes the training's error."""
         if self._failure is not None:
             failure, self._failure = self._failure, None
-            raise PipelineError(f"{self.path}: the checkpoint could not be written ({failure})")
+            raise self._unwritten(failure)
+
+    def _unwritten(self, error: BaseException) -> PipelineError:
+        return PipelineError(f"{self.path}: the checkpoint could not be written ({error})")
 
     def __enter__(self) -> "Checkpoint":
         return self
