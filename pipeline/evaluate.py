@@ -15,7 +15,6 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import plots
-from pipeline.weights import load_model
 from pipeline.config import load_config
 from pipeline.data import FaceSet, load_faces, read_summary, unscale_keypoints
 from pipeline.files import write_json, write_text
@@ -24,6 +23,7 @@ from pipeline.metrics import mean_shape, predict, rmse_curves, score, summarize
 from pipeline.report import (BASELINE_LABEL, SUMMARY_HEADER, comparison_lines, comparison_markdown,
                              summary_rows, text_table)
 from pipeline.tracking import TrackingError, connect, log_evaluation
+from pipeline.weights import load_model
 
 EVALUATION = "evaluate.json"
 PICTURE_TITLES = {

@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline.weights import load_model
 from pipeline.config import load_config
 from pipeline.data import unscale_keypoints
 from pipeline.errors import PipelineError, reports_errors
@@ -27,6 +26,7 @@ from pipeline.files import write_text
 from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, parse_images
 from pipeline.metrics import predict
 from pipeline.plots import draw_keypoints
+from pipeline.weights import load_model
 
 TEST_COLUMNS = ("ImageId", "Image")
 # Kaggle's lookup table also has an empty Location column, which the submission fills.

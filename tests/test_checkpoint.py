@@ -132,6 +132,22 @@ def test_an_error_keeps_the_last_finished_epoch(tmp_path):
     assert len(read_training_state(path)["history"]) == 2
 
 
+def test_a_stop_before_an_epoch_was_copied_saves_the_one_before(tmp_path):
+    path = tmp_path / "net4.pt"
+    trainer = make_trainer(4)
+    checkpoint = Checkpoint(path, SETTINGS, 3600)
+
+    class StopAtTheEndOf3(Callback):
+        def on_epoch_finished(self, trainer, history):
+            if len(history) == 3:
+                raise KeyboardInterrupt
+
+    trainer.callbacks += [StopAtTheEndOf3(), checkpoint]  # epoch 3 ends, but is never copied
+    with pytest.raises(KeyboardInterrupt), checkpoint:
+        fit(trainer, data(32), data(16, seed=1))
+    assert len(trainer.history) == 3 and len(read_training_state(path)["history"]) == 2
+
+
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, capsys):
     path = tmp_path / "net4.pt"
     train_saving(path, epochs=1)
