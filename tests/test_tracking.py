@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.callbacks import AdjustHyperparameter, Callback
+from pipeline.errors import PipelineError
 from pipeline.loop import fit
 from pipeline.tracking import EXPERIMENT, MlflowLogger, git_state, log_model, training_run
 from project import free_port, make_project, run
@@ -85,9 +86,22 @@ class CrashIn(Callback):
             raise RuntimeError("CUDA error: out of memory")
 
 
-def test_every_epoch_before_a_crash_is_logged_once():
-    trainer = make_trainer(5, [CrashIn(4)])
-    with pytest.raises(RuntimeError, match="out of memory"):
+class DivergeIn(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_begin(self, trainer, epoch):
+        if epoch == self.epoch:
+            trainer.optimizer.param_groups[0]["lr"] = 1e6
+
+
+@pytest.mark.parametrize("failure, error, message", [
+    (CrashIn, RuntimeError, "out of memory"),
+    (DivergeIn, PipelineError, "diverged in epoch 4"),
+])
+def test_every_epoch_before_a_failure_is_logged_once(failure, error, message):
+    trainer = make_trainer(5, [failure(4)])
+    with pytest.raises(error, match=message):
         with training_run("net4", {}, {}, []) as run:
             logger = MlflowLogger(run.info.run_id)
             trainer.callbacks.append(logger)
