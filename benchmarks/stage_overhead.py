@@ -31,9 +31,8 @@ import torch
 from pipeline import checkpoint as checkpoint_module
 from pipeline.callbacks import Callback
 from pipeline.config import load_config
-from pipeline.device import Ranks, resolve_device, use_deterministic_kernels
-from pipeline.memory import reuse_freed_memory
-from pipeline.train import train
+from pipeline.device import Ranks
+from pipeline.train import set_up_process, train
 from tests.project import make_project, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,9 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         os.chdir(project)
         try:
             config = load_config()
-            device = resolve_device(config.train.device)
-            use_deterministic_kernels(config.train.deterministic)
-            reuse_freed_memory()
+            device = set_up_process(config)
             checkpoints = CountingCheckpoint()
             clock = EpochClock(checkpoints)
             with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}), \

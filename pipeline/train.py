@@ -120,15 +120,21 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config()
     config.net(net_name)
     ranks = Ranks.from_environment()
+    device = set_up_process(config, ranks)
+    if ranks.lead:
+        connect()
+    with process_group(ranks, device):
+        train(config, net_name, device, ranks)
+
+
+def set_up_process(config: Config, ranks: Ranks = Ranks()) -> torch.device:
+    """The training's device, made this process's, with the kernels and allocator the stage trains with."""
     device = resolve_device(config.train.device, ranks)
     use_deterministic_kernels(config.train.deterministic)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the CUDA work that names no device goes to the training's
-    if ranks.lead:
-        connect()
     reuse_freed_memory()
-    with process_group(ranks, device):
-        train(config, net_name, device, ranks)
+    return device
 
 
 def training_settings(config: Config, net_name: str, data_hash: str, device: torch.device, ranks: Ranks) -> dict:

@@ -9,6 +9,7 @@ from pipeline.errors import PipelineError
 from pipeline.loop import fit
 from pipeline.weights import load_model, save_model
 from test_loop import data, make_trainer
+from trainings import RaiseIn
 
 
 class Payload:
@@ -52,22 +53,12 @@ def train_saving(path, epochs, max_epochs=4, interval_seconds=0.0, callbacks=())
     trainer = make_trainer(max_epochs, flip=True)
     checkpoint = Checkpoint(path, SETTINGS, interval_seconds)
     checkpoint.run_id = "run"
-    trainer.callbacks += [checkpoint, StopAfter(epochs), *callbacks]
+    # Ctrl-C in the middle of the epoch after `epochs`, as a user or SIGTERM would stop it.
+    trainer.callbacks += [checkpoint, RaiseIn("on_batch_end", epochs + 1, KeyboardInterrupt()), *callbacks]
     with pytest.raises(KeyboardInterrupt) if epochs < max_epochs else contextlib.nullcontext():
         with checkpoint:
             fit(trainer, data(48), data(16, seed=1))
     return trainer, checkpoint
-
-
-class StopAfter(Callback):
-    """Ctrl-C in the middle of the epoch after `epochs`, as a user or SIGTERM would stop it."""
-
-    def __init__(self, epochs):
-        self.epochs = epochs
-
-    def on_batch_end(self, trainer, batch, n_batches):
-        if len(trainer.history) == self.epochs:
-            raise KeyboardInterrupt
 
 
 def test_an_interrupted_training_resumes_exactly_like_an_unbroken_one(tmp_path):
@@ -116,36 +107,21 @@ def test_the_state_is_written_at_most_once_per_interval_and_at_the_end(tmp_path)
         assert len(read_training_state(path)["history"]) == 4  # the end is always written
 
 
-def test_an_error_keeps_the_last_finished_epoch(tmp_path):
+@pytest.mark.parametrize("stop, before_the_copy", [
+    # A crash as epoch 3 begins: epochs 1-2 were copied.
+    (RaiseIn("on_epoch_begin", 3, RuntimeError("CUDA error: an illegal memory access was encountered")), False),
+    # Ctrl-C as epoch 3 ends, before the checkpoint's hook copied it: the copy of epoch 2 is saved.
+    (RaiseIn("on_epoch_finished", 3, KeyboardInterrupt()), True),
+])
+def test_a_stop_keeps_the_last_epoch_that_was_copied(tmp_path, stop, before_the_copy):
     path = tmp_path / "net4.pt"
     trainer = make_trainer(4)
     checkpoint = Checkpoint(path, SETTINGS, 3600)
-
-    class Crash(Callback):
-        def on_epoch_begin(self, trainer, epoch):
-            if epoch == 3:
-                raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    trainer.callbacks += [checkpoint, Crash()]
-    with pytest.raises(RuntimeError, match="illegal memory access"), checkpoint:
+    trainer.callbacks += [stop, checkpoint] if before_the_copy else [checkpoint, stop]
+    with pytest.raises(type(stop.error)), checkpoint:
         fit(trainer, data(32), data(16, seed=1))
+    assert len(trainer.history) == (3 if before_the_copy else 2)
     assert len(read_training_state(path)["history"]) == 2
-
-
-def test_a_stop_before_an_epoch_was_copied_saves_the_one_before(tmp_path):
-    path = tmp_path / "net4.pt"
-    trainer = make_trainer(4)
-    checkpoint = Checkpoint(path, SETTINGS, 3600)
-
-    class StopAtTheEndOf3(Callback):
-        def on_epoch_finished(self, trainer, history):
-            if len(history) == 3:
-                raise KeyboardInterrupt
-
-    trainer.callbacks += [StopAtTheEndOf3(), checkpoint]  # epoch 3 ends, but is never copied
-    with pytest.raises(KeyboardInterrupt), checkpoint:
-        fit(trainer, data(32), data(16, seed=1))
-    assert len(trainer.history) == 3 and len(read_training_state(path)["history"]) == 2
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, capsys):

@@ -16,6 +16,7 @@ from pipeline.loop import fit
 from pipeline.tracking import EXPERIMENT, MlflowLogger, git_state, log_model, training_run
 from project import free_port, make_project, run
 from test_loop import data, make_trainer
+from trainings import RaiseIn
 
 
 def train_logged(net_name="net4", epochs=3):
@@ -77,15 +78,6 @@ def test_the_logged_model_is_a_host_copy_that_predicts_like_the_net_and_logs_qui
     assert served.predict(faces.numpy()).shape == (5, 30)
 
 
-class CrashIn(Callback):
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_epoch_begin(self, trainer, epoch):
-        if epoch == self.epoch:
-            raise RuntimeError("CUDA error: out of memory")
-
-
 class DivergeIn(Callback):
     def __init__(self, epoch):
         self.epoch = epoch
@@ -96,11 +88,11 @@ class DivergeIn(Callback):
 
 
 @pytest.mark.parametrize("failure, error, message", [
-    (CrashIn, RuntimeError, "out of memory"),
-    (DivergeIn, PipelineError, "diverged in epoch 4"),
+    (RaiseIn("on_epoch_begin", 4, RuntimeError("CUDA error: out of memory")), RuntimeError, "out of memory"),
+    (DivergeIn(4), PipelineError, "diverged in epoch 4"),
 ])
 def test_every_epoch_before_a_failure_is_logged_once(failure, error, message):
-    trainer = make_trainer(5, [failure(4)])
+    trainer = make_trainer(5, [failure])
     with pytest.raises(error, match=message):
         with training_run("net4", {}, {}, []) as run:
             logger = MlflowLogger(run.info.run_id)
@@ -115,23 +107,13 @@ def test_every_epoch_before_a_failure_is_logged_once(failure, error, message):
         assert [point.step for point in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
 
 
-class StopAtTheEndOf(Callback):
-    """Ctrl-C while another callback handles the end of an epoch, before the logger has its row."""
-
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_epoch_finished(self, trainer, history):
-        if history[-1]["epoch"] == self.epoch:
-            raise KeyboardInterrupt
-
-
 def test_an_epoch_stopped_before_the_logger_saw_it_is_still_logged():
     trainer = make_trainer(4)
     with pytest.raises(KeyboardInterrupt):
         with training_run("net4", {}, {}, []) as run:
             logger = MlflowLogger(run.info.run_id)
-            trainer.callbacks += [StopAtTheEndOf(2), logger]
+            # Ctrl-C while another callback handles the end of epoch 2, before the logger has its row.
+            trainer.callbacks += [RaiseIn("on_epoch_finished", 2, KeyboardInterrupt()), logger]
             with logger:
                 fit(trainer, data(32), data(16, seed=1))
     client = mlflow.MlflowClient()

@@ -1,4 +1,5 @@
-"""Real trainings in a scratch project (tests/project.py), and what they leave: files, checkpoints, MLflow runs."""
+"""Real trainings in a scratch project (tests/project.py), and what they leave: files, checkpoints, MLflow runs;
+and a callback that stops an in-process training where a test wants it."""
 
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import mlflow
 import pandas as pd
 import torch
 
+from pipeline.callbacks import Callback
 from pipeline.tracking import EXPERIMENT
 from project import run, tool_env
 
@@ -65,3 +67,24 @@ def assert_same_weights(first, second):
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
+
+
+class RaiseIn(Callback):
+    """Raise `error` in the hook `hook` of epoch `epoch`: a crash, or Ctrl-C or SIGTERM as a
+    KeyboardInterrupt, at a chosen moment of the loop."""
+
+    def __init__(self, hook: str, epoch: int, error: BaseException):
+        self.hook, self.epoch, self.error = hook, epoch, error
+
+    def _reached(self, hook: str, epoch: int) -> None:
+        if (hook, epoch) == (self.hook, self.epoch):
+            raise self.error
+
+    def on_epoch_begin(self, trainer, epoch):
+        self._reached("on_epoch_begin", epoch)
+
+    def on_batch_end(self, trainer, batch, n_batches):
+        self._reached("on_batch_end", len(trainer.history) + 1)
+
+    def on_epoch_finished(self, trainer, history):
+        self._reached("on_epoch_finished", len(history))
