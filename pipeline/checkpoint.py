@@ -10,18 +10,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.utils.serialization
 
 from pipeline.callbacks import Callback
-from pipeline.errors import PipelineError
-from pipeline.files import atomic_write
-from pipeline.weights import load_tensors
+from pipeline.errors import PipelineError, describe
+from pipeline.weights import load_checked, save_checked
 
 if TYPE_CHECKING:
     from pipeline.loop import Trainer
 
 # The training state: enough to continue a training exactly where its last finished epoch left it.
-STATE_FORMAT = 2
+STATE_FORMAT = 3
+RESTART = "delete it to train from the first epoch"
 
 
 def fingerprint(settings: dict) -> str:
@@ -69,11 +68,8 @@ def generator_states(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def write_training_state(path: Path, state: dict) -> None:
-    """Atomically: a kill at any moment leaves the previous whole state, never half of this one."""
-    # Without the zip format's CRC32, which for 64 MB costs four times the CPU of the write itself;
-    # the atomic rename already guarantees a whole file.
-    with atomic_write(path) as temporary, torch.utils.serialization.config.patch({"save.compute_crc32": False}):
-        torch.save(on_host(state), temporary)
+    """Atomically: a kill or a power cut at any moment leaves the previous whole state, never half of this one."""
+    save_checked(path, on_host(state))
 
 
 def read_training_state(path: Path) -> dict | None:
@@ -81,12 +77,9 @@ def read_training_state(path: Path) -> dict | None:
     path = Path(path)
     if not path.is_file():
         return None
-    try:
-        state = load_tensors(path)
-    except PipelineError as error:
-        raise PipelineError(f"{error}; delete it to train from the first epoch") from None
+    state = load_checked(path, RESTART)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise PipelineError(f"{path}: not a training checkpoint of this version; delete it to train from the first epoch")
+        raise PipelineError(f"{path}: not a training checkpoint of this version; {RESTART}")
     return state
 
 
@@ -217,7 +210,9 @@ class Checkpoint(Callback):
             raise self._unwritten(failure)
 
     def _unwritten(self, error: BaseException) -> PipelineError:
-        return PipelineError(f"{self.path}: the checkpoint could not be written ({error})")
+        if isinstance(error, PipelineError):
+            return error  # it names the file and the cause already
+        return PipelineError(f"{self.path}: the checkpoint could not be written: {describe(error)}")
 
     def __enter__(self) -> "Checkpoint":
         return self

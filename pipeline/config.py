@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,9 @@ import yaml
 from pipeline.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
+# Seeds go to numpy, which refuses negative ones, and to torch, which takes at most 64 bits (the
+# flips' generator gets seed + 1): 32 bits suit every generator there is.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,10 @@ class PathsConfig:
     def checkpoint(self, net: str) -> Path:
         """The state of an unfinished training; outside every stage's outputs, which DVC deletes."""
         return Path(self.checkpoints) / f"{net}.pt"
+
+    def training_lock(self, net: str) -> Path:
+        """Held by the one process training `net` in this project."""
+        return Path(self.checkpoints) / f"{net}.lock"
 
     def model(self, net: str) -> Path:
         return Path(self.models) / f"{net}.pt"
@@ -77,6 +85,7 @@ class SyntheticConfig:
     def __post_init__(self):
         _require(self.n_faces >= 1, "synthetic.n_faces", "must be at least 1")
         _require(0 <= self.missing_fraction < 1, "synthetic.missing_fraction", "must be in [0, 1)")
+        _require_seed(self.seed, "synthetic.seed")
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,7 @@ class PrepareConfig:
 
     def __post_init__(self):
         _require(0 < self.test_fraction < 1, "prepare.test_fraction", "must be strictly between 0 and 1")
+        _require_seed(self.seed, "prepare.seed")
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,7 @@ class TrainConfig:
         _require(self.max_epochs >= 1, "train.max_epochs", "must be at least 1")
         _require(self.batch_size >= 1, "train.batch_size", "must be at least 1")
         _require(0 < self.valid_fraction < 1, "train.valid_fraction", "must be strictly between 0 and 1")
+        _require_seed(self.seed, "train.seed")
         _require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "train.device", "must be auto, cpu, cuda or cuda:N",
@@ -188,6 +199,10 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def _require_seed(seed: int, key: str) -> None:
+    _require(0 <= seed <= MAX_SEED, key, f"must be an integer in 0..{MAX_SEED}")
+
+
 def _require(condition: bool, key: str, rule: str) -> None:
     if not condition:
         raise PipelineError(f"{key} {rule}")
@@ -228,6 +243,8 @@ def _build(kind, value, key: str):
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PipelineError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise PipelineError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if kind is str:
         if not isinstance(value, str) or not value:

@@ -1,24 +1,82 @@
-"""Atomic file writes: an interrupted stage never leaves half a file where a whole one belongs."""
+"""Files a crash, a full disk or a second process cannot leave half-written, and the lock that
+keeps two trainings of one net apart."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import glob
 import json
+import os
+import secrets
+import time
 from pathlib import Path
 from typing import Iterator
+
+from pipeline.errors import PipelineError, describe, os_failure
+
+TEMPORARY_SUFFIX = ".tmp"
 
 
 @contextlib.contextmanager
 def atomic_write(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it becomes `path` only if the block completes."""
+    """Yield a temporary path beside `path`; it becomes `path`, on disk, only if the block completes.
+
+    The name is the process's own, so that two writers of one file never share it; the bytes are
+    flushed to the disk before the rename, so that a power cut leaves the old file or the new one,
+    never an empty one. Any OSError (a full disk, a read-only folder, a folder where the file
+    belongs) becomes one line naming `path`, and the old file stays.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMPORARY_SUFFIX}")
     try:
+        make_folder(path.parent)
+        _remove_abandoned_temporaries(path)
         yield temporary
+        _flush_to_disk(temporary)
         temporary.replace(path)
+        _flush_to_disk(path.parent)
+    except OSError as error:
+        raise PipelineError(f"{path}: not written: {describe(error)}") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+
+
+def make_folder(folder: Path) -> None:
+    """mkdir -p, saying which file is in the way where mkdir would only say "File exists"."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        blocker = next(part for part in [folder, *folder.parents] if part.exists() and not part.is_dir())
+        raise NotADirectoryError(errno.ENOTDIR, f"{blocker} is a file, not a folder") from None
+
+
+def _flush_to_disk(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _remove_abandoned_temporaries(path: Path) -> None:
+    """Delete the temporary files of `path` left by processes that died (kill -9) while writing it."""
+    for temporary in path.parent.glob(f".{glob.escape(path.name)}.*{TEMPORARY_SUFFIX}"):
+        writer = temporary.name.removeprefix(f".{path.name}.").partition("-")[0]
+        if writer.isdigit() and not process_is_alive(int(writer)):
+            temporary.unlink(missing_ok=True)
+
+
+def process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def write_text(path: Path, text: str) -> None:
@@ -26,5 +84,39 @@ def write_text(path: Path, text: str) -> None:
         temporary.write_text(text)
 
 
+def write_bytes(path: Path, content: bytes | memoryview) -> None:
+    with atomic_write(path) as temporary:
+        temporary.write_bytes(content)
+
+
 def write_json(path: Path, content: dict) -> None:
     write_text(path, json.dumps(content, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, work: str) -> Iterator[None]:
+    """Hold `path` as the lock of `work` for the block, or stop at once naming the process that holds it.
+
+    The operating system releases the lock when its process ends, however it ends, so the lock
+    of a dead process never blocks. The file names its holder, for the message of the next process.
+    """
+    path = Path(path)
+    try:
+        make_folder(path.parent)
+        stream = open(path, "a+")
+    except OSError as error:
+        raise os_failure(error, f"taking the lock of {work}") from None
+    with stream:
+        try:
+            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            stream.seek(0)
+            holder = stream.read().strip() or "another process"
+            raise PipelineError(f"{work} is already running: {holder} holds {path}") from None
+        try:
+            stream.truncate(0)
+            stream.write(f"process {os.getpid()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            stream.flush()
+            yield
+        finally:
+            fcntl.flock(stream, fcntl.LOCK_UN)

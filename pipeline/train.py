@@ -28,7 +28,7 @@ from pipeline.config import Config, flatten, load_config
 from pipeline.data import load_faces, read_summary, split
 from pipeline.device import Ranks, process_group, resolve_device, use_deterministic_kernels
 from pipeline.errors import Interrupted, PipelineError, reports_errors
-from pipeline.files import atomic_write, write_json
+from pipeline.files import atomic_write, exclusive_lock, write_json
 from pipeline.loop import Tensors, Trainer, fit
 from pipeline.memory import reuse_freed_memory
 from pipeline.model import KeypointNet
@@ -120,11 +120,15 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config()
     config.net(net_name)
     ranks = Ranks.from_environment()
-    device = set_up_process(config, ranks)
-    if ranks.lead:
-        connect()
-    with process_group(ranks, device):
-        train(config, net_name, device, ranks)
+    # The lead process of a training holds its net's lock, so that two trainings of one net (a second
+    # `dvc repro` beside an orphaned one, say) never write the same checkpoint and MLflow run.
+    lock = exclusive_lock(config.paths.training_lock(net_name), f"training {net_name}")
+    with lock if ranks.lead else contextlib.nullcontext():
+        device = set_up_process(config, ranks)
+        if ranks.lead:
+            connect()
+        with process_group(ranks, device):
+            train(config, net_name, device, ranks)
 
 
 def set_up_process(config: Config, ranks: Ranks = Ranks()) -> torch.device:

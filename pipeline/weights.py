@@ -1,15 +1,22 @@
-"""Trained weights: saved and loaded apart from any training state; loading never unpickles code."""
+"""Trained weights and other tensor files: saved with a checksum, loaded onto the CPU, checked,
+and never unpickling code."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
+import torch.utils.serialization
 
-from pipeline.errors import PipelineError
-from pipeline.files import atomic_write
+from pipeline.errors import PipelineError, describe
+from pipeline.files import write_bytes
 from pipeline.model import KeypointNet
+
+MODEL_REMEDY = "restore it with `dvc checkout` or train the net again with `dvc repro`"
 
 
 def host_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -18,8 +25,7 @@ def host_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(path: Path, model: torch.nn.Module) -> None:
-    with atomic_write(path) as temporary:
-        torch.save(host_state_dict(model), temporary)
+    save_checked(path, host_state_dict(model))
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> KeypointNet:
@@ -27,27 +33,81 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> KeypointNet:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: no such model file (train it first with `dvc repro`)")
-    state = load_tensors(path)
+    state = load_checked(path, MODEL_REMEDY)
     model = KeypointNet()
     try:
         model.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as error:
-        raise PipelineError(f"{path}: not a KeypointNet state_dict ({str(error).splitlines()[0]})") from None
+        raise PipelineError(f"{path}: not a KeypointNet state_dict ({describe(error)})") from None
     return model.to(device).eval()
 
 
-def load_tensors(path: Path):
-    """torch.load onto the CPU, restricted to tensors and plain data: a file that carries code is refused unread.
+def checksum(content) -> str:
+    """SHA-256 of every tensor's bytes, dtype and shape and of every other value, in order.
 
-    Always the CPU: a file saved on a GPU then loads on a machine without one, and the caller
-    moves what it loaded to its own device.
+    Computed over what was saved rather than over the file, so it is kept inside the file.
     """
+    digest = hashlib.sha256()
+    _feed(digest, content)
+    return digest.hexdigest()
+
+
+def _feed(digest, value) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)};".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__} {len(value)};".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(value).__name__} {value!r};".encode())
+
+
+def save_checked(path: Path, content) -> None:
+    """Save tensors and plain data (on the CPU) with their checksum, atomically and flushed to disk.
+
+    Serialised in memory first: torch.save writing to a full disk fails with an internal
+    assertion, where a plain write names the cause ("No space left on device"). Without the zip
+    format's CRC32, which the checksum supersedes.
+    """
+    buffer = io.BytesIO()
+    with torch.utils.serialization.config.patch({"save.compute_crc32": False}):
+        torch.save({"sha256": checksum(content), "content": content}, buffer)
+    write_bytes(path, buffer.getbuffer())
+
+
+def load_checked(path: Path, remedy: str):
+    """What save_checked saved at `path`, on the CPU, after its checksum matched.
+
+    A file that is empty, cut short or changed on disk is named as damaged, followed by `remedy`;
+    one that carries code is refused unread. Always onto the CPU: a file saved on a GPU loads on
+    a machine without one, and the caller moves what it loaded to its own device.
+    """
+    path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise PipelineError(
-            f"{path}: holds objects other than tensors and plain data; refusing to unpickle it "
-            "(only files the pipeline wrote load)"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise PipelineError(f"{path}: not a readable PyTorch file ({str(error).splitlines()[0]})") from None
+        if path.stat().st_size == 0:
+            raise PipelineError(f"{path}: damaged: the file is empty (a write was cut off); {remedy}")
+        if not zipfile.is_zipfile(path):
+            raise PipelineError(f"{path}: damaged: not a PyTorch file; {remedy}")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only load failed" in str(error).lower():
+            raise PipelineError(
+                f"{path}: holds objects other than tensors and plain data; refusing to unpickle it "
+                "(only files the pipeline wrote load)"
+            ) from None
+        raise PipelineError(f"{path}: damaged: {describe(error)}; {remedy}") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as error:
+        raise PipelineError(f"{path}: damaged: {describe(error)}; {remedy}") from None
+    if not isinstance(saved, dict) or set(saved) != {"sha256", "content"}:
+        raise PipelineError(f"{path}: not written by this version of the pipeline (it has no checksum); {remedy}")
+    if checksum(saved["content"]) != saved["sha256"]:
+        raise PipelineError(f"{path}: damaged: its content does not match its checksum; {remedy}")
+    return saved["content"]

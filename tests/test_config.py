@@ -1,6 +1,8 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from pipeline.config import flatten, load_config
@@ -63,11 +65,29 @@ def test_bad_schedule_values_are_named(tmp_path):
 
 @pytest.mark.parametrize("value, fragment", [
     (-1, "checkpoint.interval_seconds must be 0 (every epoch) or more"),
-    (float("nan"), "checkpoint.interval_seconds must be 0 (every epoch) or more"),
+    (float("nan"), "checkpoint.interval_seconds must be a finite number"),
     ("1m", "checkpoint.interval_seconds must be a number"),
 ])
 def test_bad_checkpoint_interval_is_named(tmp_path, value, fragment):
     expect_error(tmp_path, lambda p: p["checkpoint"].update(interval_seconds=value), fragment)
+
+
+@pytest.mark.parametrize("section", ["synthetic", "prepare", "train"])
+@pytest.mark.parametrize("seed", [-1, 10**29, 2**32])
+def test_seeds_outside_every_generators_range_are_named(tmp_path, section, seed):
+    expect_error(tmp_path, lambda p: p[section].update(seed=seed), f"{section}.seed must be an integer in 0..4294967295")
+
+
+def test_the_largest_seed_trains_its_flips_too(tmp_path):
+    config = load_config(write_params(tmp_path, lambda p: p["train"].update(seed=2**32 - 1)))
+    torch.Generator().manual_seed(config.train.seed + 1)
+    np.random.default_rng(config.train.seed)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_numbers_must_be_finite(tmp_path, value):
+    expect_error(tmp_path, lambda p: p["train"]["schedules"]["lr"].update(start=value),
+                 "train.schedules.lr.start must be a finite number")
 
 
 def test_bad_source_and_flip(tmp_path):

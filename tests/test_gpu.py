@@ -21,7 +21,7 @@ from pipeline.callbacks import AdjustHyperparameter
 from pipeline.loop import Tensors, Trainer, fit
 from pipeline.metrics import predict
 from pipeline.model import KeypointNet
-from pipeline.weights import load_model
+from pipeline.weights import load_model, save_model
 from project import make_project, run
 from test_loop import bright_square_faces
 from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start,
@@ -165,7 +165,7 @@ def test_bf16_on_cuda_trains_float32_weights_with_losses_close_to_float32():
 def test_evaluation_and_prediction_on_cuda_agree_with_the_cpu(tmp_path):
     trainer = cuda_trainer()
     fit(trainer, cuda_data(64, 0), cuda_data(16, 1))
-    torch.save({key: value.cpu() for key, value in trainer.network.state_dict().items()}, tmp_path / "net.pt")
+    save_model(tmp_path / "net.pt", trainer.network)
     faces = bright_square_faces(40, seed=4).X
     on_gpu, on_cpu = load_model(tmp_path / "net.pt", DEVICE), load_model(tmp_path / "net.pt", "cpu")
     assert next(on_gpu.parameters()).device == torch.device(DEVICE)

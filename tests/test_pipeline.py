@@ -6,10 +6,9 @@ import time
 import mlflow
 import pandas as pd
 import pytest
-import torch
 
-from pipeline.model import KeypointNet
 from pipeline.tracking import EXPERIMENT
+from pipeline.weights import load_model
 from project import make_project, run
 
 
@@ -38,8 +37,7 @@ def test_dvc_repro_trains_both_nets_and_logs_every_epoch(tmp_path):
         assert logged.data.params["flip"] == str(name == "net5")
         assert logged.data.tags["dvc_stage"] == f"train@{name}"
         assert logged.data.tags["git_dirty"] == "false"
-        model = KeypointNet()
-        model.load_state_dict(torch.load(project / f"models/{name}.pt", weights_only=True))
+        load_model(project / f"models/{name}.pt")
 
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
     for key in ("net4", "net5", "baseline"):

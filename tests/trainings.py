@@ -10,7 +10,9 @@ import pandas as pd
 import torch
 
 from pipeline.callbacks import Callback
+from pipeline.checkpoint import read_training_state
 from pipeline.tracking import EXPERIMENT
+from pipeline.weights import load_checked
 from project import run, tool_env
 
 
@@ -21,11 +23,8 @@ def start(project, *command):
 
 
 def saved_epochs(project, net="net4"):
-    path = project / "checkpoints" / f"{net}.pt"
-    try:
-        return len(torch.load(path, weights_only=True)["history"])
-    except (FileNotFoundError, RuntimeError, EOFError):
-        return 0
+    state = read_training_state(project / "checkpoints" / f"{net}.pt")
+    return len(state["history"]) if state else 0
 
 
 def wait_for_checkpoint(project, process, epochs=2, net="net4"):
@@ -41,7 +40,7 @@ def train(project, net="net4", check=True):
 
 
 def weights(project, net="net4"):
-    return torch.load(project / "models" / f"{net}.pt", weights_only=True)
+    return load_checked(project / "models" / f"{net}.pt", remedy="")
 
 
 def history(project, net="net4"):
