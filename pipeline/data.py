@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
-from pipeline.files import atomic_write
-from pipeline.kaggle import IMAGE_SIZE, read_training_csv
+from pipeline.errors import PipelineError, describe
+from pipeline.files import atomic_write, read_json
+from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, read_training_csv
 
+PREPARE = "run `dvc repro prepare`"
 # Keypoints live in 0..96 pixels; the network regresses them in [-1, 1].
 KEYPOINT_CENTER = IMAGE_SIZE / 2
 KEYPOINT_SCALE = IMAGE_SIZE / 2
@@ -81,17 +82,21 @@ def save_faces(path: Path, faces: FaceSet) -> None:
 def load_faces(path: Path) -> FaceSet:
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"{path}: no such file (run `dvc repro prepare` first)")
-    with np.load(path, allow_pickle=False) as stored:
-        return FaceSet(X=stored["pixels"].astype(np.float32) / np.float32(255), y=stored["keypoints"])
+        raise PipelineError(f"{path}: no such file ({PREPARE})")
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            pixels, keypoints = stored["pixels"], stored["keypoints"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise PipelineError(f"{path}: damaged: {describe(error)}; {PREPARE}") from None
+    if (pixels.dtype != np.uint8 or pixels.shape[1:] != (1, IMAGE_SIZE, IMAGE_SIZE)
+            or keypoints.shape != (len(pixels), len(KEYPOINT_COLUMNS))):
+        raise PipelineError(f"{path}: damaged: arrays of shapes {pixels.shape} and {keypoints.shape}; {PREPARE}")
+    return FaceSet(X=pixels.astype(np.float32) / np.float32(255), y=keypoints)
 
 
 def read_summary(path: Path) -> dict:
     """What `prepare` recorded: the source, the counts and the data hash."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: no such file (run `dvc repro prepare` first)")
-    return json.loads(path.read_text())
+    return read_json(path, PREPARE)
 
 
 def content_hash(*face_sets: FaceSet) -> str:

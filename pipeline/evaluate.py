@@ -8,7 +8,6 @@ Usage: python -m pipeline.evaluate
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -17,8 +16,9 @@ import pandas as pd
 from pipeline import plots
 from pipeline.config import load_config
 from pipeline.data import FaceSet, load_faces, read_summary, unscale_keypoints
-from pipeline.files import write_json, write_text
+from pipeline.files import read_json, write_json, write_text
 from pipeline.errors import PipelineError, reports_errors
+from pipeline.kaggle import check_csv_text, parser_problem
 from pipeline.metrics import mean_shape, predict, rmse_curves, score, summarize
 from pipeline.report import (BASELINE_LABEL, SUMMARY_HEADER, comparison_lines, comparison_markdown,
                              summary_rows, text_table)
@@ -39,7 +39,13 @@ N_PICTURED_FACES = 16
 def read_history(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise PipelineError(f"{path}: no such file (train the nets first with `dvc repro`)")
-    history = pd.read_csv(path)
+    check_csv_text(path)
+    try:
+        history = pd.read_csv(path, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise PipelineError(f"{path}: the file is empty") from None
+    except pd.errors.ParserError as error:
+        raise PipelineError(f"{path}: {parser_problem(error)}") from None
     missing = [column for column in HISTORY_COLUMNS if column not in history.columns]
     if missing:
         raise PipelineError(f"{path}: line 1: column {missing[0]!r} is missing")
@@ -54,9 +60,7 @@ def read_run_id(path: Path, data_hash: str) -> str | None:
     A net trained on an earlier preparation may have seen today's test faces while training, so
     its test error would flatter it.
     """
-    if not path.is_file():
-        raise PipelineError(f"{path}: no such file (train the nets first with `dvc repro`)")
-    info = json.loads(path.read_text())
+    info = read_json(path, "train the nets first with `dvc repro`")
     if info.get("data_hash") != data_hash:
         raise PipelineError(
             f"{path}: the net was trained on data {info.get('data_hash')}, but the prepared data is "

@@ -93,6 +93,20 @@ def write_json(path: Path, content: dict) -> None:
     write_text(path, json.dumps(content, indent=2) + "\n")
 
 
+def read_json(path: Path, remedy: str) -> dict:
+    """A JSON object the pipeline wrote; a missing or damaged file is named, followed by `remedy`."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such file ({remedy})")
+    try:
+        content = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PipelineError(f"{path}: damaged: not valid JSON ({describe(error)}); {remedy}") from None
+    if not isinstance(content, dict):
+        raise PipelineError(f"{path}: damaged: not a JSON object; {remedy}")
+    return content
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path, work: str) -> Iterator[None]:
     """Hold `path` as the lock of `work` for the block, or stop at once naming the process that holds it.

@@ -13,6 +13,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from pipeline.files import atomic_write  # noqa: E402
 from pipeline.kaggle import KEYPOINTS  # noqa: E402
 
 DRAWN_FACE_ZOOM = 4  # a 96-pixel face is too small to see its points on a screen
@@ -113,7 +114,8 @@ def _colours() -> list[str]:
 
 def _save(figure, path: Path) -> None:
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    try:
+        with atomic_write(path) as temporary:
+            figure.savefig(temporary, dpi=80, format="png")
+    finally:
+        plt.close(figure)

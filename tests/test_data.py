@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from pipeline.data import (
-    FaceSet, content_hash, load, load_faces, save_faces, scale_keypoints, split, unscale_keypoints,
+    FaceSet, content_hash, load, load_faces, read_summary, save_faces, scale_keypoints, split, unscale_keypoints,
 )
 from pipeline.errors import PipelineError
 from pipeline.kaggle import KAGGLE_MEANS, write_training_csv
@@ -88,3 +88,15 @@ def test_saved_faces_load_exactly(tmp_path):
 def test_load_faces_names_a_missing_file(tmp_path):
     with pytest.raises(PipelineError, match="absent.npz"):
         load_faces(tmp_path / "absent.npz")
+
+
+def test_damaged_prepared_files_are_named_with_what_to_do(tmp_path):
+    faces = FaceSet(np.zeros((4, 1, 96, 96), np.float32), np.zeros((4, 30), np.float32))
+    save_faces(tmp_path / "train.npz", faces)
+    whole = (tmp_path / "train.npz").read_bytes()
+    (tmp_path / "train.npz").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(PipelineError, match=r"train.npz: damaged: .*; run `dvc repro prepare`$"):
+        load_faces(tmp_path / "train.npz")
+    (tmp_path / "summary.json").write_text('{"data_hash": "ab')
+    with pytest.raises(PipelineError, match=r"summary.json: damaged: not valid JSON .*; run `dvc repro prepare`$"):
+        read_summary(tmp_path / "summary.json")

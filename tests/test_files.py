@@ -1,8 +1,15 @@
+import concurrent.futures
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from pipeline.files import atomic_write, write_json, write_text
+from faults import full_disk, read_only, run_with
+from pipeline.errors import PipelineError
+from pipeline.files import atomic_write, exclusive_lock, write_json, write_text
+from project import ROOT
 
 
 def test_write_text_leaves_no_scratch_file(tmp_path):
@@ -22,3 +29,81 @@ def test_an_interrupted_write_keeps_the_old_file(tmp_path):
             raise RuntimeError("killed")
     assert json.loads(path.read_text()) == {"loss": 1.0}
     assert [child.name for child in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_writers_of_one_file_never_share_a_temporary_name(tmp_path):
+    path = tmp_path / "predictions.csv"
+    texts = [f"writer {index}\n" * 20000 for index in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda text: write_text(path, text), texts))
+    assert path.read_text() in texts
+    assert [child.name for child in tmp_path.iterdir()] == ["predictions.csv"]
+
+
+def test_the_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    abandoned = tmp_path / f".net4.pt.{dead.pid}-0a1b2c3d.tmp"
+    in_progress = tmp_path / f".net4.pt.{os.getpid()}-0a1b2c3d.tmp"
+    for temporary in (abandoned, in_progress):
+        temporary.write_bytes(b"half a checkpoint")
+    write_text(tmp_path / "net4.pt", "whole")
+    assert sorted(child.name for child in tmp_path.iterdir()) == sorted(["net4.pt", in_progress.name])
+
+
+def test_a_folder_where_the_file_belongs_is_one_line(tmp_path):
+    (tmp_path / "models" / "net4.pt").mkdir(parents=True)
+    with pytest.raises(PipelineError, match=r"models/net4.pt: not written: Is a directory$"):
+        write_text(tmp_path / "models" / "net4.pt", "weights")
+    (tmp_path / "plots").write_text("a file")
+    with pytest.raises(PipelineError, match=r"plots/a.png: not written: .*/plots is a file, not a folder$"):
+        write_text(tmp_path / "plots" / "a.png", "picture")
+
+
+WRITE_AND_REPORT = """
+import json
+import os
+from pipeline.errors import PipelineError
+from pipeline.files import write_bytes
+try:
+    write_bytes("data/big.bin", bytes(1 << 20))
+except PipelineError as error:
+    print(error)
+print(json.load(open("data/kept.json")), sorted(os.listdir("data")))
+"""
+
+
+@pytest.mark.parametrize("fault, cause", [(full_disk, "No space left on device"),
+                                          (read_only, "Read-only file system")])
+def test_a_full_or_read_only_disk_is_one_line_and_the_old_file_stays(tmp_path, fault, cause):
+    (tmp_path / "data").mkdir()
+    write_json(tmp_path / "data" / "kept.json", {"kept": True})
+    result = run_with(tmp_path, [fault(tmp_path / "data")], sys.executable, "-c", WRITE_AND_REPORT,
+                      PYTHONPATH=str(ROOT))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"data/big.bin: not written: {cause}", "{'kept': True} ['kept.json']"]
+
+
+def test_a_second_holder_of_a_lock_is_told_who_holds_it_and_a_dead_holder_blocks_nothing(tmp_path):
+    lock = tmp_path / "net4.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(PipelineError, match=rf"^training net4 is already running: process {holder.pid} "
+                                                rf"\(started .*\) holds .*net4.lock$"):
+            with exclusive_lock(lock, "training net4"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_lock(lock, "training net4"):
+        assert f"process {os.getpid()} " in lock.read_text()
+
+
+HOLD_LOCK = """
+import sys, time
+from pipeline.files import exclusive_lock
+with exclusive_lock(sys.argv[1], "training net4"):
+    print("held", flush=True)
+    time.sleep(600)
+"""

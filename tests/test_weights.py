@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from pipeline.checkpoint import STATE_FORMAT, Checkpoint, read_training_state, write_training_state
+from pipeline.errors import PipelineError
+from pipeline.model import KeypointNet
+from pipeline.weights import load_checked, load_model, save_checked, save_model
+from test_loop import make_trainer
+
+MARKER = torch.arange(1000, 1256, dtype=torch.float32)  # bytes easy to find in the file
+
+
+def damage(path, offset=0):
+    """Change one byte of the marker's data in the file, as a failing disk or a stray write would."""
+    content = bytearray(path.read_bytes())
+    where = content.find(MARKER.numpy().tobytes()) + offset
+    assert where >= offset
+    content[where] ^= 0x01
+    path.write_bytes(bytes(content))
+
+
+def test_saved_content_loads_back_exactly(tmp_path):
+    content = {"marker": MARKER, "half": MARKER.bfloat16(), "scalar": torch.tensor(3), "history": [{"epoch": 1, "loss": 0.1}]}
+    save_checked(tmp_path / "state.pt", content)
+    loaded = load_checked(tmp_path / "state.pt", "do something")
+    assert loaded.keys() == content.keys() and loaded["history"] == content["history"]
+    for key in ("marker", "half", "scalar"):
+        assert torch.equal(loaded[key], content[key]) and loaded[key].dtype == content[key].dtype
+
+
+@pytest.mark.parametrize("offset", [0, 255 * 4 + 3])
+def test_a_changed_byte_is_named_as_damage(tmp_path, offset):
+    save_checked(tmp_path / "state.pt", {"marker": MARKER})
+    damage(tmp_path / "state.pt", offset)
+    with pytest.raises(PipelineError, match=r"state.pt: damaged: its content does not match its checksum; do this$"):
+        load_checked(tmp_path / "state.pt", "do this")
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "the file is empty"),
+    (bytes(range(256)) * 40, "not a PyTorch file"),
+])
+def test_empty_and_random_files_are_named_as_damaged(tmp_path, content, problem):
+    (tmp_path / "net4.pt").write_bytes(content)
+    with pytest.raises(PipelineError, match=rf"net4.pt: damaged: {problem}.*; restore it with `dvc checkout`"):
+        load_model(tmp_path / "net4.pt")
+
+
+def test_a_file_cut_short_is_named_as_damaged(tmp_path):
+    save_model(tmp_path / "net4.pt", KeypointNet())
+    whole = (tmp_path / "net4.pt").read_bytes()
+    (tmp_path / "net4.pt").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(PipelineError, match=r"net4.pt: damaged: .*; restore it"):
+        load_model(tmp_path / "net4.pt")
+
+
+def test_a_plain_state_dict_without_a_checksum_is_not_trusted(tmp_path):
+    torch.save(KeypointNet().state_dict(), tmp_path / "net4.pt")
+    with pytest.raises(PipelineError, match="net4.pt: not written by this version of the pipeline .*no checksum"):
+        load_model(tmp_path / "net4.pt")
+
+
+def test_a_damaged_checkpoint_is_never_resumed(tmp_path):
+    path = tmp_path / "net4.pt"
+    trainer = make_trainer(2)
+    state = {"format": STATE_FORMAT, "fingerprint": "f", "mlflow_run_id": "r", "history": [], "marker": MARKER,
+             "model": trainer.network.state_dict()}
+    write_training_state(path, state)
+    assert read_training_state(path)["mlflow_run_id"] == "r"
+    damage(path)
+    with pytest.raises(PipelineError, match="net4.pt: damaged: .*; delete it to train from the first epoch"):
+        Checkpoint(path, {}, 60).resume(make_trainer(2))
