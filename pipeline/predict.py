@@ -6,7 +6,21 @@
 
 Run from the project root: the model is <paths.models>/<net>.pt, as params.yaml says. It runs on
 the CPU, which predicts even Kaggle's 1783 test faces in seconds. Images of any size are
-converted to grayscale and resized to 96x96, the faces the net was trained on.
+converted to 8-bit grayscale and resized to 96x96, the faces the net was trained on.
+
+Images of every mode Pillow opens keep their real range in that conversion (the first frame of
+a file with several):
+  - 8-bit grayscale ("L") and black and white ("1") are read as they are;
+  - colour (RGB, palette, CMYK, YCbCr, HSV; LAB through littlecms to sRGB) becomes RGB, then
+    Pillow's "L", the ITU-R 601 luma 0.299 R + 0.587 G + 0.114 B;
+  - an image with transparency (an alpha channel, or a transparent colour) is first laid over a
+    white background, so a transparent face is seen on white, not on whatever the hidden pixels hold;
+  - 16-bit grayscale (I;16, I;16B, I;16L) scales 0..65535 to 0..255: divided by 257 and rounded;
+  - 32-bit integers ("I") must be 0 or more: up to 255 they are read as 8-bit levels, up to 65535
+    as 16-bit ones, and larger ones are refused;
+  - 32-bit floats ("F") must be finite: within 0..1 they are multiplied by 255, within 0..255
+    read as they are (rounded), and any other range is refused, naming the range found.
+A file that is not an image, or one refused above, stops the command with one line naming it.
 """
 
 from __future__ import annotations
@@ -17,13 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageCms
 
 from pipeline.config import load_config
 from pipeline.data import unscale_keypoints
-from pipeline.errors import PipelineError, reports_errors
+from pipeline.errors import PipelineError, describe, reports_errors
 from pipeline.files import write_text
-from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, parse_images
+from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, check_csv_text, parse_images, parser_problem
 from pipeline.metrics import predict
 from pipeline.plots import draw_keypoints
 from pipeline.weights import load_model
@@ -31,6 +45,11 @@ from pipeline.weights import load_model
 TEST_COLUMNS = ("ImageId", "Image")
 # Kaggle's lookup table also has an empty Location column, which the submission fills.
 LOOKUP_COLUMNS = ("RowId", "ImageId", "FeatureName")
+# A test.csv compressed as such (test.csv.gz) is still meant as a CSV: its check says how to decompress it.
+COMPRESSED_SUFFIXES = (".gz", ".zip", ".bz2", ".xz", ".zst")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# Pillow converts LAB to no other mode; littlecms turns it into sRGB.
+LAB_TO_SRGB = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
 
 
 @dataclass(frozen=True)
@@ -46,7 +65,7 @@ def read_image(path: Path) -> np.ndarray:
         raise PipelineError(f"{path}: no such file")
     try:
         with Image.open(path) as image:
-            gray = image.convert("L")
+            gray = grayscale(path, image)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise PipelineError(f"{path}: not a readable image ({error})") from None
     if gray.size != (IMAGE_SIZE, IMAGE_SIZE):
@@ -54,16 +73,79 @@ def read_image(path: Path) -> np.ndarray:
     return np.asarray(gray, dtype=np.uint8)
 
 
+def grayscale(path: Path, image: Image.Image) -> Image.Image:
+    """The image in 8-bit grayscale ("L") with its real range, by the rules of the module's docstring."""
+    if image.mode in SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        return Image.fromarray(deep_levels(path, image))
+    if image.has_transparency_data:
+        white = Image.new("RGBA", image.size, "white")
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("L")
+    if image.mode in ("1", "L"):
+        return image.convert("L")
+    if image.mode == "LAB":
+        return ImageCms.applyTransform(image, LAB_TO_SRGB).convert("L")
+    return image.convert("RGB").convert("L")
+
+
+def deep_levels(path: Path, image: Image.Image) -> np.ndarray:
+    """The uint8 levels of an image of more than 8 bits a pixel: 16-bit, 32-bit integer or float."""
+    pixels = np.asarray(image)
+    if image.mode == "F":
+        levels = float_levels(path, pixels)
+    elif image.mode == "I":
+        levels = integer_levels(path, pixels)
+    else:
+        levels = sixteen_bit_levels(pixels)
+    # Pillow's conversions ignore a transparent colour of these modes (a 16-bit PNG's tRNS): it
+    # becomes white here, as in the other modes.
+    if "transparency" in image.info:
+        levels[pixels == image.info["transparency"]] = 255
+    return levels
+
+
+def sixteen_bit_levels(pixels: np.ndarray) -> np.ndarray:
+    return np.rint(pixels / 257).astype(np.uint8)
+
+
+def integer_levels(path: Path, pixels: np.ndarray) -> np.ndarray:
+    lowest, highest = int(pixels.min()), int(pixels.max())
+    if lowest < 0:
+        raise PipelineError(
+            f"{path}: a 32-bit integer image with negative values (down to {lowest}), not levels of gray"
+        )
+    if highest <= 255:
+        return pixels.astype(np.uint8)
+    if highest <= 65535:
+        return sixteen_bit_levels(pixels)
+    raise PipelineError(
+        f"{path}: a 32-bit integer image with values up to {highest}, more than 16 bits of gray"
+    )
+
+
+def float_levels(path: Path, pixels: np.ndarray) -> np.ndarray:
+    if not np.isfinite(pixels).all():
+        raise PipelineError(f"{path}: a floating-point image with NaN or infinite values")
+    lowest, highest = float(pixels.min()), float(pixels.max())
+    if lowest >= 0 and highest <= 1:
+        return np.rint(pixels.astype(np.float64) * 255).astype(np.uint8)
+    if lowest >= 0 and highest <= 255:
+        return np.rint(pixels).astype(np.uint8)
+    raise PipelineError(
+        f"{path}: a floating-point image with values in {lowest:g}..{highest:g}, neither 0..1 nor 0..255"
+    )
+
+
 def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     """A CSV as text, with the `required` columns; lines are numbered as in the file (header = 1)."""
     if not path.is_file():
         raise PipelineError(f"{path}: no such file")
+    check_csv_text(path)
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise PipelineError(f"{path}: the file is empty") from None
     except pd.errors.ParserError as error:
-        raise PipelineError(f"{path}: {' '.join(str(error).split())}") from None
+        raise PipelineError(f"{path}: {parser_problem(error)}") from None
     missing = [column for column in required if column not in table.columns]
     if missing:
         raise PipelineError(f"{path}: line 1: column {missing[0]!r} is missing (expected {', '.join(required)})")
@@ -141,8 +223,34 @@ def picture_names(folder: Path, faces: NamedFaces) -> list[Path]:
 
 def draw_all(paths: list[Path], faces: NamedFaces, keypoints: np.ndarray) -> None:
     for path, image, points in zip(paths, faces.images, keypoints):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        draw_keypoints(image, points).save(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            draw_keypoints(image, points).save(path)
+        except OSError as error:
+            raise PipelineError(f"--draw {path}: writing the picture failed: {describe(error)}") from None
+
+
+def is_csv_name(path: Path) -> bool:
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    return suffixes[-1:] == [".csv"] or (suffixes[-2:-1] == [".csv"] and suffixes[-1] in COMPRESSED_SUFFIXES)
+
+
+def check_output(option: str, path: Path, folder: bool = False) -> None:
+    """Refuse an output path that cannot be written, before the work whose result it would hold."""
+    if folder and path.is_file():
+        raise PipelineError(f"{option} {path}: is a file, expected a directory")
+    if not folder and path.is_dir():
+        raise PipelineError(f"{option} {path}: is a directory, expected a file name")
+    blocking = next((parent for parent in path.parents if parent.is_file()), None)
+    if blocking is not None:
+        raise PipelineError(f"{option} {path}: {blocking} is a file, not a directory")
+
+
+def write_output(option: str, path: Path, text: str) -> None:
+    try:
+        write_text(path, text)
+    except OSError as error:
+        raise PipelineError(f"{option} {path}: writing failed: {describe(error)}") from None
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -151,7 +259,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         description="Predict the 15 facial keypoints of face images or of a Kaggle test.csv.",
     )
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
-                        help="face images (PNG, JPG), or one test.csv with columns ImageId,Image")
+                        help="face images (PNG, JPG, TIFF, ...), or one test.csv with columns ImageId,Image")
     parser.add_argument("--net", default="net5", help="the trained net to use (default: net5)")
     parser.add_argument("--output", type=Path, default=Path("predictions.csv"),
                         help="the keypoints in pixels, one row per image (default: predictions.csv)")
@@ -166,11 +274,16 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 @reports_errors
 def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
-    is_test_csv = [path.suffix.lower() == ".csv" for path in args.inputs]
+    is_test_csv = [is_csv_name(path) for path in args.inputs]
     if any(is_test_csv) and len(args.inputs) > 1:
         raise PipelineError("give either one test.csv or face images, not both or several CSV files")
     if args.lookup and not any(is_test_csv):
         raise PipelineError("--lookup needs the test.csv its ImageIds refer to")
+    check_output("--output", args.output)
+    if args.lookup:
+        check_output("--submission", args.submission)
+    if args.draw:
+        check_output("--draw", args.draw, folder=True)
     config = load_config()
     config.net(args.net)
     model = load_model(config.paths.model(args.net), "cpu")
@@ -180,10 +293,11 @@ def main(argv: list[str] | None = None) -> None:
     # Every input is checked before anything is written, so a bad row leaves no partial output.
     submission = (submission_table(args.lookup, read_table(args.lookup, LOOKUP_COLUMNS), args.inputs[0], faces,
                                    keypoints) if args.lookup else None)
-    write_text(args.output, predictions_table(faces, keypoints).to_csv(index=False, float_format="%.4f"))
+    write_output("--output", args.output,
+                 predictions_table(faces, keypoints).to_csv(index=False, float_format="%.4f"))
     print(f"predict: {args.net} on {len(faces.names)} faces -> {args.output}")
     if submission is not None:
-        write_text(args.submission, submission.to_csv(index=False, float_format="%.4f"))
+        write_output("--submission", args.submission, submission.to_csv(index=False, float_format="%.4f"))
         print(f"predict: {len(submission)} rows of {args.lookup} -> {args.submission}")
     if pictures:
         draw_all(pictures, faces, keypoints)

@@ -1,8 +1,16 @@
+import bz2
+import gzip
+import lzma
+import zipfile
+
 import numpy as np
 import pytest
 
+from pipeline import kaggle
+from pipeline.errors import PipelineError
+from pipeline.evaluate import read_history
 from pipeline.kaggle import (
-    COLUMNS, FLIP_PAIRS, KAGGLE_MEANS, KEYPOINT_COLUMNS, KaggleFormatError, read_training_csv,
+    COLUMNS, FLIP_PAIRS, KAGGLE_MEANS, KEYPOINT_COLUMNS, KaggleFormatError, check_csv_text, read_training_csv,
     write_training_csv,
 )
 
@@ -134,3 +142,86 @@ def test_rejects_row_with_too_many_fields(tmp_path):
 def test_rejects_row_with_too_few_fields(tmp_path):
     rows = [valid_fields(), valid_fields()[:10]]
     expect_error(write_lines(tmp_path / "t.csv", COLUMNS, rows), "line 3", "Image is empty")
+
+
+def training_csv_bytes(tmp_path, n=3):
+    write_training_csv(tmp_path / "plain.csv", *make_rows(n))
+    return (tmp_path / "plain.csv").read_bytes()
+
+
+@pytest.mark.parametrize("compress, what", [
+    (gzip.compress, "is gzip-compressed, not a CSV text file (decompress it first: gunzip)"),
+    (bz2.compress, "is bzip2-compressed, not a CSV text file (decompress it first: bunzip2)"),
+    (lzma.compress, "is xz-compressed, not a CSV text file (decompress it first: unxz)"),
+])
+def test_rejects_a_compressed_file(tmp_path, compress, what):
+    path = tmp_path / "training.csv"
+    path.write_bytes(compress(training_csv_bytes(tmp_path)))
+    assert expect_error(path) == f"{path}: {what}"
+
+
+def test_rejects_a_zip_archive(tmp_path):
+    path = tmp_path / "training.csv"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("training.csv", training_csv_bytes(tmp_path))
+    expect_error(path, "is a zip archive", "unzip")
+
+
+def test_rejects_utf16_text(tmp_path):
+    path = tmp_path / "training.csv"
+    path.write_text(training_csv_bytes(tmp_path).decode(), encoding="utf-16")
+    expect_error(path, "is UTF-16 text, not UTF-8")
+
+
+def test_rejects_a_binary_file_naming_the_line_of_its_nul_byte(tmp_path):
+    path = tmp_path / "training.csv"
+    path.write_bytes(training_csv_bytes(tmp_path).replace(b"\n", b"\n\x00", 1))
+    expect_error(path, "is a binary file (a NUL byte in line 2), not a CSV")
+
+
+def test_rejects_text_that_is_not_utf8_naming_line_and_column(tmp_path):
+    fields = valid_fields()
+    fields[1] = "37.7\xe9"  # a Latin-1 "é" in line 4, after the 11 characters "66.400,37.7"
+    path = tmp_path / "t.csv"
+    lines = [",".join(COLUMNS), ",".join(valid_fields()), ",".join(valid_fields()), ",".join(fields)]
+    path.write_bytes("\n".join(lines).encode("latin-1"))
+    assert expect_error(path).endswith("line 4: not UTF-8 text (byte 0xe9 at column 12)")
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 5, 4096])
+def test_the_place_of_a_bad_byte_is_right_whatever_the_chunks(tmp_path, monkeypatch, chunk_bytes):
+    # Two-byte "é"s are cut between chunks of every size; the Latin-1 byte is in line 1234, column 18.
+    monkeypatch.setattr(kaggle, "CHECK_CHUNK_BYTES", chunk_bytes)
+    lines = [f"{row},é{row}".encode() for row in range(2000)]
+    lines[1233] = "1233,é12345678901".encode() + b"\xe9,"
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(KaggleFormatError, match=r"line 1234: not UTF-8 text \(byte 0xe9 at column 18\)$"):
+        check_csv_text(path)
+
+
+def test_rejects_a_file_that_ends_inside_a_character(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"a,b\n1,\xc3")
+    with pytest.raises(KaggleFormatError, match=r"line 2: not UTF-8 text \(byte 0xc3 at column 3\)$"):
+        check_csv_text(path)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    images, keypoints = make_rows()
+    write_training_csv(tmp_path / "plain.csv", images, keypoints)
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "plain.csv").read_bytes())
+    read_images, read_keypoints = read_training_csv(path)
+    np.testing.assert_array_equal(read_images, images)
+    np.testing.assert_allclose(read_keypoints, keypoints, atol=1e-6)
+
+
+def test_the_training_history_is_checked_as_text_too(tmp_path):
+    path = tmp_path / "history.csv"
+    history = b"epoch,train_loss,valid_loss,learning_rate,momentum\n1,0.5,0.6,0.01,0.9\n"
+    path.write_bytes(gzip.compress(history))
+    with pytest.raises(PipelineError, match="is gzip-compressed"):
+        read_history(path)
+    path.write_bytes(b"\xef\xbb\xbf" + history)
+    assert read_history(path)["epoch"].tolist() == [1]

@@ -1,16 +1,26 @@
+import gzip
+import io
 import shutil
+import zipfile
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageCms
 
+from pipeline.errors import PipelineError
 from pipeline.weights import load_model, save_model
 from pipeline.kaggle import KEYPOINT_COLUMNS
 from pipeline.model import KeypointNet
-from pipeline.predict import NamedFaces, main, predict_pixels, read_image, read_images, submission_table
+from pipeline.predict import (NamedFaces, main, predict_pixels, read_image, read_images, read_table,
+                              submission_table)
 from project import make_project, run
+
+# Every 8-bit level, in a 96x96 face so that no resizing blurs the comparison.
+GRADIENT = (np.arange(96 * 96) % 256).astype(np.uint8).reshape(96, 96)
+ORANGE = (200, 100, 50)
+ORANGE_LUMA = 124  # 0.299 * 200 + 0.587 * 100 + 0.114 * 50
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +80,162 @@ def test_images_become_96_pixel_grayscale(tmp_path):
     assert pixels.shape == (96, 96) and pixels.dtype == np.uint8
     # ITU-R 601 luma, as Pillow's "L" conversion: 0.299 R + 0.587 G + 0.114 B.
     assert np.all(np.abs(pixels.astype(int) - 124) <= 1)
+
+
+def saved(image, path, **options):
+    image.save(path, **options)
+    return path
+
+
+def sixteen_bit_png(tmp_path):
+    pixels = (np.arange(96 * 96, dtype=np.uint32) * 65535 // (96 * 96 - 1)).astype(np.uint16).reshape(96, 96)
+    # x / 257, rounded: 0..65535 onto 0..255.
+    return saved(Image.fromarray(pixels), tmp_path / "face.png"), "I;16", (pixels.astype(np.uint32) + 128) // 257
+
+
+def big_endian_16_bit_tiff(tmp_path):
+    image = Image.new("I;16B", (96, 96))
+    image.frombytes((GRADIENT.astype(">u2") * 257).tobytes())
+    return saved(image, tmp_path / "face.tif"), "I;16B", GRADIENT
+
+
+def sixteen_bit_png_with_a_transparent_level(tmp_path):
+    path = saved(Image.fromarray(GRADIENT.astype(np.uint16) * 257), tmp_path / "face.png", transparency=0)
+    return path, "I;16", np.where(GRADIENT == 0, 255, GRADIENT)
+
+
+def float_tiff_in_0_1(tmp_path):
+    return saved(Image.fromarray(GRADIENT / np.float32(255)), tmp_path / "face.tif"), "F", GRADIENT
+
+
+def float_tiff_in_0_255(tmp_path):
+    # Levels a little off, within 0..255: each rounds to the nearest.
+    pixels = (GRADIENT + np.where(GRADIENT < 255, 0.3, -0.3)).astype(np.float32)
+    return saved(Image.fromarray(pixels), tmp_path / "face.tif"), "F", GRADIENT
+
+
+def integer_tiff_of_8_bit_levels(tmp_path):
+    return saved(Image.fromarray(GRADIENT.astype(np.int32)), tmp_path / "face.tif"), "I", GRADIENT
+
+
+def integer_tiff_of_16_bit_levels(tmp_path):
+    return saved(Image.fromarray(GRADIENT.astype(np.int32) * 257), tmp_path / "face.tif"), "I", GRADIENT
+
+
+def half_orange(mode, transparent_rest=False):
+    """A palette face: the left half orange (index 1), the rest index 0, black."""
+    image = Image.new(mode, (96, 96), 0 if mode == "P" else (0, 0 if transparent_rest else 255))
+    image.putpalette([0, 0, 0, *ORANGE])
+    image.paste(1 if mode == "P" else (1, 255), (0, 0, 48, 96))
+    return image
+
+
+def halves(left, right):
+    return np.hstack([np.full((96, 48), left), np.full((96, 48), right)])
+
+
+def palette_png(tmp_path):
+    return saved(half_orange("P"), tmp_path / "face.png"), "P", halves(ORANGE_LUMA, 0)
+
+
+def palette_png_with_transparency(tmp_path):
+    path = saved(half_orange("P"), tmp_path / "face.png", transparency=0)
+    return path, "P", halves(ORANGE_LUMA, 255)
+
+
+def palette_alpha_tiff(tmp_path):
+    return saved(half_orange("PA", transparent_rest=True), tmp_path / "face.tif"), "PA", halves(ORANGE_LUMA, 255)
+
+
+def half_transparent_black_rgba_png(tmp_path):
+    # Black at alpha 128 over white: 255 * (1 - 128 / 255) = 127.
+    path = saved(Image.new("RGBA", (96, 96), (0, 0, 0, 128)), tmp_path / "face.png")
+    return path, "RGBA", np.full((96, 96), 127)
+
+
+def half_transparent_black_la_png(tmp_path):
+    return saved(Image.new("LA", (96, 96), (0, 128)), tmp_path / "face.png"), "LA", np.full((96, 96), 127)
+
+
+def bilevel_png(tmp_path):
+    checks = np.indices((96, 96)).sum(axis=0) % 2 == 0
+    return saved(Image.fromarray(checks), tmp_path / "face.png"), "1", np.where(checks, 255, 0)
+
+
+def orange(mode, tmp_path, name):
+    image = Image.new("RGB", (96, 96), ORANGE)
+    if mode == "LAB":
+        srgb, lab = ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB")
+        image = ImageCms.applyTransform(image, ImageCms.buildTransform(srgb, lab, "RGB", "LAB"))
+    else:
+        image = image.convert(mode)
+    return saved(image, tmp_path / name), mode, np.full((96, 96), ORANGE_LUMA)
+
+
+def cmyk_jpeg(tmp_path):
+    return orange("CMYK", tmp_path, "face.jpg")
+
+
+def ycbcr_tiff(tmp_path):
+    return orange("YCbCr", tmp_path, "face.tif")
+
+
+def lab_tiff(tmp_path):
+    return orange("LAB", tmp_path, "face.tif")
+
+
+@pytest.mark.parametrize("write_face", [
+    sixteen_bit_png, big_endian_16_bit_tiff, sixteen_bit_png_with_a_transparent_level, float_tiff_in_0_1,
+    float_tiff_in_0_255, integer_tiff_of_8_bit_levels, integer_tiff_of_16_bit_levels, palette_png,
+    palette_png_with_transparency, palette_alpha_tiff, half_transparent_black_rgba_png,
+    half_transparent_black_la_png, bilevel_png, cmyk_jpeg, ycbcr_tiff, lab_tiff,
+])
+def test_images_of_every_mode_become_8_bit_gray_in_their_real_range(tmp_path, write_face):
+    path, mode, expected = write_face(tmp_path)
+    with Image.open(path) as image:
+        assert image.mode == mode
+    pixels = read_image(path)
+    assert pixels.dtype == np.uint8
+    # Colour conversions (JPEG's, littlecms's) may round a level differently.
+    tolerance = 1 if mode in ("CMYK", "YCbCr", "LAB") else 0
+    np.testing.assert_allclose(pixels, expected, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "P"])
+def test_8_bit_gray_colour_and_palette_images_decode_as_before(tmp_path, mode):
+    image = Image.fromarray(random_pixels((120, 100, 3))).convert(mode)
+    path = saved(image, tmp_path / "face.png")
+    with Image.open(path) as reopened:
+        before = reopened.convert("L").resize((96, 96), Image.Resampling.LANCZOS)
+    np.testing.assert_array_equal(read_image(path), np.asarray(before))
+
+
+@pytest.mark.parametrize("pixels, problem", [
+    (np.full((9, 9), np.nan, dtype=np.float32), "a floating-point image with NaN or infinite values"),
+    (np.linspace(-1, 3, 81, dtype=np.float32).reshape(9, 9), "values in -1..3, neither 0..1 nor 0..255"),
+    (np.full((9, 9), -5, dtype=np.int32), "negative values (down to -5)"),
+    (np.full((9, 9), 70000, dtype=np.int32), "values up to 70000, more than 16 bits"),
+])
+def test_an_image_out_of_every_known_range_is_refused_naming_the_file(tmp_path, pixels, problem):
+    path = saved(Image.fromarray(pixels), tmp_path / "face.tif")
+    with pytest.raises(PipelineError) as caught:
+        read_image(path)
+    assert str(caught.value).startswith(f"{path}: ") and problem in str(caught.value)
+
+
+def test_a_16_bit_face_is_predicted_as_its_8_bit_levels(workdir):
+    face = random_pixels((96, 96))
+    Image.fromarray(face).save(workdir / "face8.png")
+    Image.fromarray(face.astype(np.uint16) * 257).save(workdir / "face16.png")
+    main(["face8.png", "face16.png"])
+    keypoints = pd.read_csv(workdir / "predictions.csv")[list(KEYPOINT_COLUMNS)].to_numpy()
+    np.testing.assert_array_equal(keypoints[0], keypoints[1])
+
+
+def test_a_table_with_a_utf8_byte_order_mark_is_read(tmp_path):
+    (tmp_path / "lookup.csv").write_bytes(b"\xef\xbb\xbfRowId,ImageId,FeatureName\n1,1,nose_tip_x\n")
+    table = read_table(tmp_path / "lookup.csv", ("RowId", "ImageId", "FeatureName"))
+    assert table.columns.tolist() == ["RowId", "ImageId", "FeatureName"]
 
 
 def test_a_kaggle_submission(workdir):
@@ -134,6 +300,70 @@ def wrong_lookup_columns(tmp_path):
     return ["test.csv", "--lookup", "lookup.csv"], "lookup.csv: line 1: column 'FeatureName' is missing"
 
 
+def gzipped_test_csv(tmp_path):
+    write_test_csv(tmp_path / "plain.csv", [1], random_pixels((1, 96, 96)))
+    (tmp_path / "test.csv").write_bytes(gzip.compress((tmp_path / "plain.csv").read_bytes()))
+    return ["test.csv"], "test.csv: is gzip-compressed, not a CSV text file (decompress it first: gunzip)"
+
+
+def compressed_test_csv_name(tmp_path):
+    write_test_csv(tmp_path / "plain.csv", [1], random_pixels((1, 96, 96)))
+    (tmp_path / "test.csv.gz").write_bytes(gzip.compress((tmp_path / "plain.csv").read_bytes()))
+    return ["test.csv.gz"], "test.csv.gz: is gzip-compressed"
+
+
+def zipped_lookup(tmp_path):
+    write_test_csv(tmp_path / "test.csv", [1], random_pixels((1, 96, 96)))
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("IdLookupTable.csv", "RowId,ImageId,FeatureName\n1,1,nose_tip_x\n")
+    (tmp_path / "lookup.csv").write_bytes(archive.getvalue())
+    return ["test.csv", "--lookup", "lookup.csv"], "lookup.csv: is a zip archive"
+
+
+def latin1_lookup(tmp_path):
+    write_test_csv(tmp_path / "test.csv", [1], random_pixels((1, 96, 96)))
+    (tmp_path / "lookup.csv").write_bytes(
+        "RowId,ImageId,FeatureName\n1,1,nose_tip_x\n2,1,nose_tip_y é\n".encode("latin-1"))
+    return ["test.csv", "--lookup", "lookup.csv"], "lookup.csv: line 3: not UTF-8 text (byte 0xe9 at column 16)"
+
+
+def binary_test_csv(tmp_path):
+    (tmp_path / "test.csv").write_bytes(b"ImageId,Image\n1,\x00\x01\x02\n")
+    return ["test.csv"], "test.csv: is a binary file (a NUL byte in line 2), not a CSV"
+
+
+def float_image_out_of_range(tmp_path):
+    Image.fromarray(np.full((96, 96), 300, dtype=np.float32)).save(tmp_path / "face.tif")
+    return ["face.tif"], "face.tif: a floating-point image with values in 300..300, neither 0..1 nor 0..255"
+
+
+def output_is_a_directory(tmp_path):
+    Image.fromarray(random_pixels((96, 96))).save(tmp_path / "face.png")
+    (tmp_path / "out").mkdir()
+    return ["face.png", "--output", "out"], "--output out: is a directory, expected a file name"
+
+
+def output_inside_a_file(tmp_path):
+    Image.fromarray(random_pixels((96, 96))).save(tmp_path / "face.png")
+    (tmp_path / "notes.txt").write_text("notes")
+    return (["face.png", "--output", "notes.txt/predictions.csv"],
+            "--output notes.txt/predictions.csv: notes.txt is a file, not a directory")
+
+
+def submission_is_a_directory(tmp_path):
+    write_test_csv(tmp_path / "test.csv", [1], random_pixels((1, 96, 96)))
+    write_lookup(tmp_path / "lookup.csv", [(1, "nose_tip_x")])
+    (tmp_path / "submission").mkdir()
+    return (["test.csv", "--lookup", "lookup.csv", "--submission", "submission"],
+            "--submission submission: is a directory, expected a file name")
+
+
+def draw_is_a_file(tmp_path):
+    Image.fromarray(random_pixels((96, 96))).save(tmp_path / "face.png")
+    return ["face.png", "--draw", "face.png"], "--draw face.png: is a file, expected a directory"
+
+
 def unknown_net(tmp_path):
     Image.fromarray(random_pixels((96, 96))).save(tmp_path / "face.png")
     return ["face.png", "--net", "net9"], "unknown net 'net9'"
@@ -146,7 +376,9 @@ def untrained_net(tmp_path):
 
 @pytest.mark.parametrize("make_input", [
     bad_image, wrong_test_columns, bad_image_row, image_missing_from_test_csv, unknown_feature,
-    wrong_lookup_columns, unknown_net, untrained_net,
+    wrong_lookup_columns, gzipped_test_csv, compressed_test_csv_name, zipped_lookup, latin1_lookup,
+    binary_test_csv, float_image_out_of_range, output_is_a_directory, output_inside_a_file,
+    submission_is_a_directory, draw_is_a_file, unknown_net, untrained_net,
 ])
 def test_bad_input_is_one_line_naming_the_file_and_row(workdir, capsys, make_input):
     arguments, message = make_input(workdir)
@@ -158,3 +390,15 @@ def test_bad_input_is_one_line_naming_the_file_and_row(workdir, capsys, make_inp
     assert message in error
     # Every input is checked before anything is written.
     assert not (workdir / "predictions.csv").exists() and not (workdir / "submission.csv").exists()
+
+
+def test_a_picture_that_cannot_be_written_is_one_line(workdir, capsys):
+    Image.fromarray(random_pixels((96, 96))).save(workdir / "face.png")
+    # A directory where the picture belongs: the check of --draw passes, the writing fails.
+    (workdir / "drawn" / "face.png").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_:
+        main(["face.png", "--draw", "drawn"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert error.startswith("error: --draw drawn/face.png: writing the picture failed: Is a directory")
