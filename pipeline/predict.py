@@ -35,8 +35,8 @@ from PIL import Image, ImageCms
 
 from pipeline.config import load_config
 from pipeline.data import unscale_keypoints
-from pipeline.errors import PipelineError, describe, reports_errors
-from pipeline.files import write_text
+from pipeline.errors import PipelineError, reports_errors
+from pipeline.files import atomic_write, write_text
 from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, check_csv_text, parse_images, parser_problem
 from pipeline.metrics import predict
 from pipeline.plots import draw_keypoints
@@ -223,11 +223,8 @@ def picture_names(folder: Path, faces: NamedFaces) -> list[Path]:
 
 def draw_all(paths: list[Path], faces: NamedFaces, keypoints: np.ndarray) -> None:
     for path, image, points in zip(paths, faces.images, keypoints):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            draw_keypoints(image, points).save(path)
-        except OSError as error:
-            raise PipelineError(f"--draw {path}: writing the picture failed: {describe(error)}") from None
+        with atomic_write(path) as temporary:
+            draw_keypoints(image, points).save(temporary, format="PNG")
 
 
 def is_csv_name(path: Path) -> bool:
@@ -244,13 +241,6 @@ def check_output(option: str, path: Path, folder: bool = False) -> None:
     blocking = next((parent for parent in path.parents if parent.is_file()), None)
     if blocking is not None:
         raise PipelineError(f"{option} {path}: {blocking} is a file, not a directory")
-
-
-def write_output(option: str, path: Path, text: str) -> None:
-    try:
-        write_text(path, text)
-    except OSError as error:
-        raise PipelineError(f"{option} {path}: writing failed: {describe(error)}") from None
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -293,11 +283,10 @@ def main(argv: list[str] | None = None) -> None:
     # Every input is checked before anything is written, so a bad row leaves no partial output.
     submission = (submission_table(args.lookup, read_table(args.lookup, LOOKUP_COLUMNS), args.inputs[0], faces,
                                    keypoints) if args.lookup else None)
-    write_output("--output", args.output,
-                 predictions_table(faces, keypoints).to_csv(index=False, float_format="%.4f"))
+    write_text(args.output, predictions_table(faces, keypoints).to_csv(index=False, float_format="%.4f"))
     print(f"predict: {args.net} on {len(faces.names)} faces -> {args.output}")
     if submission is not None:
-        write_output("--submission", args.submission, submission.to_csv(index=False, float_format="%.4f"))
+        write_text(args.submission, submission.to_csv(index=False, float_format="%.4f"))
         print(f"predict: {len(submission)} rows of {args.lookup} -> {args.submission}")
     if pictures:
         draw_all(pictures, faces, keypoints)
