@@ -20,7 +20,7 @@ import mlflow
 import mlflow.pytorch
 import numpy as np
 import torch
-from mlflow.entities import Metric
+from mlflow.entities import LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.utils.time import get_current_time_millis
@@ -35,6 +35,15 @@ DEFAULT_STORE = "mlflow.db"
 SQLITE_PREFIX = "sqlite:///"
 # Seconds the preflight waits for a tracking server, instead of minutes of retries.
 PREFLIGHT_TIMEOUT = 10
+# MLflow's defaults (7 retries, backoff factor 2, 120 s per request) let one request to a dead
+# server take 8 minutes. The stages' own: a server that refuses connections fails a request in
+# about 3 s, one that does not answer in about 93 s (3 tries of 30 s, time enough for a server to
+# store a 32 MB model before it answers). A user's own values in the environment win.
+HTTP_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 def git_state(generated: list[str]) -> tuple[str, bool]:
@@ -117,10 +126,12 @@ def connect() -> str:
     """Point MLflow at the project's store and check that it answers, before any work is done.
 
     Returns the tracking URI. A store that cannot be reached fails here, in seconds, rather than
-    after hours of training.
+    after hours of training; every later request of the stage waits as HTTP_SETTINGS say.
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    for name, value in HTTP_SETTINGS.items():
+        os.environ.setdefault(name, value)
     try:
         # MLflow retries HTTP requests for minutes; a preflight should fail in seconds instead.
         with _store_lock(uri), _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
@@ -132,10 +143,11 @@ def connect() -> str:
 
 
 def _reason(error: Exception) -> str:
-    """The operating system's words when it has some ("Connection refused"), else the first 200 characters."""
+    """The operating system's words when it has some ("Connection refused"), the HTTP client's for a
+    server that does not answer ("Read timed out. (read timeout=30)"), else the first 200 characters."""
     text = " ".join(str(error).split())
-    system = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
-    return system.group(0).strip() if system else text[:200] or type(error).__name__
+    cause = re.search(r"\[Errno -?\d+\] [^'\")\]]+|[^:'\"(]*timed out\. \(\w+ timeout=[\d.]+\)", text)
+    return cause.group(0).strip() if cause else text[:200] or type(error).__name__
 
 
 def _set_experiment() -> str:
@@ -162,27 +174,48 @@ def _resumable(client: mlflow.MlflowClient, run_id: str | None) -> mlflow.entiti
         return None
     try:
         run = client.get_run(run_id)
-    except MlflowException:
+    except MlflowException as error:
+        # Only a run the store does not know is gone; a store that fails must not start a second run.
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         return None
     return run if run.info.lifecycle_stage == "active" else None
+
+
+def _store_failure(error: Exception, unlogged: str) -> TrackingError:
+    """One line: the store, the cause, and what it has not got."""
+    return TrackingError(f"MLflow tracking store {mlflow.get_tracking_uri()} failed ({_reason(error)}): {unlogged}")
+
+
+@contextlib.contextmanager
+def _store_calls(unlogged: str) -> Iterator[None]:
+    """Whatever the store's client raises (it wraps every failure in an MlflowException) as one line."""
+    try:
+        yield
+    except MlflowException as error:
+        raise _store_failure(error, unlogged) from None
 
 
 @contextlib.contextmanager
 def training_run(net_name: str, params: dict, tags: dict, generated: list[str],
                  resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run for one training, named after the net; the given run, if it still exists.
-
-    `mlflow run` hands its own run to the command through MLFLOW_RUN_ID; a plain start_run()
-    would resume and overwrite that run, so the training becomes its child instead.
-    """
+    """An MLflow run for one training, named after the net; the given run, if it still exists."""
     client = mlflow.MlflowClient()
-    resumed = _resumable(client, resume_run_id)
-    if resumed is not None:
-        logged = resumed.data.params
-        # Params outside the training's fingerprint may have changed since; the run keeps its own.
-        with _running(resume_run_id, {key: value for key, value in params.items() if key not in logged}) as active:
-            yield active
-        return
+    with _store_calls("no run was started"):
+        resumed = _resumable(client, resume_run_id)
+        if resumed is None:
+            run_id = _new_run(client, net_name, tags, generated)
+        else:
+            run_id = resumed.info.run_id
+            # Params outside the training's fingerprint may have changed since; the run keeps its own.
+            params = {key: value for key, value in params.items() if key not in resumed.data.params}
+    with _running(run_id, params) as active:
+        yield active
+
+
+def _new_run(client: mlflow.MlflowClient, net_name: str, tags: dict, generated: list[str]) -> str:
+    """`mlflow run` hands its own run to the command through MLFLOW_RUN_ID; a plain start_run()
+    would resume and overwrite that run, so the training becomes its child instead."""
     parent_run_id = os.environ.get("MLFLOW_RUN_ID")
     experiment_id = _set_experiment()
     commit, dirty = git_state(generated)
@@ -197,63 +230,93 @@ def training_run(net_name: str, params: dict, tags: dict, generated: list[str],
     }
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=net_name, tags=run_tags)
-    with _running(run.info.run_id, params) as active:
-        yield active
+    return client.create_run(experiment_id, run_name=net_name, tags=run_tags).info.run_id
 
 
 @contextlib.contextmanager
 def _running(run_id: str, params: dict) -> Iterator[mlflow.ActiveRun]:
-    """The run active for the block; FINISHED after it, FAILED on an error, KILLED on Ctrl-C or SIGTERM."""
-    with mlflow.start_run(run_id=run_id) as active:
-        mlflow.log_params(params)
-        try:
-            yield active
-        except KeyboardInterrupt:
-            mlflow.end_run("KILLED")
-            raise
+    """The run active for the block; FINISHED after it, FAILED on an error, KILLED on Ctrl-C or SIGTERM.
+
+    A store that cannot mark the run FINISHED is a TrackingError, like any other part of the run
+    it lacks: running the stage again resumes the run and finishes it.
+    """
+    with _store_calls(f"run {run_id} was not started"):
+        active = mlflow.start_run(run_id=run_id)
+    try:
+        with _store_calls(f"the params were not logged to run {run_id}"):
+            mlflow.log_params(params)
+        yield active
+    except KeyboardInterrupt:
+        _end_after_error("KILLED")
+        raise
+    except BaseException:
+        _end_after_error("FAILED")
+        raise
+    with _store_calls(f"run {run_id} was not marked finished"):
+        mlflow.end_run("FINISHED")
+
+
+def _end_after_error(status: str) -> None:
+    """One short try and no second error: the error in flight is the one to report, and a store
+    that is down would only delay it. MLflow forgets the active run either way."""
+    with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(PREFLIGHT_TIMEOUT)), \
+            contextlib.suppress(MlflowException):
+        mlflow.end_run(status)
 
 
 class MlflowLogger(Callback):
-    """Log every key of each epoch's history row (step = epoch) and, at the end, the model.
+    """Log every key of each epoch's history row (step = epoch) and, once the files are written, the model.
 
     A thread writes the rows, so the loop never waits on the store: at most once a second, it
-    sends whatever rows have queued up in one request. Use the logger as a context manager:
-    leaving it waits until every queued row is stored, however the training ended. A resumed
-    training brings the history of its earlier epochs; those the run lacks (the process died
-    before logging them) are logged first, and no epoch twice.
+    sends whatever rows have queued up in one request. A store that fails does not stop the
+    training: the thread keeps the rows and tries again after 2 s, 4 s, 8 s, ... (at most a
+    minute apart), with one warning when the store fails and one when it answers again. Use the
+    logger as a context manager: leaving it makes a last try to store every row, however the
+    training ended; rows the store still refuses then are a TrackingError. A resumed training
+    brings the history of its earlier epochs; those the run lacks (the process died, or the store
+    was down, before they were logged) are logged first, and no epoch twice.
     """
 
     # MLflow takes at most 1000 metrics in one request; whole rows keep each epoch in one transaction.
     ROWS_PER_REQUEST = 100
     SECONDS_BETWEEN_REQUESTS = 1.0
+    MAX_SECONDS_BETWEEN_TRIES = 60.0
 
     def __init__(self, run_id: str):
         self.run_id = run_id
         self.client = mlflow.MlflowClient()
         self.history: list[dict] = []
-        self.logged: set[int] = set()
-        self._rows: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
+        self.logged: set[int] = set()  # the epochs in the run or on their way to it
+        self._rows: queue.SimpleQueue[list[Metric]] = queue.SimpleQueue()
+        self._unsent: list[list[Metric]] = []  # each epoch's metrics, oldest first, until the store has them
         self._sender: threading.Thread | None = None
         self._flushing = threading.Event()
-        self._failure: Exception | None = None
+        self._failure: Exception | None = None  # while the store fails: its last error
 
     def on_train_begin(self, trainer) -> None:
         self.history = trainer.history
         if trainer.history:
             # Each epoch is logged whole in one request, so any one key tells which epochs are in.
             key = next(key for key in trainer.history[0] if key != "epoch")
-            self.logged = {point.step for point in self.client.get_metric_history(self.run_id, key)}
+            with _store_calls(f"the epochs of run {self.run_id} could not be read"):
+                self.logged = {point.step for point in self.client.get_metric_history(self.run_id, key)}
         for row in trainer.history:
             self._send(row)
 
     def on_epoch_finished(self, trainer, history: list[dict]) -> None:
-        self._report_failure()
         self._send(history[-1])
 
-    def on_train_end(self, trainer, history: list[dict]) -> None:
-        self.flush()
-        log_model(trainer.network)
+    def log_model(self, model: torch.nn.Module) -> None:
+        """The trained net, unless the run has it: a rerun after a failure past this point logs no second one."""
+        with _store_calls(f"the model was not logged to run {self.run_id}"):
+            if not self._has_model():
+                log_model(model)
+
+    def _has_model(self) -> bool:
+        """MLflow marks a logged model READY only once all of it is stored."""
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        models = self.client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{self.run_id}'")
+        return any(model.status == LoggedModelStatus.READY for model in models)
 
     def _send(self, row: dict) -> None:
         # An epoch logged before its checkpoint was written is computed again, identically, on
@@ -264,47 +327,67 @@ class MlflowLogger(Callback):
         if self._sender is None:
             self._sender = threading.Thread(target=self._send_rows, name="mlflow logger", daemon=True)
             self._sender.start()
-        self._rows.put(row)
+        # Stamped once: a request that reached the store but whose answer was lost is sent again
+        # with the very same metrics, which MLflow stores once.
+        now = get_current_time_millis()
+        self._rows.put([Metric(key, float(value), now, row["epoch"]) for key, value in row.items() if key != "epoch"])
 
     def _send_rows(self) -> None:
+        pause = self.SECONDS_BETWEEN_REQUESTS
         while True:
-            rows = [self._rows.get()]
             # Short epochs (a GPU's take tens of ms) queue up while waiting: one request, one
             # transaction for them all writes a fraction of the bytes of one per epoch.
-            self._flushing.wait(self.SECONDS_BETWEEN_REQUESTS)
-            while not self._rows.empty():
-                rows.append(self._rows.get())
-            done = rows[-1] is None
-            rows = [row for row in rows if row is not None]
-            for start in range(0, len(rows), self.ROWS_PER_REQUEST):
-                if self._failure is None:
-                    self._log(rows[start:start + self.ROWS_PER_REQUEST])
-            if done:
+            last = self._flushing.wait(pause)
+            self._take_queued()
+            stored = self._store_unsent()
+            # A try that failed while the training was ending counts as the last: a second would
+            # double the wait on a store that is down.
+            if last or (not stored and self._flushing.is_set()):
                 return
+            # A store that fails is asked less and less often, so that an outage does not cost the run its time.
+            pause = self.SECONDS_BETWEEN_REQUESTS if stored else min(2 * pause, self.MAX_SECONDS_BETWEEN_TRIES)
 
-    def _log(self, rows: list[dict]) -> None:
-        now = get_current_time_millis()
-        metrics = [Metric(key, float(value), now, row["epoch"]) for row in rows
-                   for key, value in row.items() if key != "epoch"]
-        try:
-            self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
-        except Exception as error:  # noqa: BLE001 - whatever the store's client raises, reported by flush()
-            self._failure = error
+    def _take_queued(self) -> None:
+        while not self._rows.empty():
+            self._unsent.append(self._rows.get())
+
+    def _store_unsent(self) -> bool:
+        """Every row waiting, oldest first; False, and the rows kept, when the store fails."""
+        while self._unsent:
+            epochs = self._unsent[:self.ROWS_PER_REQUEST]
+            try:
+                self.client.log_batch(self.run_id, metrics=[metric for epoch in epochs for metric in epoch],
+                                      synchronous=True)
+            except Exception as error:  # noqa: BLE001 - whatever the store's client raises, tried again later
+                self._failed(error)
+                return False
+            del self._unsent[:len(epochs)]
+        self._answered()
+        return True
+
+    def _failed(self, error: Exception) -> None:
+        if self._failure is None:
+            print(f"warning: MLflow tracking store {mlflow.get_tracking_uri()} failed ({_reason(error)}): "
+                  "the training goes on, its metrics kept to be sent again", flush=True)
+        self._failure = error
+
+    def _answered(self) -> None:
+        if self._failure is not None:
+            print(f"warning: MLflow tracking store {mlflow.get_tracking_uri()} answers again: "
+                  "the metrics kept are logged", flush=True)
+        self._failure = None
 
     def flush(self) -> None:
-        """Until every queued row is in the store; a failure to store them becomes the training's error."""
+        """A last try to store every queued row; the rows the store still refuses are a TrackingError."""
         if self._sender is not None:
-            self._rows.put(None)
             self._flushing.set()
             self._sender.join()
             self._sender = None
             self._flushing.clear()
-        self._report_failure()
-
-    def _report_failure(self) -> None:
-        if self._failure is not None:
-            failure, self._failure = self._failure, None
-            raise TrackingError(f"epoch metrics not stored in MLflow run {self.run_id}: {_reason(failure)}")
+        self._take_queued()  # the rows that came while the store failed its last try
+        if self._unsent:
+            steps = [epoch[0].step for epoch in self._unsent]
+            raise _store_failure(self._failure, f"{_epochs(steps)} not logged to run {self.run_id}")
 
     def __enter__(self) -> "MlflowLogger":
         return self
@@ -321,6 +404,15 @@ class MlflowLogger(Callback):
             self.flush()
         except TrackingError:
             pass  # the error in flight is the one to report
+
+
+def _epochs(steps: list[int]) -> str:
+    """The epochs as a reader counts them: "epoch 3", "epochs 3-14" or, with gaps, "epochs 3, 5, 9"."""
+    if len(steps) == 1:
+        return f"epoch {steps[0]}"
+    if steps[-1] - steps[0] == len(steps) - 1:
+        return f"epochs {steps[0]}-{steps[-1]}"
+    return f"epochs {', '.join(map(str, steps))}"
 
 
 def log_model(model: torch.nn.Module) -> None:

@@ -32,7 +32,7 @@ from pipeline.files import atomic_write, exclusive_lock, write_json
 from pipeline.loop import Tensors, Trainer, fit
 from pipeline.memory import reuse_freed_memory
 from pipeline.model import KeypointNet
-from pipeline.tracking import MlflowLogger, connect, training_run
+from pipeline.tracking import MlflowLogger, TrackingError, connect, training_run
 from pipeline.weights import save_model
 
 
@@ -71,23 +71,22 @@ def build_trainer(config: Config, net_name: str, device: torch.device, ranks: Ra
 
 
 def final_figures(history: list[dict]) -> dict:
+    """The training's headline figures, for `dvc metrics show`; the rest is in the history."""
     best = min(history, key=lambda row: row["valid_loss"])
-    last = history[-1]
     return {
-        "epochs": last["epoch"],
-        "train_loss": last["train_loss"],
-        "valid_loss": last["valid_loss"],
-        "valid_rmse_px": last["valid_rmse_px"],
-        "best_valid_loss": best["valid_loss"],
+        "epochs": history[-1]["epoch"],
         "best_epoch": best["epoch"],
-        # The epochs' own times, so that a resumed training counts each epoch once.
-        "train_seconds": round(sum(row["epoch_seconds"] for row in history), 1),
+        "best_valid_loss": best["valid_loss"],
+        "best_valid_rmse_px": best["valid_rmse_px"],
     }
 
 
 def write_history(path: Path, history: list[dict]) -> None:
+    """The history without the epochs' times: a committed result must be the same bytes when the
+    training is run again (MLflow keeps the times, as epoch_seconds)."""
+    columns = [column for column in history[0] if column != "epoch_seconds"]
     with atomic_write(path) as temporary, temporary.open("w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(history[0]))
+        writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
 
@@ -185,6 +184,15 @@ def train(config: Config, net_name: str, device: torch.device, ranks: Ranks,
             # Whatever ends the training, the last finished epoch is saved and every epoch logged.
             with logger, checkpoint:
                 history = fit(trainer, train_data, valid_data)
+            save_model(paths.model(net_name), trainer.network)
+            write_json(paths.model_info(net_name), {
+                "net": net_name, "mlflow_run_id": run_id, "data_hash": data_hash, "config": config.to_dict(),
+            })
+            write_history(paths.history(net_name), history)
+            write_json(paths.train_metrics(net_name), final_figures(history))
+            # After the files: a failure to write them (a full disk) leaves no logged model for the
+            # rerun to log a second time.
+            logger.log_model(trainer.network)
     except KeyboardInterrupt:
         saved = checkpoint.saved_epochs
         raise Interrupted(
@@ -192,12 +200,14 @@ def train(config: Config, net_name: str, device: torch.device, ranks: Ranks,
             + (f"{checkpoint.path} keeps epochs 1-{saved}: run the stage again (`dvc repro`) to continue" if saved
                else "no epoch had ended, so there is nothing to resume")
         ) from None
-    save_model(paths.model(net_name), trainer.network)
-    write_json(paths.model_info(net_name), {
-        "net": net_name, "mlflow_run_id": run_id, "data_hash": data_hash, "config": config.to_dict(),
-    })
-    write_history(paths.history(net_name), history)
-    write_json(paths.train_metrics(net_name), final_figures(history))
+    except TrackingError as error:
+        saved = checkpoint.saved_epochs
+        raise TrackingError(
+            f"{error}; " + (f"{checkpoint.path} keeps epochs 1-{saved}: once the store answers, run the stage again"
+                            " to log what the run lacks" if saved
+                            else "no epoch had ended, so there is nothing to resume")
+        ) from None
+    # Last: until the files are written and MLflow has the run whole, a rerun resumes from it.
     checkpoint.path.unlink(missing_ok=True)
 
 

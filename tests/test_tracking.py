@@ -13,10 +13,11 @@ import torch
 from pipeline.callbacks import AdjustHyperparameter, Callback
 from pipeline.errors import PipelineError
 from pipeline.loop import fit
+from pipeline.model import KeypointNet
 from pipeline.tracking import EXPERIMENT, MlflowLogger, git_state, log_model, training_run
-from project import free_port, make_project, run
+from project import free_port, make_project, run, set_params
 from test_loop import data, make_trainer
-from trainings import RaiseIn
+from trainings import RaiseIn, logged, metric_keys, runs, saved_epochs, start, train
 
 
 def train_logged(net_name="net4", epochs=3):
@@ -26,6 +27,7 @@ def train_logged(net_name="net4", epochs=3):
         trainer.callbacks.append(logger)
         with logger:
             history = fit(trainer, data(32), data(16, seed=1))
+        logger.log_model(trainer.network)
     return run.info.run_id, history
 
 
@@ -107,6 +109,51 @@ def test_every_epoch_before_a_failure_is_logged_once(failure, error, message):
         assert [point.step for point in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
 
 
+class StoreRefusesTheRun(Callback):
+    """A real refusal: the run deleted in the store after epoch `after`, so that it takes no rows, and
+    restored before epoch `until`, once the logger has warned on stdout (read through `capfd`)."""
+
+    def __init__(self, run_id, after, until, capfd):
+        self.client, self.run_id, self.capfd = mlflow.MlflowClient(), run_id, capfd
+        self.after, self.until = after, until
+        self.stdout = ""
+
+    def on_epoch_finished(self, trainer, history):
+        if len(history) == self.after:
+            self.client.delete_run(self.run_id)
+
+    def on_epoch_begin(self, trainer, epoch):
+        if epoch != self.until:
+            return
+        deadline = time.monotonic() + 30
+        while " failed " not in self.stdout:
+            assert time.monotonic() < deadline, "no warning within 30 s"
+            time.sleep(0.05)
+            self.stdout += self.capfd.readouterr().out
+        self.client.restore_run(self.run_id)
+
+
+def test_rows_the_store_refuses_are_kept_and_logged_once_when_it_takes_them_again(capfd):
+    trainer = make_trainer(5)
+    with training_run("net4", {}, {}, []) as run:
+        logger = MlflowLogger(run.info.run_id)
+        outage = StoreRefusesTheRun(run.info.run_id, after=2, until=4, capfd=capfd)
+        trainer.callbacks += [logger, outage]
+        with logger:
+            fit(trainer, data(32), data(16, seed=1))
+    store = f"warning: MLflow tracking store {mlflow.get_tracking_uri()}"
+    # One line when the store failed, one when it took the rows again.
+    stdout = outage.stdout + capfd.readouterr().out
+    failed, back = [line for line in stdout.splitlines() if line.startswith("warning:")]
+    assert failed.startswith(f"{store} failed (The run {run.info.run_id} must be in the 'active' state")
+    assert failed.endswith("the training goes on, its metrics kept to be sent again")
+    assert back == f"{store} answers again: the metrics kept are logged"
+    client = mlflow.MlflowClient()
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    for key in client.get_run(run.info.run_id).data.metrics:
+        assert [point.step for point in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3, 4, 5], key
+
+
 def test_an_epoch_stopped_before_the_logger_saw_it_is_still_logged():
     trainer = make_trainer(4)
     with pytest.raises(KeyboardInterrupt):
@@ -164,36 +211,55 @@ def test_git_state_ignores_the_pipelines_own_outputs(tmp_path, monkeypatch):
     assert git_state(["metrics"]) == (commit, True)
 
 
-@pytest.fixture
-def tracking_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1: SQLite backend, artifacts served from a local folder."""
-    port = free_port()
-    artifacts = tmp_path / "server-artifacts"
-    command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-               "--artifacts-destination", str(artifacts)]
-    log = tmp_path / "server.log"
-    # Without its job runner, the server is two processes instead of nine and leaves nothing in /dev/shm.
-    environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with log.open("w") as output:  # a file, not a pipe nobody reads, which could fill and stall the server
-        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment,
-                                  start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
+class Server:
+    """A real `mlflow server` on 127.0.0.1: SQLite backend, artifacts served from a local folder.
+    Started again after a kill, it serves the same store at the same address."""
+
+    def __init__(self, directory):
+        self.directory, self.port = directory, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.artifacts = directory / "server-artifacts"
+        self.process = None
+
+    def start(self):
+        command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--workers", "1",
+                   "--backend-store-uri", f"sqlite:///{self.directory / 'server.db'}",
+                   "--artifacts-destination", str(self.artifacts)]
+        log = self.directory / "server.log"
+        # Without its job runner, the server is two processes instead of nine and leaves nothing in /dev/shm.
+        environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with log.open("a") as output:  # a file, not a pipe nobody reads, which could fill and stall the server
+            self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment,
+                                            start_new_session=True)
         deadline = time.monotonic() + 90
         while True:
-            assert server.poll() is None, log.read_text()[-3000:]
+            assert self.process.poll() is None, log.read_text()[-3000:]
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
                     if answer.status == 200:
-                        break
+                        return
             except OSError:
                 pass
             assert time.monotonic() < deadline, "mlflow server did not answer within 90 s"
             time.sleep(0.5)
-        yield url, artifacts
+
+    def kill(self):
+        """As a crash or an OOM kill would: no chance to answer the requests in flight."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+@pytest.fixture
+def tracking_server(tmp_path, monkeypatch):
+    """A server, and the stages and this test's MLflow client pointed at it."""
+    server = Server(tmp_path)
+    server.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    try:
+        yield server
     finally:
-        stop_process_group(server)
+        stop_process_group(server.process)
 
 
 def stop_process_group(process):
@@ -208,19 +274,78 @@ def stop_process_group(process):
         process.wait()
 
 
-def test_a_training_logs_to_a_tracking_server_over_http(tracking_server, tmp_path, monkeypatch):
-    url, artifacts = tracking_server
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    project = make_project(tmp_path / "project")
+@pytest.fixture
+def project(tmp_path):
+    """A scratch project with its data prepared by the stages' own commands, without git or DVC."""
+    project = make_project(tmp_path / "project", git=False)
     for stage in ("synthesize", "prepare"):
         run(project, sys.executable, "-m", f"pipeline.{stage}")
-    run(project, sys.executable, "-m", "pipeline.train", "net4")
-    assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()
+    return project
 
-    client = mlflow.MlflowClient(tracking_uri=url)
-    [logged] = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    assert logged.info.run_name == "net4" and logged.info.status == "FINISHED"
-    assert {"train_loss", "valid_loss", "learning_rate", "momentum"} <= set(logged.data.metrics)
-    for key in logged.data.metrics:
-        assert [point.step for point in client.get_metric_history(logged.info.run_id, key)] == [1, 2], key
-    assert list(artifacts.rglob("MLmodel")), "the model did not reach the server's artifact store"
+
+def models_of(run_id):
+    experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    return mlflow.search_logged_models(experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'",
+                                       output_format="list")
+
+
+def assert_logged_once(run_id, keys, epochs):
+    for key in keys:
+        assert [step for step, _ in logged(run_id, key)] == list(range(1, epochs + 1)), key
+
+
+def test_a_server_that_dies_mid_training_then_a_model_file_that_fails_lose_nothing_and_log_nothing_twice(
+        tracking_server, project):
+    epochs = 5
+    set_params(project, {"train.max_epochs": epochs})
+    training = start(project, sys.executable, "-m", "pipeline.train", "net4")
+    while not training.stdout.readline().startswith("epoch 1/"):
+        assert training.poll() is None, training.communicate()
+    tracking_server.kill()
+    killed = time.monotonic()
+    out, err = training.communicate(timeout=120)
+    ended = time.monotonic() - killed
+
+    # The training went on to its last epoch and kept every one; the stage ended in seconds, with a warning
+    # among the epochs' lines when the store failed and one line for the error.
+    assert training.returncode == 2 and f"epoch {epochs}/{epochs}" in out
+    assert ended < 60, f"{ended:.0f} s from the server's death to the end of the stage"
+    store = f"MLflow tracking store {tracking_server.url} failed ([Errno 111] Connection refused)"
+    [error] = err.splitlines()
+    [warning] = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warning.startswith(f"warning: {store}: the training goes on")
+    assert error.startswith(f"error: {store}: epochs ") and " not logged to run " in error
+    assert error.endswith(f"checkpoints/net4.pt keeps epochs 1-{epochs}: once the store answers, run the stage again"
+                          " to log what the run lacks")
+    assert saved_epochs(project) == epochs and not (project / "models/net4.pt").exists()
+
+    # The store is back, but the model's file cannot be written where a directory stands: the rerun logs the
+    # epochs the run lacks, then fails before it logs the model.
+    tracking_server.start()
+    (project / "models/net4.pt").mkdir(parents=True)
+    failed = train(project, check=False)
+    assert f"resuming after epoch {epochs}" in failed.stdout and "epoch 1/" not in failed.stdout
+    assert failed.returncode == 2 and failed.stderr == "error: models/net4.pt: not written: Is a directory\n"
+    [run_] = runs()
+    assert run_.info.status == "FAILED" and not models_of(run_.info.run_id) and saved_epochs(project) == epochs
+
+    (project / "models/net4.pt").rmdir()
+    finished = train(project)
+    assert f"resuming after epoch {epochs}" in finished.stdout and "Traceback" not in finished.stderr
+    [run_] = runs()
+    assert run_.info.status == "FINISHED"
+    assert_logged_once(run_.info.run_id, metric_keys(project), epochs)
+    assert len(models_of(run_.info.run_id)) == 1
+    assert list(tracking_server.artifacts.rglob("MLmodel")), "the model did not reach the server's artifact store"
+    assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()
+    assert not (project / "checkpoints/net4.pt").exists() and (project / "models/net4.pt").is_file()
+
+
+def test_a_resumed_run_that_has_its_model_logs_no_second_one():
+    net = KeypointNet()
+    with training_run("net4", {}, {}, []) as run:
+        MlflowLogger(run.info.run_id).log_model(net)
+    # A rerun after a failure past the logging of the model (the store failed to mark the run finished).
+    with training_run("net4", {}, {}, [], resume_run_id=run.info.run_id):
+        MlflowLogger(run.info.run_id).log_model(net)
+    assert len(models_of(run.info.run_id)) == 1

@@ -1,5 +1,6 @@
 """The training stage under faults: kill -9, SIGTERM, changed params, divergence, a dead tracking
-store, two trainings on one SQLite store. Real processes, real DVC, real MLflow stores."""
+store, two trainings on one SQLite store, a second training of one net, a full disk.
+Real processes, real DVC, real MLflow stores, real mounts."""
 
 import math
 import os
@@ -13,6 +14,7 @@ import mlflow
 import pytest
 import torch
 
+from faults import full_disk, run_with
 from pipeline.tracking import EXPERIMENT
 from project import free_port, make_project, run, set_params
 from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start, train,
@@ -64,6 +66,34 @@ def test_kill_9_then_dvc_repro_resumes_to_the_uninterrupted_result(project, tmp_
     for key, points in reference_history.items():
         assert logged(resumed_run.info.run_id, key) == points, key  # every epoch once, same values
     assert not (project / "checkpoints/net4.pt").exists()
+
+
+def test_a_second_training_of_a_net_stops_at_once_naming_the_orphan_that_trains_it(project):
+    repro = start(project, "dvc", "repro", "train@net4")
+    wait_for_checkpoint(project, repro)
+    holder = (project / "checkpoints/net4.lock").read_text().split()[1]
+    os.kill(repro.pid, signal.SIGKILL)  # dvc alone: its training goes on, orphaned
+    repro.wait()
+    second = run(project, "dvc", "repro", "train@net4", check=False)
+    assert second.returncode != 0
+    [line] = [line for line in second.stderr.splitlines() if line.startswith("error: training")]
+    assert line == (f"error: training net4 is already running: process {holder} "
+                    f"(started {line.split('(started ')[1].split(')')[0]}) holds checkpoints/net4.lock")
+    deadline = time.monotonic() + 120
+    while (project / "checkpoints/net4.pt").exists():  # until the orphan has finished
+        assert time.monotonic() < deadline, "the orphaned training did not finish within 2 minutes"
+        time.sleep(0.1)
+    [orphans_run] = runs()
+    for key in metric_keys(project):
+        assert [step for step, _ in logged(orphans_run.info.run_id, key)] == list(range(1, EPOCHS + 1)), key
+
+
+def test_a_full_disk_under_checkpoints_stops_the_training_in_one_line(project):
+    result = run_with(project, [full_disk(project / "checkpoints")], sys.executable, "-m", "pipeline.train", "net4")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == "error: checkpoints/net4.pt: not written: No space left on device"
+    [failed] = runs()
+    assert failed.info.status == "FAILED"
 
 
 def test_sigterm_saves_the_last_finished_epoch_and_marks_the_run_killed(project):
@@ -151,7 +181,7 @@ def test_an_unreachable_tracking_store_fails_before_training(project, monkeypatc
     result = train(project, check=False)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Connection refused" in result.stderr
-    assert "epoch" not in result.stdout and not (project / "checkpoints").exists()
+    assert "epoch" not in result.stdout and not (project / "checkpoints/net4.pt").exists()
 
 
 def test_bad_params_are_one_line_before_any_work(project, tmp_path):
