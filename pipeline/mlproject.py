@@ -3,17 +3,27 @@
 MLflow appends every -P parameter that MLproject does not declare as `--key value`, so each
 becomes a `dvc exp run -S key=value` override and params.yaml stays the one home of defaults.
 
+Under `mlflow run` (which names its run in MLFLOW_RUN_ID) the project run is then linked to the net
+runs whose results models/ holds, including those DVC did not train again.
+
 Usage: python -m pipeline.mlproject {main|train|evaluate} [--<params key> <value> ...]
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import subprocess
 import sys
 
-from pipeline.config import PARAMS_FILE, flatten, load_config
-from pipeline.errors import PipelineError, reports_errors
+import mlflow
+from mlflow.entities import RunTag
+from mlflow.exceptions import MlflowException
+
+from pipeline.config import PARAMS_FILE, Config, flatten, load_config
+from pipeline.errors import PipelineError, describe, reports_errors
+from pipeline.files import read_json
+from pipeline.tracking import tracking_uri
 
 TARGETS = {"main": [], "train": ["train"], "evaluate": ["evaluate"]}
 
@@ -42,6 +52,72 @@ def dvc_command(entry_point: str, overrides: list[str]) -> list[str]:
     return ["dvc", "exp", "run", *settings, *TARGETS[entry_point]]
 
 
+def recorded_run_ids(config: Config) -> dict[str, str]:
+    """The MLflow run of each net's results, as models/<net>.json records it once DVC has finished."""
+    run_ids = {}
+    for net in config.nets:
+        path = config.paths.model_info(net)
+        run_id = read_json(path, "train the nets again with `dvc repro`").get("mlflow_run_id")
+        if not run_id:
+            raise PipelineError(f"{path}: records no MLflow run id; train the net again with `dvc repro`")
+        run_ids[net] = run_id
+    return run_ids
+
+
+def net_run(client: mlflow.MlflowClient, run_id: str) -> mlflow.entities.Run | None:
+    """The net's run, or None where the store does not have it (a model trained against another store)."""
+    try:
+        return client.get_run(run_id)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return None
+
+
+def trained_during(run: mlflow.entities.Run | None, project_run: mlflow.entities.Run) -> bool:
+    """Whether the net's run ended after the project run began: a run this one trained, or resumed from
+    its checkpoint. A stage that DVC skipped or restored from its run cache has a run that ended before."""
+    return run is not None and (run.info.end_time or 0) >= project_run.info.start_time
+
+
+def description(runs: dict[str, mlflow.entities.Run | None], run_ids: dict[str, str],
+                project_run: mlflow.entities.Run) -> str:
+    """The project run's description (Markdown, shown by the UI): each net's run, linked to its page."""
+    lines = []
+    for net, run in runs.items():
+        if run is None:
+            lines.append(f"- {net}: MLflow run {run_ids[net]}, not in this tracking store")
+            continue
+        link = f"[{run_ids[net]}](#/experiments/{run.info.experiment_id}/runs/{run_ids[net]})"
+        trained = "trained by this run" if trained_during(run, project_run) else "trained earlier"
+        lines.append(f"- {net}: MLflow run {link}, {trained}")
+    return "\n".join(lines)
+
+
+def link_net_runs(project_run_id: str, run_ids: dict[str, str]) -> None:
+    """Tag the project run with each net's run (`<net>_run_id`), list them in its description, and
+    name those DVC did not train again.
+
+    Without this, a `mlflow run` whose stages DVC skips has no child runs and nothing that says
+    where the results it leaves in the workspace came from.
+    """
+    client = mlflow.MlflowClient(tracking_uri())
+    try:
+        project_run = client.get_run(project_run_id)
+        runs = {net: net_run(client, run_id) for net, run_id in run_ids.items()}
+        tags = {f"{net}_run_id": run_id for net, run_id in run_ids.items()}
+        tags["mlflow.note.content"] = description(runs, run_ids, project_run)
+        client.log_batch(project_run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    except MlflowException as error:
+        raise PipelineError(f"MLflow tracking store {client.tracking_uri} failed ({describe(error)}): "
+                            f"project run {project_run_id} was not linked to the net runs") from None
+    for net, run in runs.items():
+        if not trained_during(run, project_run):
+            missing = "" if run else f", which {client.tracking_uri} does not have"
+            print(f"train@{net} was not run again: its results are those of MLflow run {run_ids[net]}{missing}",
+                  flush=True)
+
+
 @reports_errors
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
@@ -50,7 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     known_keys = list(flatten(load_config().to_dict()))
     command = dvc_command(args[0], overrides_from(args[1:], known_keys))
     print("+", " ".join(command), flush=True)
-    sys.exit(subprocess.run(command).returncode)
+    returncode = subprocess.run(command).returncode
+    # Only `mlflow run` names a project run; after a failure models/ may hold half of the results.
+    if returncode == 0 and os.environ.get("MLFLOW_RUN_ID"):
+        link_net_runs(os.environ["MLFLOW_RUN_ID"], recorded_run_ids(load_config()))
+    sys.exit(returncode)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from PIL import Image, ImageCms
 from pipeline.config import load_config
 from pipeline.data import unscale_keypoints
 from pipeline.errors import PipelineError, reports_errors
-from pipeline.files import atomic_write, write_text
+from pipeline.files import atomic_write, read_json, write_text
 from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, check_csv_text, parse_images, parser_problem
 from pipeline.metrics import predict
 from pipeline.plots import draw_keypoints
@@ -243,6 +243,27 @@ def check_output(option: str, path: Path, folder: bool = False) -> None:
         raise PipelineError(f"{option} {path}: {blocking} is a file, not a directory")
 
 
+def model_description(path: Path, net: str) -> str:
+    """Which training the net's weights come from, from models/<net>.json.
+
+    `dvc exp run`, `dvc exp apply` and `dvc checkout` replace models/ without a word, so the
+    command says which net it uses. A missing or damaged file is said in the same line: the
+    weights themselves were checked, and still predict.
+    """
+    remedy = f"restore it with `git restore {path}` or train the net again with `dvc repro`"
+    try:
+        info = read_json(path, remedy)
+        epochs, data_hash, run_id = info["config"]["train"]["max_epochs"], info["data_hash"], info["mlflow_run_id"]
+    except (KeyError, TypeError):
+        return (f"{net}, of an unknown training: {path}: damaged: config.train.max_epochs, data_hash or "
+                f"mlflow_run_id is missing; {remedy}")
+    except PipelineError as error:
+        return f"{net}, of an unknown training: {error}"
+    # The epoch whose weights the training kept, where models/<net>.json records one (older files do not).
+    kept = f", weights of epoch {info['kept_epoch']}" if "kept_epoch" in info else ""
+    return f"{net} ({epochs} epochs{kept}, data {data_hash}, MLflow run {run_id})"
+
+
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.predict",
@@ -279,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(config.paths.model(args.net), "cpu")
     faces = read_test_csv(args.inputs[0]) if any(is_test_csv) else read_images(args.inputs)
     pictures = picture_names(args.draw, faces) if args.draw else []
+    print(f"predict: {model_description(config.paths.model_info(args.net), args.net)}", flush=True)
     keypoints = predict_pixels(model, faces)
     # Every input is checked before anything is written, so a bad row leaves no partial output.
     submission = (submission_table(args.lookup, read_table(args.lookup, LOOKUP_COLUMNS), args.inputs[0], faces,

@@ -1,5 +1,6 @@
 import gzip
 import io
+import json
 import shutil
 import zipfile
 
@@ -402,3 +403,41 @@ def test_a_picture_that_cannot_be_written_is_one_line(workdir, capsys):
     error = capsys.readouterr().err
     assert error.count("\n") == 1
     assert error == "error: drawn/face.png: not written: Is a directory\n"
+
+
+def describe_net5(workdir, content):
+    (workdir / "models" / "net5.json").write_text(content if isinstance(content, str) else json.dumps(content))
+
+
+def test_the_command_says_which_training_the_net_comes_from_before_predicting(workdir, capsys):
+    """After `dvc exp run` or `dvc exp apply`, models/ holds the experiment's nets: the user is told."""
+    Image.fromarray(random_pixels((96, 96))).save(workdir / "face.png")
+    describe_net5(workdir, {"net": "net5", "mlflow_run_id": "1a2b", "data_hash": "3f2a",
+                            "config": {"train": {"max_epochs": 3}}})
+    main(["face.png"])
+    assert capsys.readouterr().out.splitlines() == [
+        "predict: net5 (3 epochs, data 3f2a, MLflow run 1a2b)", "predict: net5 on 1 faces -> predictions.csv"]
+    describe_net5(workdir, {"net": "net5", "mlflow_run_id": "1a2b", "data_hash": "3f2a", "kept_epoch": 2,
+                            "config": {"train": {"max_epochs": 3}}})
+    main(["face.png"])
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert first_line == "predict: net5 (3 epochs, weights of epoch 2, data 3f2a, MLflow run 1a2b)"
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "models/net5.json: no such file (restore it with `git restore models/net5.json` or train the net again"),
+    ("{", "models/net5.json: damaged: not valid JSON"),
+    ('{"net": "net5", "config": []}', "models/net5.json: damaged: config.train.max_epochs, data_hash or mlflow_run_id"
+                                      " is missing; restore it with `git restore models/net5.json`"),
+])
+def test_a_missing_or_damaged_model_description_is_one_line_and_the_net_still_predicts(workdir, capsys, content,
+                                                                                       problem):
+    Image.fromarray(random_pixels((96, 96))).save(workdir / "face.png")
+    if content is not None:
+        describe_net5(workdir, content)
+    main(["face.png"])
+    captured = capsys.readouterr()
+    first, *rest = captured.out.splitlines()
+    assert first.startswith(f"predict: net5, of an unknown training: {problem}")
+    assert rest == ["predict: net5 on 1 faces -> predictions.csv"] and captured.err == ""
+    assert (workdir / "predictions.csv").is_file()
