@@ -1,7 +1,9 @@
-"""The callback protocol of the training loop, the annealing callback and the console table."""
+"""The callback protocol of the training loop, the annealing callback, the console table, the best
+epoch's weights and early stopping."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -55,9 +57,10 @@ class AdjustHyperparameter(Callback):
 
 
 class EpochTable(Callback):
-    """The seed's console table; on a terminal, the best losses in colour and a progress bar."""
+    """The seed's console table; on a terminal, the best losses in colour and a progress bar.
+    Every epoch's line ends with the time left, estimated (eta)."""
 
-    COLUMNS = ("epoch", "train loss", "valid loss", "train/val", "dur")
+    COLUMNS = ("epoch", "train loss", "valid loss", "train/val", "dur", "eta")
     GREEN, CYAN, RESET = "\033[32m", "\033[36m", "\033[0m"
     PROGRESS_AFTER_SECONDS = 2.0  # short epochs would only flicker
 
@@ -83,12 +86,13 @@ class EpochTable(Callback):
 
     def on_epoch_finished(self, trainer: Trainer, history: list[dict]) -> None:
         row = history[-1]
+        eta = self._eta(history, trainer.max_epochs)
         if not self.interactive:
             self._write(
                 f"epoch {row['epoch']}/{trainer.max_epochs} train_loss {row['train_loss']:.6f} "
                 f"valid_loss {row['valid_loss']:.6f} train/val {row['train_valid_ratio']:.4f} "
                 f"valid_rmse_px {row['valid_rmse_px']:.3f} lr {row['learning_rate']:.6g} "
-                f"momentum {row['momentum']:.6g} {row['epoch_seconds']:.2f}s\n"
+                f"momentum {row['momentum']:.6g} {row['epoch_seconds']:.2f}s eta {eta}\n"
             )
             return
         best_train = min(earlier["train_loss"] for earlier in history)
@@ -97,8 +101,17 @@ class EpochTable(Callback):
         valid = self._mark(f"{row['valid_loss']:10.6f}", row["valid_loss"] == best_valid, self.GREEN)
         self._write(
             f"\r{row['epoch']:>10}  {train}  {valid}  {row['train_valid_ratio']:10.4f}  "
-            f"{row['epoch_seconds']:9.2f}s\n"
+            f"{row['epoch_seconds']:9.2f}s  {eta:>10}\n"
         )
+
+    @staticmethod
+    def _eta(history: list[dict], max_epochs: int) -> str:
+        """The epochs to go times the mean epoch so far, as h:mm:ss or m:ss. A resumed training's
+        history holds the epochs before the stop with their own times, so they count too."""
+        mean = sum(row["epoch_seconds"] for row in history) / len(history)
+        minutes, seconds = divmod(round((max_epochs - history[-1]["epoch"]) * mean), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}:{minutes:02}:{seconds:02}" if hours else f"{minutes}:{seconds:02}"
 
     def _mark(self, text: str, best: bool, colour: str) -> str:
         return f"{colour}{text}{self.RESET}" if best and self.colour else text
@@ -106,3 +119,83 @@ class EpochTable(Callback):
     def _write(self, text: str) -> None:
         self.stream.write(text)
         self.stream.flush()
+
+
+class KeepBest(Callback):
+    """The weights of the epoch with the lowest valid loss: skorch's Checkpoint(monitor="valid_loss_best")
+    and Lightning's ModelCheckpoint(monitor="valid_loss"), kept in memory on the training device.
+
+    Every history row gets `valid_loss_best` (1.0 when the epoch's valid loss is the lowest so far,
+    else 0.0, as in skorch's history; a number, so that MLflow logs it) and `kept_epoch`, the epoch
+    whose weights the training keeps if it ends there. With `restore` (train.keep: best) a new
+    best epoch's weights are copied into a buffer on the device (no allocation, no wait for the
+    host: the comparison uses the valid loss the history already has), and the net gets them back
+    when the training ends; without it (train.keep: last) nothing is copied and the net ends with
+    the last epoch's weights. The best epoch and its weights are part of the training's state
+    (`state_dict`, saved by checkpoint.Checkpoint), so a resumed training keeps the same weights.
+    """
+
+    def __init__(self, restore: bool = True):
+        self.restore = restore
+        self.epoch = 0  # the best epoch so far (0: none yet)
+        self.valid_loss = math.inf
+        self.weights: dict | None = None  # the best epoch's state_dict, with restore
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        if self.weights is not None:
+            # Restored from a checkpoint, on the CPU: onto the training device, where later bests are copied.
+            device = next(iter(trainer.network.state_dict().values())).device
+            self.weights = {key: value.to(device) for key, value in self.weights.items()}
+
+    def on_epoch_finished(self, trainer: Trainer, history: list[dict]) -> None:
+        from pipeline.checkpoint import copy_into  # here: pipeline.checkpoint imports this module
+
+        row = history[-1]
+        best = row["valid_loss"] < self.valid_loss  # a tie is no new best: the earlier epoch stays
+        if best:
+            self.epoch, self.valid_loss = row["epoch"], row["valid_loss"]
+            if self.restore:
+                self.weights = copy_into(self.weights, trainer.network.state_dict())
+        row["valid_loss_best"] = 1.0 if best else 0.0
+        row["kept_epoch"] = self.epoch if self.restore else row["epoch"]
+
+    def on_train_end(self, trainer: Trainer, history: list[dict]) -> None:
+        if self.restore and self.weights is not None:
+            trainer.network.load_state_dict(self.weights)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "valid_loss": self.valid_loss, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.valid_loss, self.weights = state["epoch"], state["valid_loss"], state["weights"]
+
+
+class EarlyStopping(Callback):
+    """Stop the training once `patience` epochs in a row have brought no new lowest valid loss
+    (skorch's EarlyStopping on valid_loss): the last epoch is then the best one plus `patience`.
+
+    Derived from the history alone, so a resumed training stops where an unbroken one does; one
+    that had already stopped runs no further epoch. The schedules keep their max_epochs span.
+    """
+
+    def __init__(self, patience: int):
+        if patience < 1:
+            raise ValueError("patience must be at least 1")
+        self.patience = patience
+        self.best_epoch, self.best_loss = 0, math.inf
+        self.stopped_epoch = 0  # the epoch the training stopped after (0: it did not stop early)
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.best_epoch, self.best_loss, self.stopped_epoch = 0, math.inf, 0
+        for row in trainer.history:
+            self._update(trainer, row)
+
+    def on_epoch_finished(self, trainer: Trainer, history: list[dict]) -> None:
+        self._update(trainer, history[-1])
+
+    def _update(self, trainer: Trainer, row: dict) -> None:
+        if row["valid_loss"] < self.best_loss:
+            self.best_epoch, self.best_loss = row["epoch"], row["valid_loss"]
+        if row["epoch"] - self.best_epoch >= self.patience and row["epoch"] < trainer.max_epochs:
+            self.stopped_epoch = row["epoch"]
+            trainer.should_stop = True

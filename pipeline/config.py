@@ -17,6 +17,8 @@ PARAMS_FILE = Path("params.yaml")
 # Seeds go to numpy, which refuses negative ones, and to torch, which takes at most 64 bits (the
 # flips' generator gets seed + 1): 32 bits suit every generator there is.
 MAX_SEED = 2**32 - 1
+# The weights a training saves: those of the epoch with the lowest valid loss, or of the last epoch.
+KEEP = ("best", "last")
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,8 @@ class Schedule:
 @dataclass(frozen=True)
 class TrainConfig:
     max_epochs: int
+    patience: int
+    keep: str
     batch_size: int
     valid_fraction: float
     seed: int
@@ -118,6 +122,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _require(self.max_epochs >= 1, "train.max_epochs", "must be at least 1")
+        _require(self.patience >= 0, "train.patience", "must be 0 (no early stopping) or more")
+        _require(self.keep in KEEP, "train.keep", f"must be {' or '.join(KEEP)}")
         _require(self.batch_size >= 1, "train.batch_size", "must be at least 1")
         _require(0 < self.valid_fraction < 1, "train.valid_fraction", "must be strictly between 0 and 1")
         _require_seed(self.seed, "train.seed")

@@ -1,7 +1,8 @@
 """Stage `evaluate`: every net and the mean-shape baseline on the held-out test faces.
 
-Writes <paths.metrics>/evaluate.json, four pictures under paths.plots and reports/comparison.md,
-and adds each net's test figures and the pictures to that net's own training run in MLflow.
+Writes <paths.metrics>/evaluate.json (the headline test figures, DVC metrics),
+<paths.metrics>/keypoint_errors.csv, four pictures under paths.plots and reports/comparison.md, and
+adds each net's test figures and the pictures to that net's own training run in MLflow.
 
 Usage: python -m pipeline.evaluate
 """
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from mlflow.entities import DatasetInput
 
 from pipeline import plots
 from pipeline.config import load_config
@@ -20,12 +22,13 @@ from pipeline.files import read_json, write_json, write_text
 from pipeline.errors import PipelineError, reports_errors
 from pipeline.kaggle import check_csv_text, parser_problem
 from pipeline.metrics import mean_shape, predict, rmse_curves, score, summarize
-from pipeline.report import (BASELINE_LABEL, SUMMARY_HEADER, comparison_lines, comparison_markdown,
+from pipeline.report import (BASELINE_LABEL, SUMMARY_HEADER, answer, comparison_lines, comparison_markdown,
                              summary_rows, text_table)
-from pipeline.tracking import TrackingError, connect, log_evaluation
+from pipeline.tracking import TrackingError, connect, faces_inputs, log_evaluation
 from pipeline.weights import load_model
 
 EVALUATION = "evaluate.json"
+KEYPOINT_ERRORS = "keypoint_errors.csv"
 PICTURE_TITLES = {
     "learning_curves.png": "Learning curves",
     "schedules.png": "Learning rate and momentum",
@@ -70,11 +73,35 @@ def read_run_id(path: Path, data_hash: str) -> str | None:
 
 
 def mlflow_metrics(results: dict, net: str) -> dict[str, float]:
+    """The net's headline test figures. The per-keypoint errors go to the run as keypoint_errors.csv:
+    as 15 metrics they were 15 charts ahead of the training curves in MLflow's chart view."""
     return {
         "test_rmse_px": results[net]["test_rmse_px"],
         "baseline_test_rmse_px": results["baseline"]["test_rmse_px"],
-        **{f"test_rmse_px.{name}": value for name, value in results[net]["per_keypoint_rmse_px"].items()},
     }
+
+
+def dvc_metrics(results: dict, nets: list[str]) -> dict:
+    """evaluate.json: each net's and the baseline's test RMSE and the nets against the first, no more,
+    so that `dvc metrics show` fits a terminal. The training's figures are in metrics/train/<net>.json,
+    the per-keypoint errors in keypoint_errors.csv, the rest in the report."""
+    reference, *others = nets
+    return {
+        **{label: {"test_rmse_px": results[label]["test_rmse_px"]} for label in [*nets, "baseline"]},
+        **{
+            # Short names: `dvc metrics show` prints a column per name, as wide as the name.
+            f"{net}_vs_{reference}": {
+                "improvement_percent": results["comparison"][f"{net}_vs_{reference}"]["test_rmse_improvement_percent"],
+            }
+            for net in others
+        },
+    }
+
+
+def keypoint_errors_csv(results: dict, labels: list[str]) -> str:
+    """One row per keypoint, one column of test RMSE px per net and the baseline."""
+    table = pd.DataFrame({label: results[label]["per_keypoint_rmse_px"] for label in labels})
+    return table.rename_axis("keypoint").to_csv(lineterminator="\n")
 
 
 def draw_pictures(folder: Path, results: dict, histories: dict[str, pd.DataFrame], test: FaceSet,
@@ -100,13 +127,15 @@ def draw_pictures(folder: Path, results: dict, histories: dict[str, pd.DataFrame
     return {title: path[name] for name, title in PICTURE_TITLES.items()}
 
 
-def log_to_run(net: str, run_id: str | None, metrics: dict[str, float], artifacts: list[Path]) -> None:
-    """Log into the net's training run; without one, warn and carry on, since the files are written."""
+def log_to_run(net: str, run_id: str | None, metrics: dict[str, float], artifacts: list[Path],
+               inputs: list[DatasetInput]) -> None:
+    """Log into the net's training run, the test faces as its "test" dataset; without a run, warn and
+    carry on, since the files are written."""
     if run_id is None:
         print(f"warning: {net} has no MLflow run id: its test figures are not logged to MLflow", file=sys.stderr)
         return
     try:
-        log_evaluation(run_id, metrics, artifacts)
+        log_evaluation(run_id, metrics, artifacts, inputs)
     except TrackingError as error:
         print(f"warning: {net}: test figures not logged to MLflow run {run_id} ({error})", file=sys.stderr)
 
@@ -125,10 +154,13 @@ def main() -> None:
     predictions = {net: predict(load_model(paths.model(net), "cpu"), test.X) for net in nets}
     baseline = score(mean_shape(train.y, len(test)), test.y)
     results = summarize({net: score(predictions[net], test.y) for net in nets}, baseline, histories)
-    write_json(Path(paths.metrics) / EVALUATION, results)
+    for net in nets:  # the epoch whose weights were tested, for the report (report.kept_weights)
+        results[net]["kept_epoch"] = read_json(paths.model_info(net), "train it with `dvc repro`").get("kept_epoch")
+    write_json(Path(paths.metrics) / EVALUATION, dvc_metrics(results, nets))
+    write_text(Path(paths.metrics) / KEYPOINT_ERRORS, keypoint_errors_csv(results, [*nets, "baseline"]))
     pictures = draw_pictures(Path(paths.plots), results, histories, test, predictions, nets)
     report = paths.comparison_report
-    write_text(report, comparison_markdown(results, nets, run_ids, data_hash, len(test), pictures, report))
+    write_text(report, comparison_markdown(results, nets, data_hash, len(test), pictures, report))
     try:
         connect()
     except TrackingError as error:
@@ -136,10 +168,13 @@ def main() -> None:
         print(f"warning: test figures not logged to MLflow ({error})", file=sys.stderr)
     else:
         for net in nets:
-            log_to_run(net, run_ids[net], mlflow_metrics(results, net), [*pictures.values(), report])
+            log_to_run(net, run_ids[net], mlflow_metrics(results, net),
+                       [*pictures.values(), report, Path(paths.metrics) / KEYPOINT_ERRORS],
+                       faces_inputs(read_summary(paths.prepared_summary), test=len(test)))
     print(f"evaluate: {len(test)} test faces, data hash {data_hash}")
     print(text_table(SUMMARY_HEADER, summary_rows(results, nets)))
     print("\n".join(comparison_lines(results, nets)))
+    print(f"{answer(results, nets)}.")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ class Trainer:
     history: list[dict] = field(default_factory=list)
     rank: int = 0
     world_size: int = 1
+    # Set by a callback (early stopping) to end the training before max_epochs; fit() checks it before each epoch.
+    should_stop: bool = False
 
     @property
     def network(self) -> nn.Module:
@@ -111,6 +113,8 @@ def run_epoch(trainer: Trainer, data: Tensors, train: bool) -> float:
 def fit(trainer: Trainer, train: Tensors, valid: Tensors) -> list[dict]:
     trainer.notify("on_train_begin")
     for epoch in range(len(trainer.history) + 1, trainer.max_epochs + 1):
+        if trainer.should_stop:  # a resumed training may have stopped already (on_train_begin says so)
+            break
         trainer.notify("on_epoch_begin", epoch)
         hyperparameters = trainer.optimizer.param_groups[0]
         started = time.perf_counter()

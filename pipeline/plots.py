@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -10,13 +11,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from pipeline.files import atomic_write  # noqa: E402
 from pipeline.kaggle import KEYPOINTS  # noqa: E402
 
 DRAWN_FACE_ZOOM = 4  # a 96-pixel face is too small to see its points on a screen
+MAX_TICKS = 10  # labels on a log axis, beyond which they crowd
 
 
 def face_grid(path: Path, images: np.ndarray, keypoints: np.ndarray, title: str,
@@ -44,20 +46,17 @@ def learning_curves(path: Path, curves: dict[str, pd.DataFrame], baseline_rmse_p
     The mean-shape baseline is drawn too: a net that has not escaped that plateau has learnt no faces.
     """
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for (net, curve), colour in zip(curves.items(), _colours()):
-        axis.plot(curve["epoch"], curve["train_rmse_px"], "--", color=colour, label=f"{net} train")
-        axis.plot(curve["epoch"], curve["valid_rmse_px"], "-", color=colour, label=f"{net} valid")
+    for (net, curve), colour, width in zip(curves.items(), _colours(), _widths(len(curves))):
+        axis.plot(curve["epoch"], curve["train_rmse_px"], "--", color=colour, linewidth=width, label=f"{net} train")
+        axis.plot(curve["epoch"], curve["valid_rmse_px"], "-", color=colour, linewidth=width, label=f"{net} valid")
     axis.axhline(baseline_rmse_px, color="grey", linestyle=":", label="mean-shape baseline (test)")
-    axis.set_yscale("log")
-    # Plain numbers: on a log axis matplotlib would otherwise label 20 px as 2 x 10^1.
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    axis.yaxis.set_major_formatter(plain)
-    axis.yaxis.set_minor_formatter(plain)
+    drawn = np.concatenate([[baseline_rmse_px], *(curve[["train_rmse_px", "valid_rmse_px"]].to_numpy().ravel()
+                                                  for curve in curves.values())])
+    _log_y_axis(axis, drawn.min(), drawn.max())
     _epochs_axis(axis)
     axis.set_ylabel("RMSE (px)")
-    axis.grid(True, which="both", alpha=0.3)
-    axis.legend()
-    axis.set_title("Learning curves")
+    axis.grid(True, alpha=0.3)
+    _legend_above(axis, "Learning curves", columns=len(curves) + 1)  # a column per net, one for the baseline
     _save(figure, path)
 
 
@@ -65,8 +64,9 @@ def schedules(path: Path, histories: dict[str, pd.DataFrame]) -> None:
     """The learning rate and momentum each net trained with, epoch by epoch."""
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for column, axis in zip(("learning_rate", "momentum"), axes):
-        for (net, history), colour, style in zip(histories.items(), _colours(), ("-", "--", ":", "-.")):
-            axis.plot(history["epoch"], history[column], style, color=colour, label=net)
+        for (net, history), colour, style, width in zip(histories.items(), _colours(), ("-", "--", ":", "-."),
+                                                        _widths(len(histories))):
+            axis.plot(history["epoch"], history[column], style, color=colour, linewidth=width, label=net)
         _epochs_axis(axis)
         axis.set_title(column.replace("_", " "))
         axis.grid(True, alpha=0.3)
@@ -87,8 +87,7 @@ def keypoint_errors(path: Path, per_keypoint_rmse_px: dict[str, dict[str, float]
     axis.invert_yaxis()
     axis.set_xlabel("test RMSE (px)")
     axis.grid(True, axis="x", alpha=0.3)
-    axis.legend()
-    axis.set_title("Test error per keypoint")
+    _legend_above(axis, "Test error per keypoint", columns=len(labels))
     _save(figure, path)
 
 
@@ -108,14 +107,50 @@ def _epochs_axis(axis) -> None:
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _legend_above(axis, title: str, columns: int) -> None:
+    """The legend between the title and the axes: inside them it covers some curve or bar."""
+    rows = -(-len(axis.get_legend_handles_labels()[1]) // columns)
+    axis.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=columns, frameon=False)
+    axis.set_title(title, pad=12 + 18 * rows)  # points: room for the legend's rows
+
+
 def _colours() -> list[str]:
     return plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def _widths(n_lines: int) -> np.ndarray:
+    """Line widths from thick to thin: each line is drawn over the ones before it, and nets that
+    learn alike have curves that coincide, so a later line must be thinner to leave the earlier
+    one showing at its sides."""
+    return np.linspace(3.2, 1.2, n_lines) if n_lines > 1 else np.array([1.5])
+
+
+def _log_y_axis(axis, low: float, high: float) -> None:
+    """A log scale labelled with round numbers from the one at or below `low` to the one at or
+    above `high`.
+
+    matplotlib's log ticks label powers of ten and their multiples only: curves from 3.6 to 14 px
+    would show labels 4 to 10 alone, as if nothing lay above 10.
+    """
+    decades = range(math.floor(math.log10(low)) - 1, math.floor(math.log10(high)) + 2)
+    for steps in ((1, 1.5, 2, 3, 4, 5, 6, 8), (1, 2, 5), (1,)):  # fewer as the range widens
+        candidates = [step * 10.0 ** decade for decade in decades for step in steps]
+        bottom, top = max(c for c in candidates if c <= low), min(c for c in candidates if c >= high)
+        ticks = [c for c in candidates if bottom <= c <= top]
+        if len(ticks) <= MAX_TICKS:
+            break
+    axis.set_yscale("log")
+    axis.yaxis.set_major_locator(FixedLocator(ticks))
+    axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.yaxis.set_minor_locator(NullLocator())
+    axis.set_ylim(bottom / 1.03, top * 1.03)
 
 
 def _save(figure, path: Path) -> None:
     figure.tight_layout()
     try:
         with atomic_write(path) as temporary:
-            figure.savefig(temporary, dpi=80, format="png")
+            # No "Software" text: the same picture is then the same bytes whatever matplotlib version drew it.
+            figure.savefig(temporary, dpi=80, format="png", metadata={"Software": None})
     finally:
         plt.close(figure)

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from pipeline.kaggle import KEYPOINTS
+from pipeline.tracking import EXPERIMENT
 
 BASELINE_LABEL = "mean-shape baseline"
 SUMMARY_HEADER = (
@@ -32,6 +33,13 @@ def summary_rows(results: dict, nets: list[str]) -> list[tuple[str, ...]]:
         for net in nets
     ]
     return rows + [(BASELINE_LABEL, f"{results['baseline']['test_rmse_px']:.3f}", "-", "-", "-", "-")]
+
+
+def answer(results: dict, nets: list[str]) -> str:
+    """The report's one-line answer: each net against the first (as the seed compares net5 with
+    net4) on the test faces, then every net against the mean-shape baseline."""
+    reference, *others = nets
+    return "; ".join([*(_against(net, reference, results) for net in others), _against_baseline(results, nets)])
 
 
 def comparison_lines(results: dict, nets: list[str]) -> list[str]:
@@ -70,25 +78,29 @@ def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
                      for cells in (header, *rows))
 
 
-def comparison_markdown(results: dict, nets: list[str], run_ids: dict[str, str | None], data_hash: str,
-                        n_test: int, pictures: dict[str, Path], report: Path) -> str:
+def comparison_markdown(results: dict, nets: list[str], data_hash: str, n_test: int, pictures: dict[str, Path],
+                        report: Path) -> str:
     """The whole report; pictures are linked relative to the report's folder so that it renders in place."""
     labels = [*nets, "baseline"]
     keypoint_rows = [
         (name, *(f"{results[label]['per_keypoint_rmse_px'][name]:.3f}" for label in labels))
         for name in KEYPOINTS
     ]
-    runs = ", ".join(f"{net} `{run_ids[net] or 'not logged'}`" for net in nets)
     images = "\n\n".join(
         f"![{title}]({Path(os.path.relpath(path, Path(report).parent)).as_posix()})" for title, path in pictures.items()
     )
+    # Nothing that changes from one run of the stage to the next (a run id, a time): the report is
+    # committed, and the same results must give the same file.
     return "\n".join([
-        f"# {' vs '.join(nets)} on the held-out test faces",
+        f"# {answer(results, nets)}",
         "",
-        f"{n_test} test faces, data hash `{data_hash}`. MLflow runs: {runs}.",
+        f"{' vs '.join(nets)} on {n_test} held-out test faces, data hash `{data_hash}`. Each net's training run "
+        f"in MLflow (experiment `{EXPERIMENT}`, named after the net) has every epoch and, under `evaluation/`, "
+        "these figures and pictures.",
         "",
         markdown_table(SUMMARY_HEADER, summary_rows(results, nets)),
         "",
+        *kept_weights(results, nets),
         "## Comparison",
         "",
         *(f"- {line}" for line in comparison_lines(results, nets)),
@@ -103,6 +115,35 @@ def comparison_markdown(results: dict, nets: list[str], run_ids: dict[str, str |
         images,
         "",
     ])
+
+
+def kept_weights(results: dict, nets: list[str]) -> list[str]:
+    """The epoch whose weights each net's test figures are of (kept_epoch of models/<net>.json: the
+    lowest valid loss's with train.keep: best), as a paragraph; none for models that do not say."""
+    kept = [f"{net}'s of epoch {results[net]['kept_epoch']}" for net in nets
+            if results[net].get("kept_epoch") is not None]
+    return [f"The test figures are those of the weights each training kept: {', '.join(kept)}.", ""] if kept else []
+
+
+def _against(net: str, reference: str, results: dict) -> str:
+    # Rounded as printed: a difference that shows as 0.0% is a tie.
+    improvement = round(results["comparison"][f"{net}_vs_{reference}"]["test_rmse_improvement_percent"], 1)
+    relation = (f"{'beats' if improvement > 0 else 'trails'} {reference} by {abs(improvement):.1f}%" if improvement
+                else f"ties with {reference}")
+    return (f"{net} {relation} on the test faces "
+            f"({results[net]['test_rmse_px']:.2f} vs {results[reference]['test_rmse_px']:.2f} px RMSE)")
+
+
+def _against_baseline(results: dict, nets: list[str]) -> str:
+    baseline = f"the mean-shape baseline ({results['baseline']['test_rmse_px']:.2f} px)"
+    beating = [net for net in nets if results["comparison"][f"{net}_vs_baseline"]["test_rmse_improvement_percent"] > 0]
+    if not beating:
+        return f"no net beats {baseline}"
+    if len(beating) == len(nets):
+        subject = {1: nets[0], 2: "both"}.get(len(nets), "all")
+    else:
+        subject = f"only {' and '.join(beating)}"
+    return f"{subject} {'beats' if len(beating) == 1 else 'beat'} {baseline}"
 
 
 def _lower_or_higher(improvement_percent: float) -> str:

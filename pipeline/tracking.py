@@ -1,4 +1,4 @@
-"""MLflow: the training run (nesting, params, tags) and the one logger callback.
+"""MLflow: the experiment, the training run (nesting, params, tags, datasets) and the one logger callback.
 
 Nothing else in the project calls MLflow while training; the logger only reads the history.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import importlib.util
 import os
 import queue
 import re
@@ -20,16 +21,31 @@ import mlflow
 import mlflow.pytorch
 import numpy as np
 import torch
-from mlflow.entities import LoggedModelStatus, Metric
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.time import get_current_time_millis
 
 from pipeline.callbacks import Callback
 from pipeline.errors import PipelineError
-from pipeline.kaggle import IMAGE_SIZE
+from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS
 
 EXPERIMENT = "facial-keypoints"
+# MLflow 3 marks an experiment of model trainings, as opposed to GenAI apps (traces, token usage), with
+# this tag. The UI of 3.17.2 opens an experiment as its sidebar's GenAI/Model training switch says instead.
+KIND_TAG = "mlflow.experimentKind"
+KIND = "custom_model_development"
+# The portions of the prepared faces a run uses, by the context MLflow shows them under.
+PORTIONS = {"training": "train", "validation": "valid", "test": "test"}
+# Where the faces come from: a CSV in the layout of Kaggle's training.csv, keypoints in pixels, some missing.
+CSV_SCHEMA = Schema([*(ColSpec(DataType.double, column, required=False) for column in KEYPOINT_COLUMNS),
+                     ColSpec(DataType.string, "Image")])
+# The Python packages MLflow's system metrics need on a GPU machine, by the module they import.
+SYSTEM_METRICS_PACKAGES = {"psutil": "psutil", "pynvml": "nvidia-ml-py"}
 # MLflow's own default store, but always in the project's root (see tracking_uri).
 DEFAULT_STORE = "mlflow.db"
 SQLITE_PREFIX = "sqlite:///"
@@ -153,12 +169,17 @@ def _reason(error: Exception) -> str:
 def _set_experiment() -> str:
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
         try:
-            mlflow.create_experiment(EXPERIMENT, artifact_location=_artifact_location(mlflow.get_tracking_uri()))
+            mlflow.create_experiment(EXPERIMENT, artifact_location=_artifact_location(mlflow.get_tracking_uri()),
+                                     tags={KIND_TAG: KIND})
         except MlflowException as error:
             # Another process created it between the lookup and the create: use that one.
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-    return mlflow.set_experiment(EXPERIMENT).experiment_id
+    experiment = mlflow.set_experiment(EXPERIMENT)
+    # An experiment created before the tag existed, or by `mlflow run`; a kind a user chose is kept.
+    if KIND_TAG not in experiment.tags:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
+    return experiment.experiment_id
 
 
 def _artifact_location(uri: str) -> str | None:
@@ -198,8 +219,13 @@ def _store_calls(unlogged: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def training_run(net_name: str, params: dict, tags: dict, generated: list[str],
-                 resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run for one training, named after the net; the given run, if it still exists."""
+                 resume_run_id: str | None = None, inputs: list[DatasetInput] | None = None,
+                 device: torch.device | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one training, named after the net; the given run, if it still exists.
+
+    `inputs` are the data it trains on (see faces_inputs); a training on CUDA also logs MLflow's
+    system metrics (GPU utilisation and memory among them).
+    """
     client = mlflow.MlflowClient()
     with _store_calls("no run was started"):
         resumed = _resumable(client, resume_run_id)
@@ -209,8 +235,38 @@ def training_run(net_name: str, params: dict, tags: dict, generated: list[str],
             run_id = resumed.info.run_id
             # Params outside the training's fingerprint may have changed since; the run keeps its own.
             params = {key: value for key, value in params.items() if key not in resumed.data.params}
-    with _running(run_id, params) as active:
+    with _running(run_id, params, inputs, _system_metrics(device)) as active:
         yield active
+
+
+def faces_inputs(summary: dict, **faces: int) -> list[DatasetInput]:
+    """The portions of the prepared faces a run uses, by context (training=1632, ...), as MLflow dataset
+    inputs: the CSV they came from, the prepared data's hash (prepare's summary), the CSV's columns.
+
+    No arrays: DVC keeps those. The number of faces is in the name, since MLflow keeps one dataset per
+    name and digest: a training with another valid_fraction uses other datasets of the same data.
+    """
+    return [
+        DatasetInput(
+            MetaDataset(LocalArtifactDatasetSource(summary["source"]), name=f"{PORTIONS[context]}: {count} faces",
+                        digest=summary["data_hash"], schema=CSV_SCHEMA)._to_mlflow_entity(),
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)],
+        )
+        for context, count in faces.items()
+    ]
+
+
+def _system_metrics(device: torch.device | None) -> bool:
+    """Whether the run logs MLflow's system metrics: on CUDA, where they show how busy the GPU is, and
+    if the packages they need are there (else one line says which are missing)."""
+    if device is None or device.type != "cuda":
+        return False
+    missing = [package for module, package in SYSTEM_METRICS_PACKAGES.items()
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        print(f"warning: no system metrics in MLflow: {' and '.join(missing)} not installed "
+              "(pip install -r requirements.txt)", flush=True)
+    return not missing
 
 
 def _new_run(client: mlflow.MlflowClient, net_name: str, tags: dict, generated: list[str]) -> str:
@@ -234,17 +290,24 @@ def _new_run(client: mlflow.MlflowClient, net_name: str, tags: dict, generated: 
 
 
 @contextlib.contextmanager
-def _running(run_id: str, params: dict) -> Iterator[mlflow.ActiveRun]:
+def _running(run_id: str, params: dict, inputs: list[DatasetInput] | None,
+             system_metrics: bool) -> Iterator[mlflow.ActiveRun]:
     """The run active for the block; FINISHED after it, FAILED on an error, KILLED on Ctrl-C or SIGTERM.
 
     A store that cannot mark the run FINISHED is a TrackingError, like any other part of the run
     it lacks: running the stage again resumes the run and finishes it.
     """
     with _store_calls(f"run {run_id} was not started"):
-        active = mlflow.start_run(run_id=run_id)
+        # Elsewhere than on CUDA, MLflow's own setting decides (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING); a
+        # resumed run's system metrics go on from its last step.
+        active = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics or None)
     try:
         with _store_calls(f"the params were not logged to run {run_id}"):
             mlflow.log_params(params)
+        # A resumed run logs them again: MLflow keeps a run's input once.
+        with _store_calls(f"the datasets were not logged to run {run_id}"):
+            if inputs:
+                mlflow.MlflowClient().log_inputs(run_id, datasets=inputs)
         yield active
     except KeyboardInterrupt:
         _end_after_error("KILLED")
@@ -437,13 +500,20 @@ def log_model(model: torch.nn.Module) -> None:
         )
 
 
-def log_evaluation(run_id: str, metrics: dict[str, float], artifacts: list) -> None:
-    """Add a net's test figures and pictures to its own training run, creating no new run."""
+def log_evaluation(run_id: str, metrics: dict[str, float], artifacts: list, inputs: list[DatasetInput]) -> None:
+    """Add a net's test figures, files and test data to its own training run, creating no new run.
+
+    Evaluating again logs nothing twice: a figure is logged only if the run's latest value of it
+    differs (a changed one becomes the latest), the files replace their namesakes, and MLflow keeps
+    a run's input once.
+    """
     client = mlflow.MlflowClient()
     now = get_current_time_millis()
     try:
-        client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
-                         synchronous=True)
+        logged = client.get_run(run_id).data.metrics
+        client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()
+                                          if logged.get(key) != float(value)], synchronous=True)
+        client.log_inputs(run_id, datasets=inputs)
         for path in artifacts:
             client.log_artifact(run_id, str(path), artifact_path="evaluation")
     except MlflowException as error:

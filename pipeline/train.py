@@ -22,9 +22,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.augment import flip_random_half
-from pipeline.callbacks import AdjustHyperparameter, Callback, EpochTable
+from pipeline.callbacks import AdjustHyperparameter, Callback, EarlyStopping, EpochTable, KeepBest
 from pipeline.checkpoint import Checkpoint
-from pipeline.config import Config, flatten, load_config
+from pipeline.config import Config, TrainConfig, flatten, load_config
 from pipeline.data import load_faces, read_summary, split
 from pipeline.device import Ranks, process_group, resolve_device, use_deterministic_kernels
 from pipeline.errors import Interrupted, PipelineError, reports_errors
@@ -32,7 +32,7 @@ from pipeline.files import atomic_write, exclusive_lock, write_json
 from pipeline.loop import Tensors, Trainer, fit
 from pipeline.memory import reuse_freed_memory
 from pipeline.model import KeypointNet
-from pipeline.tracking import MlflowLogger, TrackingError, connect, training_run
+from pipeline.tracking import MlflowLogger, TrackingError, connect, faces_inputs, training_run
 from pipeline.weights import save_model
 
 
@@ -41,7 +41,8 @@ def memory_format(config: Config) -> torch.memory_format:
 
 
 def build_trainer(config: Config, net_name: str, device: torch.device, ranks: Ranks = Ranks()) -> Trainer:
-    """The seed's network and Nesterov SGD, annealed as params.yaml says; seeded throughout."""
+    """The seed's network and Nesterov SGD, annealed as params.yaml says; seeded throughout. It ends
+    with the weights train.keep chooses, and stops early after train.patience epochs with no new best."""
     settings = config.train
     torch.manual_seed(settings.seed)
     model = KeypointNet().to(device, memory_format=memory_format(config))
@@ -64,7 +65,12 @@ def build_trainer(config: Config, net_name: str, device: torch.device, ranks: Ra
         augment=flip_random_half if flip else None,
         augment_generator=torch.Generator(device=device).manual_seed(settings.seed + 1) if flip else None,
         bf16=settings.bf16,
-        callbacks=[AdjustHyperparameter(name, s.start, s.stop) for name, s in settings.schedules.items()],
+        callbacks=[
+            *(AdjustHyperparameter(name, s.start, s.stop) for name, s in settings.schedules.items()),
+            # Before the checkpoint, the console and MLflow, which see the history rows they complete.
+            KeepBest(restore=settings.keep == "best"),
+            *([EarlyStopping(settings.patience)] if settings.patience else []),
+        ],
         rank=ranks.rank,
         world_size=ranks.world_size,
     )
@@ -89,6 +95,18 @@ def write_history(path: Path, history: list[dict]) -> None:
         writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
+
+
+def kept_weights(net_name: str, history: list[dict], settings: TrainConfig) -> str:
+    """One line: the epoch whose weights the training kept, and where it stopped if it stopped early."""
+    kept, last = history[history[-1]["kept_epoch"] - 1], history[-1]["epoch"]
+    line = (f"train {net_name}: kept the weights of epoch {kept['epoch']} "
+            f"({'the lowest valid loss' if settings.keep == 'best' else 'the last epoch'}: "
+            f"valid loss {kept['valid_loss']:.6f}, {kept['valid_rmse_px']:.3f} px)")
+    if last < settings.max_epochs:
+        line += (f"; stopped early after epoch {last} of {settings.max_epochs}: "
+                 f"{settings.patience} epochs without a new lowest valid loss")
+    return line
 
 
 def code_hash() -> str:
@@ -176,17 +194,22 @@ def train(config: Config, net_name: str, device: torch.device, ranks: Ranks,
     }
     generated = [paths.models, paths.metrics, paths.plots, paths.reports]
     tags = {"data_hash": data_hash, "net": net_name}
+    inputs = faces_inputs(read_summary(paths.prepared_summary), training=len(training), validation=len(validation))
     try:
-        with training_run(net_name, params, tags, generated, checkpoint.run_id) as run, sigterm_interrupts():
+        with training_run(net_name, params, tags, generated, checkpoint.run_id, inputs, device) as run, \
+                sigterm_interrupts():
             run_id = checkpoint.run_id = run.info.run_id
             logger = MlflowLogger(run_id)
             trainer.callbacks += [checkpoint, EpochTable(), logger, *callbacks]
             # Whatever ends the training, the last finished epoch is saved and every epoch logged.
             with logger, checkpoint:
                 history = fit(trainer, train_data, valid_data)
+            # The net ends with the weights of the kept epoch (callbacks.KeepBest): those are saved and logged.
+            print(kept_weights(net_name, history, config.train))
             save_model(paths.model(net_name), trainer.network)
             write_json(paths.model_info(net_name), {
-                "net": net_name, "mlflow_run_id": run_id, "data_hash": data_hash, "config": config.to_dict(),
+                "net": net_name, "mlflow_run_id": run_id, "data_hash": data_hash,
+                "kept_epoch": history[-1]["kept_epoch"], "config": config.to_dict(),
             })
             write_history(paths.history(net_name), history)
             write_json(paths.train_metrics(net_name), final_figures(history))

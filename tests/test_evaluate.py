@@ -4,6 +4,7 @@ import shutil
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -54,22 +55,23 @@ def evaluated(tmp_path_factory):
     return project, result, runs_before
 
 
-def test_the_metrics_file_has_every_net_the_baseline_and_the_comparison(evaluated):
+def test_the_metrics_files_hold_the_headline_figures_and_the_keypoints_have_their_own_file(evaluated):
     project, _, _ = evaluated
     results = json.loads((project / "metrics" / "evaluate.json").read_text())
-    assert list(results) == ["net4", "net5", "baseline", "comparison"]
-    for label in ("net4", "net5", "baseline"):
-        per_keypoint = results[label]["per_keypoint_rmse_px"]
-        assert list(per_keypoint) == list(KEYPOINTS)
-        assert results[label]["test_rmse_px"] == pytest.approx(
-            math.sqrt(np.mean(np.square(list(per_keypoint.values())))))
+    assert list(results) == ["net4", "net5", "baseline", "net5_vs_net4"]
+    assert all(list(results[label]) == ["test_rmse_px"] for label in ("net4", "net5", "baseline"))
+    net4, net5 = results["net4"]["test_rmse_px"], results["net5"]["test_rmse_px"]
+    assert results["net5_vs_net4"] == {"improvement_percent": pytest.approx(100 * (net4 - net5) / net4)}
+    keypoints = pd.read_csv(project / "metrics" / "keypoint_errors.csv", index_col="keypoint")
+    assert list(keypoints.index) == list(KEYPOINTS) and list(keypoints.columns) == ["net4", "net5", "baseline"]
+    for label in keypoints.columns:
+        assert results[label]["test_rmse_px"] == pytest.approx(math.sqrt(np.mean(np.square(keypoints[label]))))
     for net in ("net4", "net5"):
         trained = json.loads((project / "metrics" / "train" / f"{net}.json").read_text())
-        assert results[net]["best_valid_loss"] == pytest.approx(trained["best_valid_loss"])
-        assert results[net]["best_epoch"] == trained["best_epoch"]
-        assert results[net]["epoch_reaching_target"] in (1, 2)
-    assert set(results["comparison"]) == {"target_valid_loss", "target_valid_rmse_px", "net4_vs_baseline",
-                                          "net5_vs_baseline", "net5_vs_net4"}
+        history = pd.read_csv(project / "metrics" / "history" / f"{net}.csv")
+        best = history.loc[history["valid_loss"].idxmin()]
+        assert trained == {"epochs": 2, "best_epoch": best["epoch"], "best_valid_loss": best["valid_loss"],
+                           "best_valid_rmse_px": best["valid_rmse_px"]}
 
 
 def test_the_errors_are_those_of_the_held_out_test_faces(evaluated):
@@ -93,6 +95,7 @@ def test_the_pictures_are_drawn(evaluated):
 def test_each_training_run_gets_its_test_figures_and_no_run_is_added(evaluated):
     project, _, runs_before = evaluated
     results = json.loads((project / "metrics" / "evaluate.json").read_text())
+    keypoints = pd.read_csv(project / "metrics" / "keypoint_errors.csv", index_col="keypoint")
     client, runs = all_runs(project)
     assert sorted(r.info.run_id for r in runs) == sorted(r.info.run_id for r in runs_before)
     assert len(runs) == 2
@@ -101,19 +104,23 @@ def test_each_training_run_gets_its_test_figures_and_no_run_is_added(evaluated):
         metrics = client.get_run(run_id).data.metrics
         assert metrics["test_rmse_px"] == pytest.approx(results[net]["test_rmse_px"])
         assert metrics["baseline_test_rmse_px"] == pytest.approx(results["baseline"]["test_rmse_px"])
-        assert metrics["test_rmse_px.nose_tip"] == pytest.approx(results[net]["per_keypoint_rmse_px"]["nose_tip"])
-        assert sum(key.startswith("test_rmse_px.") for key in metrics) == len(KEYPOINTS)
+        # The per-keypoint errors are one table of the run, not 15 metrics.
+        assert not [key for key in metrics if key.startswith("test_rmse_px.")]
+        table = pd.read_csv(client.download_artifacts(run_id, "evaluation/keypoint_errors.csv"), index_col="keypoint")
+        assert table.equals(keypoints)
         artifacts = {artifact.path for artifact in client.list_artifacts(run_id, "evaluation")}
         assert {f"evaluation/{name}" for name in PICTURE_SIZES} <= artifacts
 
 
-def test_the_report_links_the_pictures_and_names_the_runs(evaluated):
-    project, _, _ = evaluated
+def test_the_report_opens_with_the_answer_and_links_the_pictures(evaluated):
+    project, result, _ = evaluated
     report = (project / "reports" / "comparison.md").read_text()
+    answer = result.stdout.splitlines()[-1].removesuffix(".")
+    assert report.startswith(f"# {answer}\n") and answer.startswith("net5 ")
     data_hash = json.loads((project / "data/prepared/summary.json").read_text())["data_hash"]
-    assert data_hash in report
-    for net in ("net4", "net5"):
-        assert json.loads((project / "models" / f"{net}.json").read_text())["mlflow_run_id"] in report
+    assert data_hash in report and "experiment `facial-keypoints`" in report
+    for net in ("net4", "net5"):  # a run id would change the committed report at every run
+        assert json.loads((project / "models" / f"{net}.json").read_text())["mlflow_run_id"] not in report
     for name in PICTURE_SIZES:
         assert f"(../plots/{name})" in report
         assert (project / "reports" / ".." / "plots" / name).is_file()
@@ -125,6 +132,7 @@ def test_a_summary_is_printed(evaluated):
     assert lines[0].startswith("evaluate: ")
     assert [line.split()[0] for line in lines[1:5]] == ["model", "net4", "net5", "mean-shape"]
     assert any(line.startswith("net5 against net4: test RMSE") for line in lines)
+    assert lines[-1].startswith("net5 ") and "the mean-shape baseline" in lines[-1]
     assert "warning" not in result.stderr
 
 
@@ -155,7 +163,6 @@ def test_without_a_run_the_files_are_written_with_a_warning(copy_of, capsys, mon
     assert warnings[1].startswith(f"warning: net5: test figures not logged to MLflow run {'0' * 32} (")
     for output in ("metrics/evaluate.json", "reports/comparison.md", "plots/learning_curves.png"):
         assert (copy_of / output).is_file()
-    assert "net4 `not logged`" in (copy_of / "reports" / "comparison.md").read_text()
 
 
 def test_a_net_trained_on_other_data_is_refused(copy_of, capsys):
@@ -166,3 +173,40 @@ def test_a_net_trained_on_other_data_is_refused(copy_of, capsys):
     error = capsys.readouterr().err
     assert error.startswith("error: models/net5.json: the net was trained on data 0123456789abcdef")
     assert not (copy_of / "metrics" / "evaluate.json").exists()
+
+
+def context_of(dataset_input):
+    return next(tag.value for tag in dataset_input.tags if tag.key == "mlflow.data.context")
+
+
+def test_each_run_has_its_training_validation_and_test_faces_as_datasets_of_a_model_training_experiment(evaluated):
+    project, _, _ = evaluated
+    summary = json.loads((project / "data/prepared/summary.json").read_text())
+    client, runs = all_runs(project)
+    assert client.get_experiment_by_name("facial-keypoints").tags["mlflow.experimentKind"] == "custom_model_development"
+    for run_ in runs:
+        datasets = {context_of(dataset_input): dataset_input.dataset for dataset_input in run_.inputs.dataset_inputs}
+        n_train, n_valid = run_.data.params["n_train"], run_.data.params["n_valid"]
+        assert {context: dataset.name for context, dataset in datasets.items()} == {
+            "training": f"train: {n_train} faces", "validation": f"valid: {n_valid} faces",
+            "test": f"test: {summary['n_test']} faces"}
+        for dataset in datasets.values():
+            assert dataset.digest == summary["data_hash"]
+            assert json.loads(dataset.source) == {"uri": summary["source"]}
+
+
+def test_evaluating_again_logs_no_figure_twice_and_a_changed_one_as_the_latest(copy_of, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(copy_of))
+    client, runs = all_runs(copy_of)
+    changed = runs[0].info.run_id
+    evaluated_value = runs[0].data.metrics["test_rmse_px"]
+    client.log_metric(changed, "test_rmse_px", evaluated_value + 1, step=0)  # as an evaluation by other code would
+    evaluate.main()
+    for run_ in all_runs(copy_of)[1]:
+        run_id = run_.info.run_id
+        assert len(client.get_metric_history(run_id, "baseline_test_rmse_px")) == 1
+        values = [point.value for point in client.get_metric_history(run_id, "test_rmse_px")]
+        assert values == ([evaluated_value, evaluated_value + 1, evaluated_value] if run_id == changed
+                          else [run_.data.metrics["test_rmse_px"]])
+        assert run_.data.metrics["test_rmse_px"] == values[-1]
+        assert sorted(map(context_of, run_.inputs.dataset_inputs)) == ["test", "training", "validation"]

@@ -1,11 +1,12 @@
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.augment import flip_random_half
-from pipeline.callbacks import AdjustHyperparameter, Callback, EpochTable
+from pipeline.callbacks import AdjustHyperparameter, Callback, EarlyStopping, EpochTable, KeepBest
 from pipeline.data import FaceSet
 from pipeline.errors import PipelineError
 from pipeline.loop import Tensors, Trainer, fit
@@ -167,3 +168,70 @@ def test_epoch_table_on_a_terminal_marks_the_best_losses_in_colour(monkeypatch):
     plain = FakeTerminal()
     fit(make_trainer(1, callbacks=[EpochTable(plain)]), data(16), data(16, seed=1))
     assert "\033[" not in plain.getvalue()
+
+
+def falls_then_rises():
+    """A learning rate annealed from 0.3 to -0.3 over 4 epochs: descent, then ascent, so that on
+    tiny data the valid loss is lowest in epoch 2 and the weights of the last epoch are worse."""
+    return AdjustHyperparameter("lr", 0.3, -0.3)
+
+
+class EpochWeights(Callback):
+    """A copy of the net's weights after every epoch."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_epoch_finished(self, trainer, history):
+        self.weights.append({key: value.clone() for key, value in trainer.network.state_dict().items()})
+
+
+def assert_weights(model, expected):
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_the_net_ends_with_the_weights_of_the_lowest_valid_loss_or_of_the_last_epoch():
+    epochs = EpochWeights()
+    best = make_trainer(4, [falls_then_rises(), KeepBest(), epochs])
+    history = fit(best, data(16), data(16, seed=1))
+    losses = [row["valid_loss"] for row in history]
+    assert losses.index(min(losses)) == 1 and min(losses) < losses[-1]  # the construction: epoch 2 of 4 is best
+    assert [row["valid_loss_best"] for row in history] == [1.0, 1.0, 0.0, 0.0]
+    assert [row["kept_epoch"] for row in history] == [1, 2, 2, 2]
+    assert_weights(best.network, epochs.weights[1])
+
+    last = make_trainer(4, [falls_then_rises(), KeepBest(restore=False)])
+    history = fit(last, data(16), data(16, seed=1))
+    assert [row["valid_loss"] for row in history] == losses
+    assert [row["valid_loss_best"] for row in history] == [1.0, 1.0, 0.0, 0.0]
+    assert [row["kept_epoch"] for row in history] == [1, 2, 3, 4]
+    assert_weights(last.network, epochs.weights[3])
+    assert any(not torch.equal(value, epochs.weights[1][key]) for key, value in epochs.weights[3].items())
+
+
+def test_early_stopping_ends_the_training_patience_epochs_after_the_best_one():
+    trainer = make_trainer(4, [falls_then_rises(), KeepBest(), stopping := EarlyStopping(1)])
+    history = fit(trainer, data(16), data(16, seed=1))
+    assert [row["epoch"] for row in history] == [1, 2, 3]  # epoch 2 is the best, epoch 3 brings none
+    assert (stopping.stopped_epoch, history[-1]["kept_epoch"]) == (3, 2)
+
+
+def rows(*valid_losses):
+    return [{"epoch": epoch, "valid_loss": loss} for epoch, loss in enumerate(valid_losses, start=1)]
+
+
+def test_early_stopping_counts_from_the_history_so_a_resumed_training_stops_where_an_unbroken_one_does():
+    trainer = SimpleNamespace(history=rows(0.5, 0.3, 0.4), max_epochs=10, should_stop=False)
+    stopping = EarlyStopping(2)
+    stopping.on_train_begin(trainer)  # resumed after epoch 3: one epoch without a new best so far
+    assert not trainer.should_stop
+    trainer.history += rows(0.5, 0.3, 0.4, 0.3)[3:]  # a tie is no new best
+    stopping.on_epoch_finished(trainer, trainer.history)
+    assert trainer.should_stop and stopping.stopped_epoch == 4
+    stopped = SimpleNamespace(history=rows(0.5, 0.3, 0.4, 0.3), max_epochs=10, should_stop=False)
+    EarlyStopping(2).on_train_begin(stopped)  # resumed after the stop: no further epoch
+    assert stopped.should_stop
+    ended = SimpleNamespace(history=rows(0.5, 0.3, 0.4, 0.3), max_epochs=4, should_stop=False)
+    EarlyStopping(2).on_train_begin(ended)  # the last epoch ended the training anyway: no early stop
+    assert not ended.should_stop

@@ -1,6 +1,8 @@
 """The whole pipeline, as users run it: `dvc repro` and `mlflow run .`."""
 
 import json
+import re
+import shutil
 import time
 
 import mlflow
@@ -9,7 +11,9 @@ import pytest
 
 from pipeline.tracking import EXPERIMENT
 from pipeline.weights import load_model
-from project import make_project, run
+from project import ROOT, make_project, run
+
+TERMINAL_COLUMNS = 200
 
 
 def net_runs(client):
@@ -19,6 +23,8 @@ def net_runs(client):
 
 
 def test_dvc_repro_trains_both_nets_and_logs_every_epoch(tmp_path):
+    # The page template .dvc/config names, for `dvc plots show` below.
+    shutil.copytree(ROOT / "dvc_plots_template", tmp_path / "project" / "dvc_plots_template")
     project = make_project(tmp_path / "project", {"train.max_epochs": 3})
     run(project, "dvc", "repro")
     client = mlflow.MlflowClient()
@@ -44,7 +50,10 @@ def test_dvc_repro_trains_both_nets_and_logs_every_epoch(tmp_path):
         assert evaluation[key]["test_rmse_px"] > 0
     assert len(list((project / "plots").glob("*.png"))) >= 3
     assert "| net5 |" in (project / "reports/comparison.md").read_text()
-    assert "net5.test_rmse_px" in run(project, "dvc", "metrics", "show").stdout
+    shown = run(project, "dvc", "metrics", "show").stdout
+    assert "net5.test_rmse_px" in shown and "best_valid_rmse_px" in shown
+    assert max(len(line) for line in shown.splitlines()) <= TERMINAL_COLUMNS, shown
+    assert_plots_show_offline(project)
     for name, logged in net_runs(client).items():
         assert client.get_run(logged.info.run_id).data.metrics["test_rmse_px"] == pytest.approx(
             evaluation[name]["test_rmse_px"])
@@ -54,6 +63,24 @@ def test_dvc_repro_trains_both_nets_and_logs_every_epoch(tmp_path):
     again = run(project, "dvc", "repro")
     assert "Data and pipelines are up to date" in again.stdout
     assert len(net_runs(client)) == 2
+
+
+def assert_plots_show_offline(project):
+    """`dvc plots show` writes a page that carries its scripts and both nets' loss curves."""
+    run(project, "dvc", "plots", "show")
+    page = (project / "dvc_plots" / "index.html").read_text()
+    assert re.findall(r"<script[^>]*>", page) and not re.findall(r"<script[^>]*\bsrc\b", page)
+    assert "vegaEmbed" in page
+    charts = {spec["title"]["text"]: spec["data"]["values"]
+              for spec in map(json.loads, re.findall(r"var spec = (\{.*\});", page))}
+    for net in ("net4", "net5"):
+        history = pd.read_csv(project / f"metrics/history/{net}.csv", dtype=str)
+        for loss in ("train_loss", "valid_loss"):
+            drawn = [row[loss] for row in charts[f"{net} train and valid loss per epoch"] if row["field"] == loss]
+            assert drawn == list(history[loss]), (net, loss)
+            compared = charts[f"{loss.replace('_', ' ')} per epoch"]
+            assert [row[loss] for row in compared if row["filename"] == f"{net}.csv"] == list(history[loss])
+    assert "dvc_plots" not in run(project, "git", "status", "--porcelain").stdout  # git-ignored
 
 
 def test_mlflow_run_nests_the_net_runs_under_the_project_run(tmp_path):
@@ -70,6 +97,20 @@ def test_mlflow_run_nests_the_net_runs_under_the_project_run(tmp_path):
     assert sorted(r.info.run_name for r in children) == ["net4", "net5"]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     assert all(len(client.get_metric_history(r.info.run_id, "train_loss")) == 1 for r in children)
+    trained = {r.info.run_name: r.info.run_id for r in children}
+    assert {net: parents[0].data.tags[f"{net}_run_id"] for net in trained} == trained
+
+    # The same again: DVC skips every stage, and the new project run names the runs holding the results.
+    again = run(project, "mlflow", "run", ".", "--env-manager", "local", "--experiment-name", EXPERIMENT,
+                "-P", "train.max_epochs=1")
+    assert "Stage 'train@net4' didn't change, skipping" in again.stdout + again.stderr
+    for net, run_id in trained.items():
+        assert f"train@{net} was not run again: its results are those of MLflow run {run_id}\n" in again.stdout
+    runs = client.search_runs([experiment.experiment_id])
+    second = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.info.run_id != parents[0].info.run_id]
+    assert len(runs) == 4 and len(second) == 1 and second[0].info.status == "FINISHED"
+    assert {net: second[0].data.tags[f"{net}_run_id"] for net in trained} == trained
+    assert all(client.get_run(run_id).info.status == "FINISHED" for run_id in trained.values())
 
 
 def test_mlflow_run_rejects_an_unknown_parameter(tmp_path):
@@ -134,3 +175,8 @@ def test_a_dvc_remote_carries_data_and_models_to_a_fresh_clone(tmp_path):
     assert "Data and pipelines are up to date" in run(clone, "dvc", "status").stdout
     again = run(clone, "dvc", "repro")
     assert "Data and pipelines are up to date" in again.stdout and "Running stage" not in again.stdout
+
+    # Every stage run again, on the same machine: the committed results come out the same bytes (no
+    # time, run id or path in them; the timings are in MLflow).
+    run(clone, "dvc", "repro", "--force")
+    assert run(clone, "git", "status", "--porcelain").stdout == ""

@@ -1,5 +1,7 @@
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from pipeline import plots
@@ -24,14 +26,62 @@ def size_of(path):
         return image.size
 
 
-def test_learning_curves(tmp_path):
-    curves = {
+def curves():
+    return {
         net: pd.DataFrame({"epoch": h["epoch"], "train_rmse_px": np.sqrt(h["train_loss"]) * 48,
                            "valid_rmse_px": np.sqrt(h["valid_loss"]) * 48})
         for net, h in histories().items()
     }
-    plots.learning_curves(tmp_path / "curves" / "learning_curves.png", curves, baseline_rmse_px=3.7)
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figure a drawing function saved, kept open to be looked into."""
+    monkeypatch.setattr(plots.plt, "close", lambda figure: None)
+    yield lambda: plt.gcf()
+    plt.close("all")
+
+
+def test_learning_curves(tmp_path):
+    plots.learning_curves(tmp_path / "curves" / "learning_curves.png", curves(), baseline_rmse_px=3.7)
     assert size_of(tmp_path / "curves" / "learning_curves.png") == (7 * DPI, int(4.5 * DPI))
+
+
+def test_the_log_axis_is_labelled_from_below_the_lowest_curve_to_above_the_highest(tmp_path, drawn):
+    plots.learning_curves(tmp_path / "curves.png", curves(), baseline_rmse_px=3.7)
+    axis = drawn().axes[0]
+    ticks = axis.get_yticks()  # the curves lie between 2.63 and 5.03 px, the baseline at 3.7
+    assert list(ticks) == [2, 3, 4, 5, 6]
+    assert [label.get_text() for label in axis.get_yticklabels()] == ["2", "3", "4", "5", "6"]
+    low, high = axis.get_ylim()
+    assert low <= ticks[0] and ticks[-1] <= high
+
+
+def test_a_later_net_is_drawn_thinner_so_that_it_leaves_an_equal_curve_showing(tmp_path, drawn):
+    same = curves()["net4"]
+    plots.learning_curves(tmp_path / "curves.png", {"net4": same, "net5": same}, baseline_rmse_px=3.7)
+    width = {line.get_label(): line.get_linewidth() for line in drawn().axes[0].get_lines()}
+    assert width["net4 valid"] > 2 * width["net5 valid"] and width["net4 train"] > 2 * width["net5 train"]
+
+
+@pytest.mark.parametrize("draw", [
+    lambda path: plots.learning_curves(path, curves(), baseline_rmse_px=3.7),
+    lambda path: plots.keypoint_errors(path, {label: {name: 1.0 for name in KEYPOINTS} for label in ("a", "b")}),
+], ids=["learning_curves", "keypoint_errors"])
+def test_the_legend_lies_above_the_data_under_the_title(tmp_path, drawn, draw):
+    draw(tmp_path / "picture.png")
+    figure = drawn()
+    axis, renderer = figure.axes[0], figure.canvas.get_renderer()
+    legend, data, title = (artist.get_window_extent(renderer) for artist in (axis.get_legend(), axis, axis.title))
+    assert legend.y0 >= data.y1 and title.y0 >= legend.y1
+
+
+def test_the_same_picture_is_the_same_bytes_with_no_software_version(tmp_path):
+    for name in ("first.png", "second.png"):
+        plots.learning_curves(tmp_path / name, curves(), baseline_rmse_px=3.7)
+    assert (tmp_path / "first.png").read_bytes() == (tmp_path / "second.png").read_bytes()
+    with Image.open(tmp_path / "first.png") as picture:
+        assert "Software" not in picture.info
 
 
 def test_schedules(tmp_path):

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.kaggle import KEYPOINTS
-from pipeline.report import comparison_markdown, markdown_table, summary_rows, text_table
+from pipeline.report import answer, comparison_markdown, markdown_table, summary_rows, text_table
 
 
 def results():
@@ -27,7 +27,7 @@ def results():
 @pytest.fixture
 def report():
     return comparison_markdown(
-        results(), ["net4", "net5"], {"net4": "a" * 32, "net5": None}, "c13413419aaa2f63", 13,
+        results(), ["net4", "net5"], "c13413419aaa2f63", 13,
         {"Learning curves": Path("plots/learning_curves.png"), "Test faces": Path("plots/test_predictions.png")},
         Path("reports/comparison.md"),
     )
@@ -46,9 +46,27 @@ def test_the_comparison_is_in_words(report):
     assert "about 10%" in report  # the seed's figure, for reference
 
 
+def test_the_report_opens_with_the_answer(report):
+    assert report.splitlines()[0] == ("# net5 beats net4 by 25.0% on the test faces (1.50 vs 2.00 px RMSE); "
+                                      "both beat the mean-shape baseline (4.00 px)")
+
+
+def test_the_answer_says_which_net_trails_ties_or_misses_the_baseline():
+    worse, tied = results(), results()
+    worse["comparison"]["net5_vs_net4"]["test_rmse_improvement_percent"] = -12.34
+    worse["comparison"]["net5_vs_baseline"]["test_rmse_improvement_percent"] = -3.0
+    assert answer(worse, ["net4", "net5"]).startswith("net5 trails net4 by 12.3% on the test faces")
+    assert answer(worse, ["net4", "net5"]).endswith("; only net4 beats the mean-shape baseline (4.00 px)")
+    tied["comparison"]["net5_vs_net4"]["test_rmse_improvement_percent"] = -0.04  # printed as 0.0%
+    for net in ("net4", "net5"):
+        tied["comparison"][f"{net}_vs_baseline"]["test_rmse_improvement_percent"] = -1.0
+    assert answer(tied, ["net4", "net5"]) == ("net5 ties with net4 on the test faces (1.50 vs 2.00 px RMSE); "
+                                              "no net beats the mean-shape baseline (4.00 px)")
+
+
 def test_lineage_and_pictures(report):
-    assert "13 test faces, data hash `c13413419aaa2f63`" in report
-    assert f"net4 `{'a' * 32}`" in report and "net5 `not logged`" in report
+    assert "net4 vs net5 on 13 held-out test faces, data hash `c13413419aaa2f63`" in report
+    assert "experiment `facial-keypoints`" in report
     # Relative to reports/, so that the pictures show wherever the repository is rendered.
     assert "![Learning curves](../plots/learning_curves.png)" in report
     assert "![Test faces](../plots/test_predictions.png)" in report

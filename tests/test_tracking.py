@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,8 @@ from pipeline.callbacks import AdjustHyperparameter, Callback
 from pipeline.errors import PipelineError
 from pipeline.loop import fit
 from pipeline.model import KeypointNet
-from pipeline.tracking import EXPERIMENT, MlflowLogger, git_state, log_model, training_run
+from pipeline.kaggle import KEYPOINT_COLUMNS
+from pipeline.tracking import EXPERIMENT, MlflowLogger, connect, faces_inputs, git_state, log_model, training_run
 from project import free_port, make_project, run, set_params
 from test_loop import data, make_trainer
 from trainings import RaiseIn, logged, metric_keys, runs, saved_epochs, start, train
@@ -349,3 +351,64 @@ def test_a_resumed_run_that_has_its_model_logs_no_second_one():
     with training_run("net4", {}, {}, [], resume_run_id=run.info.run_id):
         MlflowLogger(run.info.run_id).log_model(net)
     assert len(models_of(run.info.run_id)) == 1
+
+
+@pytest.mark.parametrize("tags, kind", [
+    (None, "custom_model_development"),  # a new store
+    ({}, "custom_model_development"),  # an experiment made by `mlflow run`, or before the stages set the tag
+    ({"mlflow.experimentKind": "genai_development"}, "genai_development"),  # a user's own choice
+])
+def test_the_experiment_is_one_of_model_trainings_for_mlflows_ui(tags, kind):
+    client = mlflow.MlflowClient()
+    if tags is not None:
+        client.create_experiment(EXPERIMENT, tags=tags)
+    connect()
+    assert client.get_experiment_by_name(EXPERIMENT).tags.get("mlflow.experimentKind") == kind
+
+
+def test_the_training_and_validation_faces_are_the_runs_datasets_logged_once_however_often_it_resumes():
+    summary = {"source": "data/raw/training.csv", "data_hash": "0123456789abcdef", "n_rows": 99}
+    inputs = faces_inputs(summary, training=32, validation=16)
+    with training_run("net4", {}, {}, [], None, inputs) as run:
+        pass
+    with training_run("net4", {}, {}, [], run.info.run_id, inputs):
+        pass
+    logged_inputs = mlflow.MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    assert sorted((tag.value, i.dataset.name) for i in logged_inputs for tag in i.tags) == [
+        ("training", "train: 32 faces"), ("validation", "valid: 16 faces")]
+    for dataset in (i.dataset for i in logged_inputs):
+        assert dataset.digest == "0123456789abcdef"
+        assert (dataset.source_type, json.loads(dataset.source)) == ("local", {"uri": "data/raw/training.csv"})
+        assert [column["name"] for column in json.loads(dataset.schema)["mlflow_colspec"]] == [*KEYPOINT_COLUMNS, "Image"]
+    # What the runs table's Datasets filter asks for.
+    found = mlflow.search_runs(filter_string="dataset.name = 'valid: 16 faces' AND dataset.digest = '0123456789abcdef'",
+                               output_format="list")
+    assert [found_run.info.run_id for found_run in found] == [run.info.run_id]
+
+
+def system_metrics(run_id):
+    return {key for key in mlflow.MlflowClient().get_run(run_id).data.metrics if key.startswith("system/")}
+
+
+def test_a_training_on_cuda_logs_system_metrics_and_one_elsewhere_none(monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    run_ids = {}
+    # The device only tells the run what to monitor: the CUDA run needs no GPU here, where it has CPU figures.
+    for device in ("cuda", "cpu"):
+        with training_run("net4", {}, {}, [], device=torch.device(device)) as run:
+            time.sleep(0.5)
+        run_ids[device] = run.info.run_id
+    assert "system/cpu_utilization_percentage" in system_metrics(run_ids["cuda"])
+    if torch.cuda.is_available():
+        assert "system/gpu_0_utilization_percentage" in system_metrics(run_ids["cuda"])
+        assert "system/gpu_0_memory_usage_megabytes" in system_metrics(run_ids["cuda"])
+    assert not system_metrics(run_ids["cpu"])
+
+
+def test_without_the_packages_for_system_metrics_one_line_names_them(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # as if nvidia-ml-py were not installed
+    with training_run("net4", {}, {}, [], device=torch.device("cuda")) as run:
+        pass
+    assert capsys.readouterr().out == ("warning: no system metrics in MLflow: nvidia-ml-py not installed "
+                                       "(pip install -r requirements.txt)\n")
+    assert not system_metrics(run.info.run_id)

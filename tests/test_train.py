@@ -2,6 +2,8 @@
 store, two trainings on one SQLite store, a second training of one net, a full disk.
 Real processes, real DVC, real MLflow stores, real mounts."""
 
+import dataclasses
+import json
 import math
 import os
 import shutil
@@ -15,8 +17,12 @@ import pytest
 import torch
 
 from faults import full_disk, run_with
+from pipeline.callbacks import EarlyStopping, KeepBest
+from pipeline.config import load_config
 from pipeline.tracking import EXPERIMENT
+from pipeline.train import build_trainer, kept_weights
 from project import free_port, make_project, run, set_params
+from test_config import PROJECT_PARAMS, expect_error
 from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start, train,
                        wait_for_checkpoint, weights)
 
@@ -65,6 +71,15 @@ def test_kill_9_then_dvc_repro_resumes_to_the_uninterrupted_result(project, tmp_
     assert resumed_run.info.status == "FINISHED"
     for key, points in reference_history.items():
         assert logged(resumed_run.info.run_id, key) == points, key  # every epoch once, same values
+    # The kept epoch (train.keep: best) in the history, models/net4.json, MLflow and the stage's output.
+    losses = history(project)["valid_loss"]
+    kept_epoch = int(losses.idxmin()) + 1
+    assert history(project)["kept_epoch"].iloc[-1] == kept_epoch
+    assert json.loads((project / "models/net4.json").read_text())["kept_epoch"] == kept_epoch
+    new_best = losses < losses.cummin().shift(fill_value=math.inf)
+    assert history(project)["valid_loss_best"].tolist() == new_best.astype(float).tolist()
+    assert resumed_run.data.metrics["kept_epoch"] == kept_epoch  # the last epoch's value: the kept one
+    assert f"train net4: kept the weights of epoch {kept_epoch} (the lowest valid loss" in resumed.stdout
     assert not (project / "checkpoints/net4.pt").exists()
 
 
@@ -252,3 +267,30 @@ def test_torchrun_on_two_processes_trains_like_one_process(project, tmp_path, ne
         assert together[key].tolist() == pytest.approx(alone[key].tolist(), rel=1e-5), key
     for key, value in weights(single, net).items():
         assert torch.allclose(weights(project, net)[key], value, rtol=1e-4, atol=1e-6), key
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("keep", "first", "train.keep must be best or last"),
+    ("keep", None, "train.keep must be a non-empty string"),
+    ("patience", -1, "train.patience must be 0 (no early stopping) or more"),
+    ("patience", 2.5, "train.patience must be an integer"),
+])
+def test_bad_keep_or_patience_is_one_line(tmp_path, key, value, fragment):
+    expect_error(tmp_path, lambda p: p["train"].update({key: value}), fragment)
+
+
+def test_the_params_choose_the_kept_weights_and_early_stopping():
+    config = load_config(PROJECT_PARAMS)
+    assert (config.train.keep, config.train.patience) == ("best", 0)  # the seed protocol runs every epoch
+    cpu = torch.device("cpu")
+    [keep] = [c for c in build_trainer(config, "net4", cpu).callbacks if isinstance(c, (KeepBest, EarlyStopping))]
+    assert isinstance(keep, KeepBest) and keep.restore
+    last = dataclasses.replace(config, train=dataclasses.replace(config.train, keep="last", patience=50))
+    keep, stopping = [c for c in build_trainer(last, "net4", cpu).callbacks if isinstance(c, (KeepBest, EarlyStopping))]
+    assert not keep.restore and stopping.patience == 50
+
+    rows = [{"epoch": epoch, "valid_loss": loss, "valid_rmse_px": loss ** 0.5 * 48, "kept_epoch": 1}
+            for epoch, loss in enumerate([0.01, 0.04, 0.09], start=1)]
+    assert kept_weights("net4", rows, dataclasses.replace(config.train, patience=2)) == (
+        "train net4: kept the weights of epoch 1 (the lowest valid loss: valid loss 0.010000, 4.800 px); "
+        "stopped early after epoch 3 of 90: 2 epochs without a new lowest valid loss")

@@ -44,7 +44,7 @@ def weights(project, net="net4"):
 
 
 def history(project, net="net4"):
-    return pd.read_csv(project / "metrics" / "history" / f"{net}.csv").drop(columns="epoch_seconds")
+    return pd.read_csv(project / "metrics" / "history" / f"{net}.csv")
 
 
 def metric_keys(project, net="net4"):
