@@ -106,8 +106,9 @@ class EpochTable(Callback):
 
     @staticmethod
     def _eta(history: list[dict], max_epochs: int) -> str:
-        """The epochs to go times the mean epoch so far, as h:mm:ss or m:ss. A resumed training's
-        history holds the epochs before the stop with their own times, so they count too."""
+        """The epochs to go times the mean epoch so far, as h:mm:ss or m:ss: until max_epochs, so an
+        early stop (train.patience) comes sooner. A resumed training's history holds the epochs
+        before the stop with their own times, so they count too."""
         mean = sum(row["epoch_seconds"] for row in history) / len(history)
         minutes, seconds = divmod(round((max_epochs - history[-1]["epoch"]) * mean), 60)
         hours, minutes = divmod(minutes, 60)

@@ -13,7 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("pipeline", "params.yaml", "dvc.yaml", "MLproject", "python_env.yaml", "requirements.txt",
-                 ".dvc/config", ".dvcignore", ".gitignore", "data/raw/.gitkeep")
+                 ".dvc/config", ".dvcignore", ".gitignore", "data/raw/.gitkeep", "dvc_plots_template")
 
 # Small enough for seconds per stage, large enough for every split to be non-empty.
 TINY_PARAMS = {"synthetic.n_faces": 120, "train.max_epochs": 2}

@@ -2,7 +2,6 @@
 
 import json
 import re
-import shutil
 import time
 
 import mlflow
@@ -11,7 +10,7 @@ import pytest
 
 from pipeline.tracking import EXPERIMENT
 from pipeline.weights import load_model
-from project import ROOT, make_project, run
+from project import make_project, run
 
 TERMINAL_COLUMNS = 200
 
@@ -23,8 +22,6 @@ def net_runs(client):
 
 
 def test_dvc_repro_trains_both_nets_and_logs_every_epoch(tmp_path):
-    # The page template .dvc/config names, for `dvc plots show` below.
-    shutil.copytree(ROOT / "dvc_plots_template", tmp_path / "project" / "dvc_plots_template")
     project = make_project(tmp_path / "project", {"train.max_epochs": 3})
     run(project, "dvc", "repro")
     client = mlflow.MlflowClient()
