@@ -20,7 +20,7 @@ from pipeline.config import load_config
 from pipeline.data import FaceSet, load_faces, read_summary, unscale_keypoints
 from pipeline.files import read_json, write_json, write_text
 from pipeline.errors import PipelineError, reports_errors
-from pipeline.kaggle import check_csv_text, parser_problem
+from pipeline.kaggle import read_csv_text
 from pipeline.metrics import mean_shape, predict, rmse_curves, score, summarize
 from pipeline.report import (BASELINE_LABEL, SUMMARY_HEADER, answer, comparison_lines, comparison_markdown,
                              summary_rows, text_table)
@@ -42,13 +42,7 @@ N_PICTURED_FACES = 16
 def read_history(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise PipelineError(f"{path}: no such file (train the nets first with `dvc repro`)")
-    check_csv_text(path)
-    try:
-        history = pd.read_csv(path, encoding="utf-8-sig")
-    except pd.errors.EmptyDataError:
-        raise PipelineError(f"{path}: the file is empty") from None
-    except pd.errors.ParserError as error:
-        raise PipelineError(f"{path}: {parser_problem(error)}") from None
+    history = read_csv_text(path)
     missing = [column for column in HISTORY_COLUMNS if column not in history.columns]
     if missing:
         raise PipelineError(f"{path}: line 1: column {missing[0]!r} is missing")
@@ -57,8 +51,9 @@ def read_history(path: Path) -> pd.DataFrame:
     return history
 
 
-def read_run_id(path: Path, data_hash: str) -> str | None:
-    """The net's MLflow run id, after checking that the net was trained on the prepared data.
+def read_model_info(path: Path, data_hash: str) -> dict:
+    """models/<net>.json (the MLflow run id, the kept epoch), after checking that the net was trained
+    on the prepared data.
 
     A net trained on an earlier preparation may have seen today's test faces while training, so
     its test error would flatter it.
@@ -69,7 +64,7 @@ def read_run_id(path: Path, data_hash: str) -> str | None:
             f"{path}: the net was trained on data {info.get('data_hash')}, but the prepared data is "
             f"{data_hash}: train it again (`dvc repro`)"
         )
-    return info.get("mlflow_run_id") or None
+    return info
 
 
 def mlflow_metrics(results: dict, net: str) -> dict[str, float]:
@@ -145,8 +140,9 @@ def main() -> None:
     config = load_config()
     paths = config.paths
     nets = list(config.nets)
-    data_hash = read_summary(paths.prepared_summary)["data_hash"]
-    run_ids = {net: read_run_id(paths.model_info(net), data_hash) for net in nets}
+    summary = read_summary(paths.prepared_summary)
+    data_hash = summary["data_hash"]
+    infos = {net: read_model_info(paths.model_info(net), data_hash) for net in nets}
     histories = {net: read_history(paths.history(net)) for net in nets}
     train, test = load_faces(paths.train_faces), load_faces(paths.test_faces)
     # On the CPU whatever the training device: the test set is small, and CPU kernels give the
@@ -155,7 +151,7 @@ def main() -> None:
     baseline = score(mean_shape(train.y, len(test)), test.y)
     results = summarize({net: score(predictions[net], test.y) for net in nets}, baseline, histories)
     for net in nets:  # the epoch whose weights were tested, for the report (report.kept_weights)
-        results[net]["kept_epoch"] = read_json(paths.model_info(net), "train it with `dvc repro`").get("kept_epoch")
+        results[net]["kept_epoch"] = infos[net].get("kept_epoch")
     write_json(Path(paths.metrics) / EVALUATION, dvc_metrics(results, nets))
     write_text(Path(paths.metrics) / KEYPOINT_ERRORS, keypoint_errors_csv(results, [*nets, "baseline"]))
     pictures = draw_pictures(Path(paths.plots), results, histories, test, predictions, nets)
@@ -168,9 +164,9 @@ def main() -> None:
         print(f"warning: test figures not logged to MLflow ({error})", file=sys.stderr)
     else:
         for net in nets:
-            log_to_run(net, run_ids[net], mlflow_metrics(results, net),
+            log_to_run(net, infos[net].get("mlflow_run_id") or None, mlflow_metrics(results, net),
                        [*pictures.values(), report, Path(paths.metrics) / KEYPOINT_ERRORS],
-                       faces_inputs(read_summary(paths.prepared_summary), test=len(test)))
+                       faces_inputs(summary, test=len(test)))
     print(f"evaluate: {len(test)} test faces, data hash {data_hash}")
     print(text_table(SUMMARY_HEADER, summary_rows(results, nets)))
     print("\n".join(comparison_lines(results, nets)))

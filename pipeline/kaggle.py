@@ -127,6 +127,18 @@ def _advance(line: int, column: int, text: str) -> tuple[int, int]:
     return line + text.count("\n"), len(text) - last_newline
 
 
+def read_csv_text(path: Path, **options) -> pd.DataFrame:
+    """pandas.read_csv of a file checked as UTF-8 text (a byte-order mark allowed), with an empty or
+    malformed file as one line."""
+    check_csv_text(path)
+    try:
+        return pd.read_csv(path, encoding="utf-8-sig", **options)
+    except pd.errors.EmptyDataError:
+        raise KaggleFormatError(f"{path}: the file is empty") from None
+    except pd.errors.ParserError as error:
+        raise KaggleFormatError(f"{path}: {parser_problem(error)}") from None
+
+
 def read_training_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a file in the Kaggle training.csv layout, validating every row.
 

@@ -37,7 +37,7 @@ from pipeline.config import load_config
 from pipeline.data import unscale_keypoints
 from pipeline.errors import PipelineError, reports_errors
 from pipeline.files import atomic_write, read_json, write_text
-from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, check_csv_text, parse_images, parser_problem
+from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, parse_images, read_csv_text
 from pipeline.metrics import predict
 from pipeline.plots import draw_keypoints
 from pipeline.weights import load_model
@@ -139,13 +139,7 @@ def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     """A CSV as text, with the `required` columns; lines are numbered as in the file (header = 1)."""
     if not path.is_file():
         raise PipelineError(f"{path}: no such file")
-    check_csv_text(path)
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except pd.errors.EmptyDataError:
-        raise PipelineError(f"{path}: the file is empty") from None
-    except pd.errors.ParserError as error:
-        raise PipelineError(f"{path}: {parser_problem(error)}") from None
+    table = read_csv_text(path, dtype=str, keep_default_na=False)
     missing = [column for column in required if column not in table.columns]
     if missing:
         raise PipelineError(f"{path}: line 1: column {missing[0]!r} is missing (expected {', '.join(required)})")
