@@ -59,7 +59,7 @@ class PathsConfig:
         return Path(self.models) / f"{net}.pt"
 
     def model_info(self, net: str) -> Path:
-        """The resolved config and the MLflow run id, saved beside the weights."""
+        """The resolved config, the data hash and the kept epoch, saved beside the weights."""
         return Path(self.models) / f"{net}.json"
 
     def history(self, net: str) -> Path:

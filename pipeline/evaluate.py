@@ -12,7 +12,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import mlflow
 import pandas as pd
+import torch
 from mlflow.entities import DatasetInput
 
 from pipeline import plots
@@ -24,7 +26,7 @@ from pipeline.kaggle import read_csv_text
 from pipeline.metrics import mean_shape, predict, rmse_curves, score, summarize
 from pipeline.report import (BASELINE_LABEL, SUMMARY_HEADER, answer, comparison_lines, comparison_markdown,
                              summary_rows, text_table)
-from pipeline.tracking import TrackingError, connect, faces_inputs, log_evaluation
+from pipeline.tracking import TrackingError, connect, faces_inputs, log_evaluation, run_of_weights
 from pipeline.weights import load_model
 
 EVALUATION = "evaluate.json"
@@ -52,7 +54,7 @@ def read_history(path: Path) -> pd.DataFrame:
 
 
 def read_model_info(path: Path, data_hash: str) -> dict:
-    """models/<net>.json (the MLflow run id, the kept epoch), after checking that the net was trained
+    """models/<net>.json (the kept epoch), after checking that the net was trained
     on the prepared data.
 
     A net trained on an earlier preparation may have seen today's test faces while training, so
@@ -122,17 +124,19 @@ def draw_pictures(folder: Path, results: dict, histories: dict[str, pd.DataFrame
     return {title: path[name] for name, title in PICTURE_TITLES.items()}
 
 
-def log_to_run(net: str, run_id: str | None, metrics: dict[str, float], artifacts: list[Path],
+def log_to_run(net: str, model: torch.nn.Module, metrics: dict[str, float], artifacts: list[Path],
                inputs: list[DatasetInput]) -> None:
-    """Log into the net's training run, the test faces as its "test" dataset; without a run, warn and
-    carry on, since the files are written."""
-    if run_id is None:
-        print(f"warning: {net} has no MLflow run id: its test figures are not logged to MLflow", file=sys.stderr)
-        return
+    """Log into the run that trained the net's weights, the test faces as its "test" dataset; without
+    one, warn and carry on, since the files are written."""
     try:
-        log_evaluation(run_id, metrics, artifacts, inputs)
+        run = run_of_weights(net, model)
+        if run is None:
+            print(f"warning: {net}: no MLflow run in {mlflow.get_tracking_uri()} trained these weights: "
+                  "its test figures are not logged to MLflow", file=sys.stderr)
+            return
+        log_evaluation(run.info.run_id, metrics, artifacts, inputs)
     except TrackingError as error:
-        print(f"warning: {net}: test figures not logged to MLflow run {run_id} ({error})", file=sys.stderr)
+        print(f"warning: {net}: test figures not logged to MLflow ({error})", file=sys.stderr)
 
 
 @reports_errors
@@ -147,7 +151,8 @@ def main() -> None:
     train, test = load_faces(paths.train_faces), load_faces(paths.test_faces)
     # On the CPU whatever the training device: the test set is small, and CPU kernels give the
     # same evaluate.json on every machine.
-    predictions = {net: predict(load_model(paths.model(net), "cpu"), test.X) for net in nets}
+    models = {net: load_model(paths.model(net), "cpu") for net in nets}
+    predictions = {net: predict(models[net], test.X) for net in nets}
     baseline = score(mean_shape(train.y, len(test)), test.y)
     results = summarize({net: score(predictions[net], test.y) for net in nets}, baseline, histories)
     for net in nets:  # the epoch whose weights were tested, for the report (report.kept_weights)
@@ -164,7 +169,7 @@ def main() -> None:
         print(f"warning: test figures not logged to MLflow ({error})", file=sys.stderr)
     else:
         for net in nets:
-            log_to_run(net, infos[net].get("mlflow_run_id") or None, mlflow_metrics(results, net),
+            log_to_run(net, models[net], mlflow_metrics(results, net),
                        [*pictures.values(), report, Path(paths.metrics) / KEYPOINT_ERRORS],
                        faces_inputs(summary, test=len(test)))
     print(f"evaluate: {len(test)} test faces, data hash {data_hash}")

@@ -22,8 +22,8 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.config import PARAMS_FILE, Config, flatten, load_config
 from pipeline.errors import PipelineError, describe, reports_errors
-from pipeline.files import read_json
-from pipeline.tracking import tracking_uri
+from pipeline.tracking import connect, run_of_weights
+from pipeline.weights import load_model
 
 TARGETS = {"main": [], "train": ["train"], "evaluate": ["evaluate"]}
 
@@ -52,26 +52,11 @@ def dvc_command(entry_point: str, overrides: list[str]) -> list[str]:
     return ["dvc", "exp", "run", *settings, *TARGETS[entry_point]]
 
 
-def recorded_run_ids(config: Config) -> dict[str, str]:
-    """The MLflow run of each net's results, as models/<net>.json records it once DVC has finished."""
-    run_ids = {}
-    for net in config.nets:
-        path = config.paths.model_info(net)
-        run_id = read_json(path, "train the nets again with `dvc repro`").get("mlflow_run_id")
-        if not run_id:
-            raise PipelineError(f"{path}: records no MLflow run id; train the net again with `dvc repro`")
-        run_ids[net] = run_id
-    return run_ids
-
-
-def net_run(client: mlflow.MlflowClient, run_id: str) -> mlflow.entities.Run | None:
-    """The net's run, or None where the store does not have it (a model trained against another store)."""
-    try:
-        return client.get_run(run_id)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        return None
+def net_runs(config: Config) -> dict[str, mlflow.entities.Run | None]:
+    """The MLflow run that trained the weights models/ holds for each net, once DVC has finished; None
+    where no run of this store did (the weights were trained against another store)."""
+    connect()
+    return {net: run_of_weights(net, load_model(config.paths.model(net))) for net in config.nets}
 
 
 def trained_during(run: mlflow.entities.Run | None, project_run: mlflow.entities.Run) -> bool:
@@ -80,42 +65,40 @@ def trained_during(run: mlflow.entities.Run | None, project_run: mlflow.entities
     return run is not None and (run.info.end_time or 0) >= project_run.info.start_time
 
 
-def description(runs: dict[str, mlflow.entities.Run | None], run_ids: dict[str, str],
-                project_run: mlflow.entities.Run) -> str:
+def description(runs: dict[str, mlflow.entities.Run | None], project_run: mlflow.entities.Run) -> str:
     """The project run's description (Markdown, shown by the UI): each net's run, linked to its page."""
     lines = []
     for net, run in runs.items():
         if run is None:
-            lines.append(f"- {net}: MLflow run {run_ids[net]}, not in this tracking store")
+            lines.append(f"- {net}: its weights were trained by no run of this tracking store")
             continue
-        link = f"[{run_ids[net]}](#/experiments/{run.info.experiment_id}/runs/{run_ids[net]})"
+        run_id = run.info.run_id
         trained = "trained by this run" if trained_during(run, project_run) else "trained earlier"
-        lines.append(f"- {net}: MLflow run {link}, {trained}")
+        lines.append(f"- {net}: MLflow run [{run_id}](#/experiments/{run.info.experiment_id}/runs/{run_id}), {trained}")
     return "\n".join(lines)
 
 
-def link_net_runs(project_run_id: str, run_ids: dict[str, str]) -> None:
+def link_net_runs(project_run_id: str, runs: dict[str, mlflow.entities.Run | None]) -> None:
     """Tag the project run with each net's run (`<net>_run_id`), list them in its description, and
     name those DVC did not train again.
 
     Without this, a `mlflow run` whose stages DVC skips has no child runs and nothing that says
     where the results it leaves in the workspace came from.
     """
-    client = mlflow.MlflowClient(tracking_uri())
+    client = mlflow.MlflowClient()
     try:
         project_run = client.get_run(project_run_id)
-        runs = {net: net_run(client, run_id) for net, run_id in run_ids.items()}
-        tags = {f"{net}_run_id": run_id for net, run_id in run_ids.items()}
-        tags["mlflow.note.content"] = description(runs, run_ids, project_run)
+        tags = {f"{net}_run_id": run.info.run_id for net, run in runs.items() if run is not None}
+        tags["mlflow.note.content"] = description(runs, project_run)
         client.log_batch(project_run_id, tags=[RunTag(key, value) for key, value in tags.items()])
     except MlflowException as error:
         raise PipelineError(f"MLflow tracking store {client.tracking_uri} failed ({describe(error)}): "
                             f"project run {project_run_id} was not linked to the net runs") from None
     for net, run in runs.items():
         if not trained_during(run, project_run):
-            missing = "" if run else f", which {client.tracking_uri} does not have"
-            print(f"train@{net} was not run again: its results are those of MLflow run {run_ids[net]}{missing}",
-                  flush=True)
+            print(f"train@{net} was not run again: " + (
+                f"its results are those of MLflow run {run.info.run_id}" if run is not None
+                else f"no run of {client.tracking_uri} trained its weights"), flush=True)
 
 
 @reports_errors
@@ -129,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     returncode = subprocess.run(command).returncode
     # Only `mlflow run` names a project run; after a failure models/ may hold half of the results.
     if returncode == 0 and os.environ.get("MLFLOW_RUN_ID"):
-        link_net_runs(os.environ["MLFLOW_RUN_ID"], recorded_run_ids(load_config()))
+        link_net_runs(os.environ["MLFLOW_RUN_ID"], net_runs(load_config()))
     sys.exit(returncode)
 
 

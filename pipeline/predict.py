@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image, ImageCms
 
 from pipeline.config import load_config
@@ -40,6 +41,7 @@ from pipeline.files import atomic_write, read_json, write_text
 from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, parse_images, read_csv_text
 from pipeline.metrics import predict
 from pipeline.plots import draw_keypoints
+from pipeline.tracking import TrackingError, connect, run_of_weights, store_exists, tracking_uri
 from pipeline.weights import load_model
 
 TEST_COLUMNS = ("ImageId", "Image")
@@ -237,8 +239,8 @@ def check_output(option: str, path: Path, folder: bool = False) -> None:
         raise PipelineError(f"{option} {path}: {blocking} is a file, not a directory")
 
 
-def model_description(path: Path, net: str) -> str:
-    """Which training the net's weights come from, from models/<net>.json.
+def model_description(path: Path, net: str, model: torch.nn.Module) -> str:
+    """Which training the net's weights come from: models/<net>.json and the MLflow run tagged with them.
 
     `dvc exp run`, `dvc exp apply` and `dvc checkout` replace models/ without a word, so the
     command says which net it uses. A missing or damaged file is said in the same line: the
@@ -247,15 +249,28 @@ def model_description(path: Path, net: str) -> str:
     remedy = f"restore it with `git restore {path}` or train the net again with `dvc repro`"
     try:
         info = read_json(path, remedy)
-        epochs, data_hash, run_id = info["config"]["train"]["max_epochs"], info["data_hash"], info["mlflow_run_id"]
+        epochs, data_hash = info["config"]["train"]["max_epochs"], info["data_hash"]
     except (KeyError, TypeError):
-        return (f"{net}, of an unknown training: {path}: damaged: config.train.max_epochs, data_hash or "
-                f"mlflow_run_id is missing; {remedy}")
+        return (f"{net}, of an unknown training: {path}: damaged: config.train.max_epochs or data_hash is "
+                f"missing; {remedy}")
     except PipelineError as error:
         return f"{net}, of an unknown training: {error}"
     # The epoch whose weights the training kept, where models/<net>.json records one (older files do not).
     kept = f", weights of epoch {info['kept_epoch']}" if "kept_epoch" in info else ""
-    return f"{net} ({epochs} epochs{kept}, data {data_hash}, MLflow run {run_id})"
+    return f"{net} ({epochs} epochs{kept}, data {data_hash}, {training_run(net, model)})"
+
+
+def training_run(net: str, model: torch.nn.Module) -> str:
+    """The MLflow run that trained these weights, or why it is not known; never an error, since the net
+    predicts all the same. A store that does not exist yet is not created."""
+    if not store_exists():
+        return f"no MLflow store at {tracking_uri()}"
+    try:
+        connect()
+        run = run_of_weights(net, model)
+    except TrackingError as error:
+        return f"MLflow run not known: {error}"
+    return f"MLflow run {run.info.run_id}" if run else f"trained by no run of {tracking_uri()}"
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -294,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(config.paths.model(args.net), "cpu")
     faces = read_test_csv(args.inputs[0]) if any(is_test_csv) else read_images(args.inputs)
     pictures = picture_names(args.draw, faces) if args.draw else []
-    print(f"predict: {model_description(config.paths.model_info(args.net), args.net)}", flush=True)
+    print(f"predict: {model_description(config.paths.model_info(args.net), args.net, model)}", flush=True)
     keypoints = predict_pixels(model, faces)
     # Every input is checked before anything is written, so a bad row leaves no partial output.
     submission = (submission_table(args.lookup, read_table(args.lookup, LOOKUP_COLUMNS), args.inputs[0], faces,

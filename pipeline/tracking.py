@@ -33,12 +33,16 @@ from mlflow.utils.time import get_current_time_millis
 from pipeline.callbacks import Callback
 from pipeline.errors import PipelineError
 from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS
+from pipeline.weights import weights_checksum
 
 EXPERIMENT = "facial-keypoints"
 # MLflow 3 marks an experiment of model trainings, as opposed to GenAI apps (traces, token usage), with
 # this tag. The UI of 3.17.2 opens an experiment as its sidebar's GenAI/Model training switch says instead.
 KIND_TAG = "mlflow.experimentKind"
 KIND = "custom_model_development"
+# The checksum of the weights a run trained (weights.weights_checksum): how a model file finds its
+# run. models/ records no run id, so that training the same code again leaves it byte-identical.
+WEIGHTS_TAG = "weights_sha256"
 # The portions of the prepared faces a run uses, by the context MLflow shows them under.
 PORTIONS = {"training": "train", "validation": "valid", "test": "test"}
 # Where the faces come from: a CSV in the layout of Kaggle's training.csv, keypoints in pixels, some missing.
@@ -97,6 +101,12 @@ def tracking_uri() -> str:
         return uri
     root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
     return uri.replace(str(database), str((root / database).resolve()), 1)
+
+
+def store_exists() -> bool:
+    """False for a SQLite store whose file is not there yet: connect() would create it."""
+    database = _sqlite_file(tracking_uri())
+    return database is None or database.exists()
 
 
 def _sqlite_file(uri: str) -> Path | None:
@@ -370,10 +380,14 @@ class MlflowLogger(Callback):
         self._send(history[-1])
 
     def log_model(self, model: torch.nn.Module) -> None:
-        """The trained net, unless the run has it: a rerun after a failure past this point logs no second one."""
+        """The trained net, unless the run has it: a rerun after a failure past this point logs no second one.
+
+        Then the run is tagged with the weights' checksum, which run_of_weights finds it by.
+        """
         with _store_calls(f"the model was not logged to run {self.run_id}"):
             if not self._has_model():
                 log_model(model)
+            self.client.set_tag(self.run_id, WEIGHTS_TAG, weights_checksum(model))
 
     def _has_model(self) -> bool:
         """MLflow marks a logged model READY only once all of it is stored."""
@@ -498,6 +512,23 @@ def log_model(model: torch.nn.Module) -> None:
             input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
         )
+
+
+def run_of_weights(net_name: str, model: torch.nn.Module) -> mlflow.entities.Run | None:
+    """The latest active run of the experiment that trained `net_name` to these very weights; None if the
+    store has none (the model was trained against another store, or restored by DVC from elsewhere).
+
+    A training that gives the same weights again (the same code, params and data) tags its run the
+    same: the latest is the one whose model and files the workspace holds.
+    """
+    with _store_calls(f"the run that trained {net_name} was not looked up"):
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:
+            return None
+        runs = mlflow.MlflowClient().search_runs(
+            [experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+            filter_string=f"tags.net = '{net_name}' AND tags.{WEIGHTS_TAG} = '{weights_checksum(model)}'")
+    return runs[0] if runs else None
 
 
 def log_evaluation(run_id: str, metrics: dict[str, float], artifacts: list, inputs: list[DatasetInput]) -> None:

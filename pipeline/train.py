@@ -208,7 +208,7 @@ def train(config: Config, net_name: str, device: torch.device, ranks: Ranks,
             print(kept_weights(net_name, history, config.train))
             save_model(paths.model(net_name), trainer.network)
             write_json(paths.model_info(net_name), {
-                "net": net_name, "mlflow_run_id": run_id, "data_hash": data_hash,
+                "net": net_name, "data_hash": data_hash,
                 "kept_epoch": history[-1]["kept_epoch"], "config": config.to_dict(),
             })
             write_history(paths.history(net_name), history)

@@ -28,6 +28,11 @@ def save_model(path: Path, model: torch.nn.Module) -> None:
     save_checked(path, host_state_dict(model))
 
 
+def weights_checksum(model: torch.nn.Module) -> str:
+    """The checksum save_model stores with the weights: it names a trained net wherever its weights are."""
+    return checksum(host_state_dict(model))
+
+
 def load_model(path: Path, device: torch.device | str = "cpu") -> KeypointNet:
     """The trained net in evaluation mode, on `device`."""
     path = Path(path)

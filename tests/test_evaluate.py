@@ -9,10 +9,11 @@ import pytest
 from PIL import Image
 
 from pipeline import evaluate
-from pipeline.weights import load_model
 from pipeline.data import load_faces
 from pipeline.kaggle import KEYPOINTS
 from pipeline.metrics import mean_shape, predict, rmse_px
+from pipeline.tracking import WEIGHTS_TAG
+from pipeline.weights import load_model, weights_checksum
 from project import make_project, run
 
 PICTURE_SIZES = {  # pixels at the plots' 80 dpi
@@ -100,7 +101,9 @@ def test_each_training_run_gets_its_test_figures_and_no_run_is_added(evaluated):
     assert sorted(r.info.run_id for r in runs) == sorted(r.info.run_id for r in runs_before)
     assert len(runs) == 2
     for net in ("net4", "net5"):
-        run_id = json.loads((project / "models" / f"{net}.json").read_text())["mlflow_run_id"]
+        run_id = next(r.info.run_id for r in runs if r.data.tags["net"] == net)
+        # The run is the one that trained the weights models/ holds, which name it by their checksum.
+        assert client.get_run(run_id).data.tags[WEIGHTS_TAG] == weights_checksum(load_model(project / "models" / f"{net}.pt"))
         metrics = client.get_run(run_id).data.metrics
         assert metrics["test_rmse_px"] == pytest.approx(results[net]["test_rmse_px"])
         assert metrics["baseline_test_rmse_px"] == pytest.approx(results["baseline"]["test_rmse_px"])
@@ -119,8 +122,8 @@ def test_the_report_opens_with_the_answer_and_links_the_pictures(evaluated):
     assert report.startswith(f"# {answer}\n") and answer.startswith("net5 ")
     data_hash = json.loads((project / "data/prepared/summary.json").read_text())["data_hash"]
     assert data_hash in report and "experiment `facial-keypoints`" in report
-    for net in ("net4", "net5"):  # a run id would change the committed report at every run
-        assert json.loads((project / "models" / f"{net}.json").read_text())["mlflow_run_id"] not in report
+    for run_ in all_runs(project)[1]:  # a run id would change the committed report at every run
+        assert run_.info.run_id not in report
     for name in PICTURE_SIZES:
         assert f"(../plots/{name})" in report
         assert (project / "reports" / ".." / "plots" / name).is_file()
@@ -154,13 +157,16 @@ def edit_model_info(project, net, **changes):
 
 def test_without_a_run_the_files_are_written_with_a_warning(copy_of, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(copy_of))
-    edit_model_info(copy_of, "net4", mlflow_run_id=None)
-    edit_model_info(copy_of, "net5", mlflow_run_id="0" * 32)
+    client, runs = all_runs(copy_of)
+    for run_ in runs:  # untagged, or deleted: the store has no run of these weights
+        if run_.data.tags["net"] == "net4":
+            client.delete_tag(run_.info.run_id, WEIGHTS_TAG)
+        else:
+            client.delete_run(run_.info.run_id)
     evaluate.main()
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 2
-    assert warnings[0] == "warning: net4 has no MLflow run id: its test figures are not logged to MLflow"
-    assert warnings[1].startswith(f"warning: net5: test figures not logged to MLflow run {'0' * 32} (")
+    assert warnings == [f"warning: {net}: no MLflow run in {tracking_uri(copy_of)} trained these weights: "
+                        "its test figures are not logged to MLflow" for net in ("net4", "net5")]
     for output in ("metrics/evaluate.json", "reports/comparison.md", "plots/learning_curves.png"):
         assert (copy_of / output).is_file()
 

@@ -174,12 +174,6 @@ def test_a_dvc_remote_carries_data_and_models_to_a_fresh_clone(tmp_path):
     assert "Data and pipelines are up to date" in again.stdout and "Running stage" not in again.stdout
 
     # Every stage run again, on the same machine: the committed results come out the same bytes (no
-    # time or path in them; the timings are in MLflow), but for the new MLflow run id that
-    # models/<net>.json records, and dvc.lock's hashes of those two files.
+    # time, path or MLflow run id in them; those are in MLflow and untracked files).
     run(clone, "dvc", "repro", "--force")
-    changed = sorted(line[3:] for line in run(clone, "git", "status", "--porcelain").stdout.splitlines())
-    assert changed == ["dvc.lock", "models/net4.json", "models/net5.json"]
-    for net in ("net4", "net5"):
-        committed = json.loads(run(clone, "git", "show", f"HEAD:models/{net}.json").stdout)
-        rerun = json.loads((clone / f"models/{net}.json").read_text())
-        assert committed.pop("mlflow_run_id") != rerun.pop("mlflow_run_id") and committed == rerun
+    assert run(clone, "git", "status", "--porcelain").stdout == ""

@@ -3,7 +3,9 @@ import io
 import json
 import shutil
 import zipfile
+from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,7 +13,8 @@ import torch
 from PIL import Image, ImageCms
 
 from pipeline.errors import PipelineError
-from pipeline.weights import load_model, save_model
+from pipeline.tracking import WEIGHTS_TAG
+from pipeline.weights import load_model, save_model, weights_checksum
 from pipeline.kaggle import KEYPOINT_COLUMNS
 from pipeline.model import KeypointNet
 from pipeline.predict import (NamedFaces, main, predict_pixels, read_image, read_images, read_table,
@@ -409,25 +412,35 @@ def describe_net5(workdir, content):
     (workdir / "models" / "net5.json").write_text(content if isinstance(content, str) else json.dumps(content))
 
 
-def test_the_command_says_which_training_the_net_comes_from_before_predicting(workdir, capsys):
+def test_the_command_says_which_training_the_net_comes_from_before_predicting(workdir, capsys,
+                                                                              temporary_tracking_store):
     """After `dvc exp run` or `dvc exp apply`, models/ holds the experiment's nets: the user is told."""
     Image.fromarray(random_pixels((96, 96))).save(workdir / "face.png")
-    describe_net5(workdir, {"net": "net5", "mlflow_run_id": "1a2b", "data_hash": "3f2a",
-                            "config": {"train": {"max_epochs": 3}}})
+    describe_net5(workdir, {"net": "net5", "data_hash": "3f2a", "config": {"train": {"max_epochs": 3}}})
     main(["face.png"])
     assert capsys.readouterr().out.splitlines() == [
-        "predict: net5 (3 epochs, data 3f2a, MLflow run 1a2b)", "predict: net5 on 1 faces -> predictions.csv"]
-    describe_net5(workdir, {"net": "net5", "mlflow_run_id": "1a2b", "data_hash": "3f2a", "kept_epoch": 2,
-                            "config": {"train": {"max_epochs": 3}}})
+        f"predict: net5 (3 epochs, data 3f2a, no MLflow store at {temporary_tracking_store})",
+        "predict: net5 on 1 faces -> predictions.csv"]
+    assert not Path(temporary_tracking_store.removeprefix("sqlite:///")).exists()  # not created by predict
+
+    describe_net5(workdir, {"net": "net5", "data_hash": "3f2a", "kept_epoch": 2, "config": {"train": {"max_epochs": 3}}})
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("facial-keypoints")
+    main(["face.png"])
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"predict: net5 (3 epochs, weights of epoch 2, data 3f2a, trained by no run of {temporary_tracking_store})")
+
+    weights = weights_checksum(load_model(workdir / "models" / "net5.pt"))
+    run_id = client.create_run(experiment_id, tags={"net": "net5", WEIGHTS_TAG: weights}).info.run_id
     main(["face.png"])
     first_line = capsys.readouterr().out.splitlines()[0]
-    assert first_line == "predict: net5 (3 epochs, weights of epoch 2, data 3f2a, MLflow run 1a2b)"
+    assert first_line == f"predict: net5 (3 epochs, weights of epoch 2, data 3f2a, MLflow run {run_id})"
 
 
 @pytest.mark.parametrize("content, problem", [
     (None, "models/net5.json: no such file (restore it with `git restore models/net5.json` or train the net again"),
     ("{", "models/net5.json: damaged: not valid JSON"),
-    ('{"net": "net5", "config": []}', "models/net5.json: damaged: config.train.max_epochs, data_hash or mlflow_run_id"
+    ('{"net": "net5", "config": []}', "models/net5.json: damaged: config.train.max_epochs or data_hash"
                                       " is missing; restore it with `git restore models/net5.json`"),
 ])
 def test_a_missing_or_damaged_model_description_is_one_line_and_the_net_still_predicts(workdir, capsys, content,
