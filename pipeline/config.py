@@ -118,6 +118,7 @@ class TrainConfig:
     deterministic: bool
     channels_last: bool
     bf16: bool
+    cuda_graphs: bool
     schedules: dict[str, Schedule]
 
     def __post_init__(self):

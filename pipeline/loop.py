@@ -5,10 +5,11 @@ Under torch.distributed every rank runs the same loop on its share of each globa
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,11 @@ from torch import nn
 from pipeline.callbacks import Callback
 from pipeline.data import KEYPOINT_SCALE, FaceSet
 from pipeline.errors import PipelineError
+from pipeline.graphs import CapturedSteps
+
+# Validation batches: inference needs no stored activations, so 1024 faces take about 1.2 GB at
+# the first convolution; beyond that the launches saved no longer matter.
+EVAL_BATCH_ROWS = 1024
 
 Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -55,8 +61,12 @@ class Trainer:
     history: list[dict] = field(default_factory=list)
     rank: int = 0
     world_size: int = 1
+    # Replay each training step from a CUDA graph (graphs.CapturedSteps); needs an optimizer that
+    # reads its hyperparameters from the device (optim.NesterovSGD).
+    cuda_graphs: bool = False
     # Set by a callback (early stopping) to end the training before max_epochs; fit() checks it before each epoch.
     should_stop: bool = False
+    _captured_steps: CapturedSteps | None = field(default=None, init=False, repr=False)
 
     @property
     def network(self) -> nn.Module:
@@ -67,47 +77,76 @@ class Trainer:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
 
+    def step(self, images: torch.Tensor, targets: torch.Tensor, global_rows: int) -> torch.Tensor:
+        """One SGD step on a batch, eager or replayed from a graph: the same kernels either way."""
+        if not self.cuda_graphs:
+            return train_step(self, images, targets, global_rows)
+        if self._captured_steps is None:
+            self._captured_steps = CapturedSteps(functools.partial(train_step, self), self.optimizer.sync)
+        return self._captured_steps(images, targets, global_rows)
 
-def run_epoch(trainer: Trainer, data: Tensors, train: bool) -> float:
-    """One pass over `data`: an SGD epoch when `train`, else an evaluation. Returns the mean loss.
+
+def batches(trainer: Trainer, data: Tensors, batch_size: int,
+            train: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """The epoch's batches, shuffled and augmented when `train`: this rank's share of each global
+    batch, and the global batch's size.
 
     Every rank draws the same global batch and the same flips (same seeds), then keeps its own
-    share, so the batches, the flips and hence the mathematics do not depend on the number of
-    ranks. Losses are summed on the device and read once at the end, so a GPU never waits for
-    the host inside the epoch.
+    share, so the batches, the flips and hence the mathematics do not depend on the number of ranks.
     """
-    model, batch_size, world_size = trainer.model, trainer.batch_size, trainer.world_size
-    model.train(train)
-    n_batches = math.ceil(len(data) / batch_size)
     order = torch.randperm(len(data), generator=trainer.generator, device=trainer.generator.device) if train else None
-    total = torch.zeros((), device=data.images.device)
+    for start in range(0, len(data), batch_size):
+        rows = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
+        images, targets = data.images[rows], data.targets[rows]
+        if train and trainer.augment is not None:
+            images, targets = trainer.augment(images, targets, trainer.augment_generator)
+        global_rows = len(images)
+        if trainer.world_size > 1:
+            images = images.tensor_split(trainer.world_size)[trainer.rank]
+            targets = targets.tensor_split(trainer.world_size)[trainer.rank]
+        yield images, targets, global_rows
+
+
+def batch_loss(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor, global_rows: int) -> torch.Tensor:
+    """The global batch's mean squared error, scaled by the number of ranks because
+    DistributedDataParallel averages the ranks' gradients: shares of unequal size then still weigh
+    each face equally."""
+    # No autocast cache: a CUDA graph would otherwise capture weights cast before the step's update.
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=trainer.bf16, cache_enabled=False):
+        predicted = trainer.model(images)
+    return F.mse_loss(predicted.to(targets.dtype), targets, reduction="sum") * (
+        trainer.world_size / (global_rows * targets.shape[1]))
+
+
+def train_step(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor, global_rows: int) -> torch.Tensor:
+    loss = batch_loss(trainer, images, targets, global_rows)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    trainer.optimizer.step()
+    return loss.detach()
+
+
+def run_epoch(trainer: Trainer, data: Tensors, train: bool) -> torch.Tensor:
+    """One pass over `data`: an SGD epoch when `train`, else an evaluation. Returns the mean loss as
+    a tensor on the device: summed there and never read inside the epoch, so a GPU never waits for
+    the host (fit reads both passes' losses at once)."""
+    trainer.model.train(train)
+    world_size = trainer.world_size
+    # Validation needs no gradients, so few large batches: fewer launches, the same sum.
+    batch_size = trainer.batch_size if train else max(trainer.batch_size, EVAL_BATCH_ROWS)
+    n_batches = math.ceil(len(data) / batch_size)
+    total = torch.zeros((), dtype=data.targets.dtype, device=data.targets.device)
     with torch.set_grad_enabled(train):
-        for batch in range(n_batches):
-            rows = slice(batch * batch_size, (batch + 1) * batch_size)
-            if order is not None:
-                rows = order[rows]
-            images, targets = data.images[rows], data.targets[rows]
-            if train and trainer.augment is not None:
-                images, targets = trainer.augment(images, targets, trainer.augment_generator)
-            global_rows = len(images)
-            if world_size > 1:
-                images = images.tensor_split(world_size)[trainer.rank]
-                targets = targets.tensor_split(world_size)[trainer.rank]
-            with torch.autocast(data.images.device.type, dtype=torch.bfloat16, enabled=trainer.bf16):
-                predicted = model(images)
-            # The global batch's mean, scaled by the number of ranks because DistributedDataParallel
-            # averages the ranks' gradients: shares of unequal size then still weigh each face equally.
-            loss = F.mse_loss(predicted.float(), targets, reduction="sum") * (
-                world_size / (global_rows * targets.shape[1]))
+        for batch, (images, targets, global_rows) in enumerate(batches(trainer, data, batch_size, train), 1):
             if train:
-                trainer.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                trainer.optimizer.step()
-                trainer.notify("on_batch_end", batch + 1, n_batches)
-            total += loss.detach() * (global_rows / world_size)
+                loss = trainer.step(images, targets, global_rows)
+                trainer.notify("on_batch_end", batch, n_batches)
+            else:
+                loss = batch_loss(trainer, images, targets, global_rows)
+            total += loss * (global_rows / world_size)
     if world_size > 1:
         dist.all_reduce(total)
-    return total.item() / len(data)
+    return total / len(data)
 
 
 def fit(trainer: Trainer, train: Tensors, valid: Tensors) -> list[dict]:
@@ -118,8 +157,9 @@ def fit(trainer: Trainer, train: Tensors, valid: Tensors) -> list[dict]:
         trainer.notify("on_epoch_begin", epoch)
         hyperparameters = trainer.optimizer.param_groups[0]
         started = time.perf_counter()
-        train_loss = run_epoch(trainer, train, train=True)
-        valid_loss = run_epoch(trainer, valid, train=False)
+        # The one wait for the device in an epoch.
+        train_loss, valid_loss = torch.stack([run_epoch(trainer, train, train=True),
+                                              run_epoch(trainer, valid, train=False)]).tolist()
         if not (math.isfinite(train_loss) and math.isfinite(valid_loss)):
             raise PipelineError(
                 f"training diverged in epoch {epoch}: train loss {train_loss}, valid loss {valid_loss} "

@@ -32,6 +32,7 @@ from pipeline.files import atomic_write, exclusive_lock, write_json
 from pipeline.loop import Tensors, Trainer, fit
 from pipeline.memory import reuse_freed_memory
 from pipeline.model import KeypointNet
+from pipeline.optim import NesterovSGD
 from pipeline.tracking import MlflowLogger, TrackingError, connect, faces_inputs, training_run
 from pipeline.weights import save_model
 
@@ -48,12 +49,8 @@ def build_trainer(config: Config, net_name: str, device: torch.device, ranks: Ra
     model = KeypointNet().to(device, memory_format=memory_format(config))
     if ranks.world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=settings.schedules["lr"].start,
-        momentum=settings.schedules["momentum"].start,
-        nesterov=True,
-    )
+    optimizer = NesterovSGD(model.parameters(), lr=settings.schedules["lr"].start,
+                            momentum=settings.schedules["momentum"].start)
     # Separate streams, so that net4 and net5 see their batches in the same order.
     flip = config.net(net_name).flip
     return Trainer(
@@ -65,6 +62,8 @@ def build_trainer(config: Config, net_name: str, device: torch.device, ranks: Ra
         augment=flip_random_half if flip else None,
         augment_generator=torch.Generator(device=device).manual_seed(settings.seed + 1) if flip else None,
         bf16=settings.bf16,
+        # A graph replays one process's kernels; DistributedDataParallel's all-reduces are not in it.
+        cuda_graphs=settings.cuda_graphs and device.type == "cuda" and ranks.world_size == 1,
         callbacks=[
             *(AdjustHyperparameter(name, s.start, s.stop) for name, s in settings.schedules.items()),
             # Before the checkpoint, the console and MLflow, which see the history rows they complete.

@@ -18,12 +18,13 @@ import torch
 
 from pipeline.augment import flip, flip_random_half
 from pipeline.callbacks import AdjustHyperparameter
-from pipeline.loop import Tensors, Trainer, fit
+from pipeline.loop import Tensors, Trainer, fit, run_epoch
 from pipeline.metrics import predict
 from pipeline.model import KeypointNet
 from pipeline.weights import load_model, save_model
 from project import make_project, run
-from test_loop import bright_square_faces
+from faces import bright_square_faces
+from plain_loop import assert_same_training, faces_of, fast_and_plain, stage_trainer
 from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start,
                        wait_for_checkpoint, weights)
 
@@ -172,3 +173,28 @@ def test_evaluation_and_prediction_on_cuda_agree_with_the_cpu(tmp_path):
     predicted_gpu, predicted_cpu = predict(on_gpu, faces), predict(on_cpu, faces)
     assert isinstance(predicted_gpu, np.ndarray) and predicted_gpu.shape == (40, 30)
     np.testing.assert_allclose(predicted_gpu, predicted_cpu, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-9), (torch.float32, 1e-3)])
+@pytest.mark.parametrize("net", ["net4", "net5"])
+def test_steps_replayed_from_cuda_graphs_compute_the_plain_eager_loop(net, dtype, tolerance):
+    """float64 shows the same mathematics; float32 is what trains (cuDNN's kernels differ with the batch
+    layout, so rounding differs more)."""
+    trainer, *results = fast_and_plain(net, DEVICE, dtype)
+    assert trainer.cuda_graphs
+    # Both batch shapes (16 and the last 4) were captured, after their warm-up steps, and replayed.
+    assert sorted(key[0][0] for key in trainer._captured_steps.graphs) == [4, 16]
+    assert_same_training(trainer, *results, tolerance=tolerance)
+
+
+def test_an_epoch_of_replayed_steps_never_waits_for_the_host():
+    trainer, _ = stage_trainer("net5", DEVICE, max_epochs=8, batch_size=16)
+    train, valid = faces_of("float32", 36, 0, DEVICE), faces_of("float32", 20, 1, DEVICE)
+    fit(trainer, train, valid)  # warm-up steps and captures done
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [run_epoch(trainer, train, train=True), run_epoch(trainer, valid, train=False)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(loss) for loss in losses)

@@ -1,29 +1,16 @@
 import io
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 from pipeline.augment import flip_random_half
 from pipeline.callbacks import AdjustHyperparameter, Callback, EarlyStopping, EpochTable, KeepBest
-from pipeline.data import FaceSet
 from pipeline.errors import PipelineError
 from pipeline.loop import Tensors, Trainer, fit
 from pipeline.model import KeypointNet
-
-
-def bright_square_faces(n, seed):
-    """Images with one bright square whose position is the target: learnable in a few steps."""
-    rng = np.random.default_rng(seed)
-    X = np.zeros((n, 1, 96, 96), dtype=np.float32)
-    y = np.zeros((n, 30), dtype=np.float32)
-    for i in range(n):
-        row, column = rng.integers(10, 80, size=2)
-        X[i, 0, row:row + 8, column:column + 8] = 1
-        y[i, 0::2] = (column + 4 - 48) / 48
-        y[i, 1::2] = (row + 4 - 48) / 48
-    return FaceSet(X, y)
+from faces import bright_square_faces
+from plain_loop import assert_same_training, fast_and_plain
 
 
 def make_trainer(max_epochs, callbacks=(), flip=False, lr=0.01, momentum=0.9):
@@ -235,3 +222,9 @@ def test_early_stopping_counts_from_the_history_so_a_resumed_training_stops_wher
     ended = SimpleNamespace(history=rows(0.5, 0.3, 0.4, 0.3), max_epochs=4, should_stop=False)
     EarlyStopping(2).on_train_begin(ended)  # the last epoch ended the training anyway: no early stop
     assert not ended.should_stop
+
+
+@pytest.mark.parametrize("net", ["net4", "net5"])
+def test_the_stage_loop_computes_the_losses_and_weights_of_the_plain_eager_loop(net):
+    """In float64, where rounding cannot hide a difference in the mathematics."""
+    assert_same_training(*fast_and_plain(net, "cpu", torch.float64), tolerance=1e-9)

@@ -1,0 +1,97 @@
+"""The plain eager loop, over the very batches and flips fit() draws: the yardstick of the fast path.
+
+torch.optim.SGD with Python-number hyperparameters set before each epoch, one batch at a time,
+each loss read back at once, validation in batches of the training's size.
+"""
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from faces import bright_square_faces
+from pipeline.config import load_config
+from pipeline.data import FaceSet
+from pipeline.loop import Tensors, Trainer, fit
+from pipeline.schedule import linear
+from pipeline.train import build_trainer
+from project import ROOT
+
+
+def plain_fit(trainer: Trainer, train: Tensors, valid: Tensors, schedules: dict) -> tuple[list[dict], torch.nn.Module]:
+    """Train a copy of `trainer`'s net for trainer.max_epochs with its seeds; the trainer is not touched."""
+    model = copy.deepcopy(trainer.network)
+    optimizer = torch.optim.SGD(model.parameters(), lr=schedules["lr"].start, momentum=schedules["momentum"].start,
+                                nesterov=True)
+    generator = copy.deepcopy(trainer.generator)
+    augment_generator = copy.deepcopy(trainer.augment_generator)
+    history = []
+    for epoch in range(1, trainer.max_epochs + 1):
+        for name, schedule in schedules.items():
+            optimizer.param_groups[0][name] = linear(schedule.start, schedule.stop, trainer.max_epochs, epoch)
+        model.train()
+        order = torch.randperm(len(train), generator=generator, device=generator.device)
+        train_sum = 0.0
+        for start in range(0, len(train), trainer.batch_size):
+            rows = order[start:start + trainer.batch_size]
+            images, targets = train.images[rows], train.targets[rows]
+            if trainer.augment is not None:
+                images, targets = trainer.augment(images, targets, augment_generator)
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(images), targets)
+            loss.backward()
+            optimizer.step()
+            train_sum += loss.item() * len(rows)
+        model.eval()
+        valid_sum = 0.0
+        with torch.no_grad():
+            for start in range(0, len(valid), trainer.batch_size):
+                images, targets = valid.images[start:start + trainer.batch_size], valid.targets[start:start + trainer.batch_size]
+                valid_sum += F.mse_loss(model(images), targets).item() * len(images)
+        history.append({"epoch": epoch, "train_loss": train_sum / len(train), "valid_loss": valid_sum / len(valid)})
+        assert math.isfinite(history[-1]["train_loss"])
+    return history, model
+
+
+def stage_trainer(net, device, **train_settings):
+    """The train stage's own trainer (build_trainer) for the project's params, with some train.* changed."""
+    config = load_config(ROOT / "params.yaml")
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **train_settings))
+    return build_trainer(config, net, torch.device(device)), config.train.schedules
+
+
+def faces_of(dtype, n, seed, device="cpu"):
+    faces = bright_square_faces(n, seed)
+    return Tensors.of(FaceSet(faces.X.astype(dtype), faces.y.astype(dtype)), torch.device(device))
+
+
+def fast_and_plain(net, device, dtype):
+    """fit() of the stage's trainer and the plain loop on the same batches: 20 epochs with the annealing
+    and, for net5, the flips; 36 faces make an epoch's last batch one of 4."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # the net, the optimizer's state and the losses in that precision
+    try:
+        trainer, schedules = stage_trainer(net, device, max_epochs=20, batch_size=16, keep="last")
+        train, valid = faces_of(str(dtype).removeprefix("torch."), 36, 0, device), \
+            faces_of(str(dtype).removeprefix("torch."), 20, 1, device)
+        initial = {name: weights.clone() for name, weights in trainer.network.state_dict().items()}
+        expected_history, expected_model = plain_fit(trainer, train, valid, schedules)
+        history = fit(trainer, train, valid)
+    finally:
+        torch.set_default_dtype(default)
+    return trainer, history, expected_history, expected_model.state_dict(), initial
+
+
+def assert_same_training(trainer, history, expected_history, expected_weights, initial, tolerance):
+    assert len(history) == len(expected_history) == 20
+    for row, expected in zip(history, expected_history):
+        assert row["train_loss"] == pytest.approx(expected["train_loss"], rel=tolerance)
+        assert row["valid_loss"] == pytest.approx(expected["valid_loss"], rel=tolerance)
+    for name, weights in trainer.network.state_dict().items():
+        expected = expected_weights[name]
+        assert (weights - expected).norm() <= tolerance * expected.norm(), name
+        # Every tensor trained far beyond the tolerance: the agreement is not that of untouched weights.
+        assert (weights - initial[name]).norm() > 100 * tolerance * expected.norm(), name
