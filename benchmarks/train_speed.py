@@ -2,6 +2,8 @@
 
 Usage: python -m benchmarks.train_speed [--images 1712] [--epochs 4] [--skip-csv] [--skip-dvc]
 
+On a machine with a CUDA device it measures the GPU instead: benchmarks/device_speed.py, with its defaults.
+
 Trains on random but seeded faces, so the figures depend on the machine and the code only.
 Run it on an idle machine: a second training on the same cores distorts every figure. What the
 train stage spends around its epochs (MLflow, checkpoints) is benchmarks/stage_overhead.py's.
@@ -26,7 +28,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from benchmarks import reference
+from benchmarks import device_speed, reference
 from pipeline import memory
 from pipeline.config import Config, load_config
 from pipeline.data import FaceSet, load
@@ -306,6 +308,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if torch.cuda.is_available():
+        device_speed.main([])
+        return
     args = parse_args(argv)
     print(machine_description())
     settings = project_config().train

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from pipeline.errors import PipelineError
 from pipeline.schedule import linear
+from pipeline.weights import copy_into
 
 if TYPE_CHECKING:
     from pipeline.loop import Trainer
@@ -149,8 +150,6 @@ class KeepBest(Callback):
             self.weights = {key: value.to(device) for key, value in self.weights.items()}
 
     def on_epoch_finished(self, trainer: Trainer, history: list[dict]) -> None:
-        from pipeline.checkpoint import copy_into  # here: pipeline.checkpoint imports this module
-
         row = history[-1]
         best = row["valid_loss"] < self.valid_loss  # a tie is no new best: the earlier epoch stays
         if best:

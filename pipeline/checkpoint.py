@@ -13,7 +13,7 @@ import torch
 
 from pipeline.callbacks import Callback
 from pipeline.errors import PipelineError, describe
-from pipeline.weights import load_checked, save_checked
+from pipeline.weights import copy_into, load_checked, save_checked
 
 if TYPE_CHECKING:
     from pipeline.loop import Trainer
@@ -28,26 +28,6 @@ def fingerprint(settings: dict) -> str:
     """A short hash of everything that shapes a training; a checkpoint resumes only a match."""
     text = json.dumps({**settings, "torch": torch.__version__}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def copy_into(target, value):
-    """A copy of `value`'s tensors, written into `target`'s tensors of the same shape where it has them.
-
-    Reusing the buffers keeps the copy of an epoch's state to one pass over memory, with no
-    allocation; on a GPU it stays on the device and the training does not wait for it.
-    """
-    if isinstance(value, torch.Tensor):
-        if (isinstance(target, torch.Tensor) and target.shape == value.shape and target.dtype == value.dtype
-                and target.device == value.device and target.stride() == value.stride()):
-            return target.copy_(value)
-        return value.detach().clone()
-    if isinstance(value, dict):
-        target = target if isinstance(target, dict) else {}
-        return {key: copy_into(target.get(key), item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        target = target if isinstance(target, (list, tuple)) and len(target) == len(value) else [None] * len(value)
-        return type(value)(copy_into(old, item) for old, item in zip(target, value))
-    return value
 
 
 def on_host(value):

@@ -1,4 +1,8 @@
-"""Pictures of faces and keypoints; matplotlib without a display."""
+"""Pictures of faces and keypoints; matplotlib without a display.
+
+Figures are made without pyplot: pyplot keeps global state and picks a GUI backend where a
+display is, and a Figure saved to a file needs neither.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,14 @@ import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
+from PIL import Image, ImageDraw
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-
-from pipeline.files import atomic_write  # noqa: E402
-from pipeline.kaggle import KEYPOINTS  # noqa: E402
+from pipeline.files import atomic_write
+from pipeline.kaggle import KEYPOINTS
 
 DRAWN_FACE_ZOOM = 4  # a 96-pixel face is too small to see its points on a screen
 MAX_TICKS = 10  # labels on a log axis, beyond which they crowd
@@ -26,7 +28,8 @@ def face_grid(path: Path, images: np.ndarray, keypoints: np.ndarray, title: str,
     """Draw faces (n, 96, 96) with keypoints (n, 30) in pixels; predictions, if given, as crosses."""
     n = len(images)
     rows = -(-n // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.2 * rows + 0.4), squeeze=False)
+    figure = Figure(figsize=(2.2 * columns, 2.2 * rows + 0.4))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for index, axis in enumerate(axes.flat):
         axis.axis("off")
         if index >= n:
@@ -45,7 +48,8 @@ def learning_curves(path: Path, curves: dict[str, pd.DataFrame], baseline_rmse_p
 
     The mean-shape baseline is drawn too: a net that has not escaped that plateau has learnt no faces.
     """
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.subplots()
     for (net, curve), colour, width in zip(curves.items(), _colours(), _widths(len(curves))):
         axis.plot(curve["epoch"], curve["train_rmse_px"], "--", color=colour, linewidth=width, label=f"{net} train")
         axis.plot(curve["epoch"], curve["valid_rmse_px"], "-", color=colour, linewidth=width, label=f"{net} valid")
@@ -62,7 +66,8 @@ def learning_curves(path: Path, curves: dict[str, pd.DataFrame], baseline_rmse_p
 
 def schedules(path: Path, histories: dict[str, pd.DataFrame]) -> None:
     """The learning rate and momentum each net trained with, epoch by epoch."""
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    figure = Figure(figsize=(9, 3.5))
+    axes = figure.subplots(1, 2)
     for column, axis in zip(("learning_rate", "momentum"), axes):
         for (net, history), colour, style, width in zip(histories.items(), _colours(), ("-", "--", ":", "-."),
                                                         _widths(len(histories))):
@@ -79,7 +84,8 @@ def keypoint_errors(path: Path, per_keypoint_rmse_px: dict[str, dict[str, float]
     labels = list(per_keypoint_rmse_px)
     height = 0.8 / len(labels)
     positions = np.arange(len(KEYPOINTS))
-    figure, axis = plt.subplots(figsize=(7, 0.13 * len(KEYPOINTS) * len(labels) + 1.5))
+    figure = Figure(figsize=(7, 0.13 * len(KEYPOINTS) * len(labels) + 1.5))
+    axis = figure.subplots()
     for index, (label, colour) in enumerate(zip(labels, _colours())):
         values = [per_keypoint_rmse_px[label][name] for name in KEYPOINTS]
         axis.barh(positions + index * height, values, height, color=colour, label=label)
@@ -115,7 +121,7 @@ def _legend_above(axis, title: str, columns: int) -> None:
 
 
 def _colours() -> list[str]:
-    return plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
 def _widths(n_lines: int) -> np.ndarray:
@@ -148,9 +154,6 @@ def _log_y_axis(axis, low: float, high: float) -> None:
 
 def _save(figure, path: Path) -> None:
     figure.tight_layout()
-    try:
-        with atomic_write(path) as temporary:
-            # No "Software" text: the same picture is then the same bytes whatever matplotlib version drew it.
-            figure.savefig(temporary, dpi=80, format="png", metadata={"Software": None})
-    finally:
-        plt.close(figure)
+    with atomic_write(path) as temporary:
+        # No "Software" text: the same picture is then the same bytes whatever matplotlib version drew it.
+        figure.savefig(temporary, dpi=80, format="png", metadata={"Software": None})

@@ -9,6 +9,7 @@ under paths.checkpoints when run again with the same settings.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import csv
 import hashlib
@@ -108,10 +109,40 @@ def kept_weights(net_name: str, history: list[dict], settings: TrainConfig) -> s
     return line
 
 
+def stage_code(module: str = "train") -> list[Path]:
+    """pipeline/<module>.py and every pipeline module it runs, directly or not, found by reading
+    their import statements (so without importing anything); imports for type checkers only, under
+    `if TYPE_CHECKING:`, are not run and do not count."""
+    package = Path(__file__).parent
+    found, pending = set(), [module]
+    while pending:
+        name = pending.pop()
+        if name not in found:
+            found.add(name)
+            pending += _imported_modules(ast.parse((package / f"{name}.py").read_text()))
+    return sorted(package / f"{name}.py" for name in found)
+
+
+def _imported_modules(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+        return _imported_modules_of(node.orelse)
+    if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+        return [node.module.split(".")[1]]
+    if isinstance(node, ast.Import):
+        return [alias.name.split(".")[1] for alias in node.names if alias.name.startswith("pipeline.")]
+    return _imported_modules_of(ast.iter_child_nodes(node))
+
+
+def _imported_modules_of(nodes) -> list[str]:
+    return [name for child in nodes for name in _imported_modules(child)]
+
+
 def code_hash() -> str:
-    """The pipeline package's source: a checkpoint saved by other code is not resumed."""
-    files = sorted(Path(__file__).parent.glob("*.py"))
-    return hashlib.sha256(b"".join(file.read_bytes() for file in files)).hexdigest()
+    """The train stage's source: a checkpoint saved by other code is not resumed, while an edit to a
+    module the stage does not run (predict.py, say) keeps it."""
+    return hashlib.sha256(b"".join(file.read_bytes() for file in stage_code())).hexdigest()
 
 
 @contextlib.contextmanager

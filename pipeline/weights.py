@@ -116,3 +116,23 @@ def load_checked(path: Path, remedy: str):
     if checksum(saved["content"]) != saved["sha256"]:
         raise PipelineError(f"{path}: damaged: its content does not match its checksum; {remedy}")
     return saved["content"]
+
+
+def copy_into(target, value):
+    """A copy of `value`'s tensors, written into `target`'s tensors of the same shape where it has them.
+
+    Reusing the buffers keeps the copy of an epoch's state to one pass over memory, with no
+    allocation; on a GPU it stays on the device and the training does not wait for it.
+    """
+    if isinstance(value, torch.Tensor):
+        if (isinstance(target, torch.Tensor) and target.shape == value.shape and target.dtype == value.dtype
+                and target.device == value.device and target.stride() == value.stride()):
+            return target.copy_(value)
+        return value.detach().clone()
+    if isinstance(value, dict):
+        target = target if isinstance(target, dict) else {}
+        return {key: copy_into(target.get(key), item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        target = target if isinstance(target, (list, tuple)) and len(target) == len(value) else [None] * len(value)
+        return type(value)(copy_into(old, item) for old, item in zip(target, value))
+    return value

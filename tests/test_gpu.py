@@ -28,7 +28,7 @@ from plain_loop import assert_same_training, faces_of, fast_and_plain, stage_tra
 from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start,
                        wait_for_checkpoint, weights)
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 DEVICE = "cuda:0"
 # Epochs of a few milliseconds each: enough of them that a test can kill the training midway.

@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 import time
 
 import mlflow
@@ -11,6 +12,10 @@ import pytest
 from pipeline.tracking import EXPERIMENT
 from pipeline.weights import load_model
 from project import make_project, run
+from trainings import start
+
+# Real stages in processes of their own, through DVC and MLflow: the slow half of the suite.
+pytestmark = pytest.mark.slow
 
 TERMINAL_COLUMNS = 200
 
@@ -177,3 +182,46 @@ def test_a_dvc_remote_carries_data_and_models_to_a_fresh_clone(tmp_path):
     # time, path or MLflow run id in them; those are in MLflow and untracked files).
     run(clone, "dvc", "repro", "--force")
     assert run(clone, "git", "status", "--porcelain").stdout == ""
+
+
+def test_both_nets_trained_at_once_then_committed_are_the_nets_dvc_repro_trains(tmp_path):
+    """README, "Both nets at once on one GPU": the two stages' commands side by side, then `dvc commit`."""
+    project = make_project(tmp_path / "project", {"train.max_epochs": 3})
+    run(project, "dvc", "repro", "prepare")
+    trainings = [start(project, sys.executable, "-m", "pipeline.train", net) for net in ("net4", "net5")]
+    for training in trainings:
+        _, errors = training.communicate(timeout=600)
+        assert training.returncode == 0, errors
+    run(project, "dvc", "commit", "--force", "train@net4", "train@net5")
+    assert run(project, "dvc", "status", "train@net4", "train@net5").stdout.strip() == "Data and pipelines are up to date."
+    reproduced = run(project, "dvc", "repro").stdout
+    assert "Running stage 'evaluate'" in reproduced and "Running stage 'train" not in reproduced
+
+    alone = make_project(tmp_path / "alone", {"train.max_epochs": 3})
+    run(alone, "dvc", "repro")
+    for output in ("models/net4.pt", "models/net5.pt", "metrics/history/net4.csv", "metrics/history/net5.csv",
+                   "metrics/evaluate.json"):
+        assert (project / output).read_bytes() == (alone / output).read_bytes(), output
+    # Every training, side by side or alone, logged a whole run of its own into the one store.
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert sorted(r.info.run_name for r in runs if r.info.status == "FINISHED") == ["net4", "net4", "net5", "net5"]
+
+
+def test_a_net_added_to_params_is_trained_evaluated_reported_and_plotted_with_no_other_edit(tmp_path):
+    project = make_project(tmp_path / "project", {"nets.net6": {"flip": True}})
+    run(project, "dvc", "repro")
+    assert (project / "models/net6.pt").is_file() and (project / "metrics/history/net6.csv").is_file()
+    evaluation = json.loads((project / "metrics/evaluate.json").read_text())
+    assert set(evaluation) == {"net4", "net5", "net6", "baseline"}
+    report = (project / "reports/comparison.md").read_text()
+    assert "| net6 |" in report and "net6" in report.splitlines()[0]  # in the table and in the one-line answer
+    assert evaluation["net6"]["test_rmse_px"] > 0
+    runs = net_runs(mlflow.MlflowClient())
+    assert runs["net6"].data.metrics["test_rmse_px"] == pytest.approx(evaluation["net6"]["test_rmse_px"])
+    # The learning curves draw a line per net: the picture of three nets is not that of two.
+    two_nets = make_project(tmp_path / "two", {})
+    run(two_nets, "dvc", "repro")
+    assert (project / "plots/learning_curves.png").read_bytes() != (two_nets / "plots/learning_curves.png").read_bytes()
+    # The evaluation is downstream of the new net's training: it depends on every net's model and history.
+    assert "Running stage 'evaluate'" in run(project, "dvc", "repro", "--force", "--downstream", "train@net6").stdout

@@ -1,7 +1,7 @@
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from pipeline import plots
@@ -36,10 +36,15 @@ def curves():
 
 @pytest.fixture
 def drawn(monkeypatch):
-    """The figure a drawing function saved, kept open to be looked into."""
-    monkeypatch.setattr(plots.plt, "close", lambda figure: None)
-    yield lambda: plt.gcf()
-    plt.close("all")
+    """The figure a drawing function saved (it saves it too), to be looked into."""
+    saved, save = [], plots._save
+
+    def keep(figure, path):
+        saved.append(figure)
+        save(figure, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return lambda: saved[-1]
 
 
 def test_learning_curves(tmp_path):
@@ -71,7 +76,7 @@ def test_a_later_net_is_drawn_thinner_so_that_it_leaves_an_equal_curve_showing(t
 def test_the_legend_lies_above_the_data_under_the_title(tmp_path, drawn, draw):
     draw(tmp_path / "picture.png")
     figure = drawn()
-    axis, renderer = figure.axes[0], figure.canvas.get_renderer()
+    axis, renderer = figure.axes[0], FigureCanvasAgg(figure).get_renderer()  # the renderer savefig drew with
     legend, data, title = (artist.get_window_extent(renderer) for artist in (axis.get_legend(), axis, axis.title))
     assert legend.y0 >= data.y1 and title.y0 >= legend.y1
 

@@ -4,9 +4,11 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from pipeline.kaggle import COLUMNS, KAGGLE_MEANS, write_training_csv
-from project import make_project, run, set_params
+from pipeline.train import stage_code
+from project import ROOT, make_project, run, set_params
 
 
 @pytest.fixture
@@ -92,3 +94,13 @@ def test_a_missing_users_csv_is_named(project):
     result = run(project, "python", "-m", "pipeline.prepare", check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: data/raw/absent.csv: no such file"
+
+
+def test_every_stage_lists_exactly_the_pipeline_modules_its_command_runs():
+    """A module missing from a stage's deps would leave its outputs stale when it changes; one too many reruns it."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        stage = stage.get("do", stage)  # a foreach stage's body
+        module = stage["cmd"].split()[2].removeprefix("pipeline.")
+        listed = sorted(dep for dep in stage["deps"] if dep.startswith("pipeline/"))
+        assert listed == [str(path.relative_to(ROOT)) for path in stage_code(module)], name

@@ -26,6 +26,9 @@ from test_config import PROJECT_PARAMS, expect_error
 from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start, train,
                        wait_for_checkpoint, weights)
 
+# Real stages in processes of their own, through DVC and MLflow: the slow half of the suite.
+pytestmark = pytest.mark.slow
+
 EPOCHS = 14
 
 
@@ -294,3 +297,19 @@ def test_the_params_choose_the_kept_weights_and_early_stopping():
     assert kept_weights("net4", rows, dataclasses.replace(config.train, patience=2)) == (
         "train net4: kept the weights of epoch 1 (the lowest valid loss: valid loss 0.010000, 4.800 px); "
         "stopped early after epoch 3 of 90: 2 epochs without a new lowest valid loss")
+
+
+def test_the_code_fingerprint_of_a_checkpoint_changes_with_the_stages_own_modules_only(tmp_path):
+    """Editing predict.py keeps a resumable checkpoint; editing a module the training runs discards it."""
+    project = make_project(tmp_path / "project", git=False)
+
+    def fingerprint():
+        return run(project, sys.executable, "-c", "from pipeline.train import code_hash; print(code_hash())").stdout
+
+    before = fingerprint()
+    for module, runs_in_training in (("predict.py", False), ("evaluate.py", False), ("optim.py", True)):
+        with (project / "pipeline" / module).open("a") as source:
+            source.write("\n# edited\n")
+        after = fingerprint()
+        assert (after != before) == runs_in_training, module
+        before = after
