@@ -39,6 +39,21 @@ class LoadReport:
     n_dropped: int
 
 
+def images_of(pixels: np.ndarray) -> np.ndarray:
+    """8-bit gray levels as the net's float32 input in 0..1."""
+    return pixels.astype(np.float32) / np.float32(255)
+
+
+def pixels_of(images: np.ndarray) -> np.ndarray:
+    """The net's 0..1 input back as 8-bit gray levels, exactly (the images came from them)."""
+    return np.rint(images * 255).astype(np.uint8)
+
+
+def loss_to_rmse_px(loss):
+    """A mean squared error in the scaled space as an RMSE in pixels (works on arrays too)."""
+    return np.sqrt(loss) * KEYPOINT_SCALE
+
+
 def scale_keypoints(pixels: np.ndarray) -> np.ndarray:
     return ((pixels - KEYPOINT_CENTER) / KEYPOINT_SCALE).astype(np.float32)
 
@@ -55,7 +70,7 @@ def load(path: Path, seed: int) -> tuple[FaceSet, LoadReport]:
         raise PipelineError(f"{path}: no row has all 30 keypoints, so there is nothing to train on")
     order = np.random.default_rng(seed).permutation(int(complete.sum()))
     faces = FaceSet(
-        X=(images[complete][order, None] / np.float32(255)).astype(np.float32),
+        X=images_of(images[complete][order, None]),
         y=scale_keypoints(keypoints[complete][order]),
     )
     return faces, LoadReport(n_rows=len(images), n_dropped=int((~complete).sum()))
@@ -74,7 +89,7 @@ def split(faces: FaceSet, fraction: float, seed: int) -> tuple[FaceSet, FaceSet]
 
 def save_faces(path: Path, faces: FaceSet) -> None:
     """Store as uint8 pixels, four times smaller than float32 and exact, since X came from uint8."""
-    pixels = np.rint(faces.X * 255).astype(np.uint8)
+    pixels = pixels_of(faces.X)
     with atomic_write(path) as temporary, temporary.open("wb") as stream:
         np.savez(stream, pixels=pixels, keypoints=faces.y)
 
@@ -91,7 +106,7 @@ def load_faces(path: Path) -> FaceSet:
     if (pixels.dtype != np.uint8 or pixels.shape[1:] != (1, IMAGE_SIZE, IMAGE_SIZE)
             or keypoints.shape != (len(pixels), len(KEYPOINT_COLUMNS))):
         raise PipelineError(f"{path}: damaged: arrays of shapes {pixels.shape} and {keypoints.shape}; {PREPARE}")
-    return FaceSet(X=pixels.astype(np.float32) / np.float32(255), y=keypoints)
+    return FaceSet(X=images_of(pixels), y=keypoints)
 
 
 def read_summary(path: Path) -> dict:
@@ -103,6 +118,6 @@ def content_hash(*face_sets: FaceSet) -> str:
     """A short digest of the prepared arrays, logged by later stages for lineage."""
     digest = hashlib.sha256()
     for faces in face_sets:
-        digest.update(np.rint(faces.X * 255).astype(np.uint8).tobytes())
+        digest.update(pixels_of(faces.X).tobytes())
         digest.update(np.ascontiguousarray(faces.y).tobytes())
     return digest.hexdigest()[:16]

@@ -19,7 +19,7 @@ from mlflow.entities import DatasetInput
 
 from pipeline import plots
 from pipeline.config import load_config
-from pipeline.data import FaceSet, load_faces, read_summary, unscale_keypoints
+from pipeline.data import FaceSet, load_faces, pixels_of, read_summary, unscale_keypoints
 from pipeline.files import read_json, write_json, write_text
 from pipeline.errors import PipelineError, reports_errors
 from pipeline.kaggle import read_csv_text
@@ -112,7 +112,7 @@ def draw_pictures(folder: Path, results: dict, histories: dict[str, pd.DataFrame
     faces = test.take(slice(0, N_PICTURED_FACES))
     plots.face_grid(
         path["test_predictions.png"],
-        images=faces.X[:, 0] * 255,
+        images=pixels_of(faces.X[:, 0]),
         keypoints=unscale_keypoints(faces.y),
         predicted=unscale_keypoints(predictions[best][:N_PICTURED_FACES]),
         title=f"{best} on test faces: true (green), predicted (red)",

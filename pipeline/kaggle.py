@@ -12,7 +12,7 @@ from __future__ import annotations
 import codecs
 import itertools
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -74,6 +74,18 @@ CHECK_CHUNK_BYTES = 1 << 22
 
 class KaggleFormatError(PipelineError):
     pass
+
+
+def line_error(path: Path, row: int, problem: str) -> KaggleFormatError:
+    """A bad row of a CSV, named by its line in the file: the header is line 1, row 0 line 2."""
+    return KaggleFormatError(f"{path}: line {row + 2}: {problem}")
+
+
+def check_rows(path: Path, bad: np.ndarray, problem: Callable[[int], str]) -> None:
+    """Stop at the first row that `bad` marks, saying what is wrong with it."""
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise line_error(path, row, problem(row))
 
 
 def check_csv_text(path: Path) -> None:
@@ -199,18 +211,10 @@ def _parse_keypoints(path: Path, table: pd.DataFrame) -> np.ndarray:
     for index, column in enumerate(KEYPOINT_COLUMNS):
         text = table[column].str.strip()
         values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float)
-        not_a_number = np.isnan(values) & (text != "").to_numpy()
-        if not_a_number.any():
-            row = int(np.argmax(not_a_number))
-            raise KaggleFormatError(
-                f"{path}: line {row + 2}: {column} is {table[column].iloc[row]!r}, not a number"
-            )
-        outside = ~np.isnan(values) & ~((values >= 0) & (values <= IMAGE_SIZE))
-        if outside.any():
-            row = int(np.argmax(outside))
-            raise KaggleFormatError(
-                f"{path}: line {row + 2}: {column} is {values[row]:g}, outside 0..{IMAGE_SIZE}"
-            )
+        check_rows(path, np.isnan(values) & (text != "").to_numpy(),
+                   lambda row: f"{column} is {table[column].iloc[row]!r}, not a number")
+        check_rows(path, ~np.isnan(values) & ~((values >= 0) & (values <= IMAGE_SIZE)),
+                   lambda row: f"{column} is {values[row]:g}, outside 0..{IMAGE_SIZE}")
         keypoints[:, index] = values
     return keypoints
 
@@ -221,22 +225,14 @@ def parse_images(path: Path, column: pd.Series) -> np.ndarray:
         try:
             values = np.fromstring(text, dtype=np.float32, sep=" ")
         except ValueError:
-            raise KaggleFormatError(
-                f"{path}: line {row + 2}: Image is not {N_PIXELS} space-separated integers"
-            ) from None
+            raise line_error(path, row, f"Image is not {N_PIXELS} space-separated integers") from None
         if values.size == 0:
-            raise KaggleFormatError(f"{path}: line {row + 2}: Image is empty (or the row has fewer than {len(COLUMNS)} fields)")
+            raise line_error(path, row, f"Image is empty (or the row has fewer than {len(COLUMNS)} fields)")
         if values.size != N_PIXELS:
-            raise KaggleFormatError(
-                f"{path}: line {row + 2}: Image has {values.size} values, expected {N_PIXELS}"
-            )
+            raise line_error(path, row, f"Image has {values.size} values, expected {N_PIXELS}")
         pixels[row] = values
     # One vectorised check over all rows is far cheaper than one per row.
-    bad = ((pixels < 0) | (pixels > 255) | (pixels != np.floor(pixels))).any(axis=1)
-    if bad.any():
-        row = int(np.argmax(bad))
-        value = pixels[row][(pixels[row] < 0) | (pixels[row] > 255) | (pixels[row] != np.floor(pixels[row]))][0]
-        raise KaggleFormatError(
-            f"{path}: line {row + 2}: Image value {value:g} is not an integer in 0..255"
-        )
+    bad = (pixels < 0) | (pixels > 255) | (pixels != np.floor(pixels))
+    check_rows(path, bad.any(axis=1),
+               lambda row: f"Image value {pixels[row][bad[row]][0]:g} is not an integer in 0..255")
     return pixels.astype(np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.callbacks import Callback
-from pipeline.data import KEYPOINT_SCALE, FaceSet
+from pipeline.data import FaceSet, loss_to_rmse_px
 from pipeline.errors import PipelineError
 from pipeline.graphs import CapturedSteps
 
@@ -170,7 +170,7 @@ def fit(trainer: Trainer, train: Tensors, valid: Tensors) -> list[dict]:
             "train_loss": train_loss,
             "valid_loss": valid_loss,
             "train_valid_ratio": train_loss / valid_loss,
-            "valid_rmse_px": math.sqrt(valid_loss) * KEYPOINT_SCALE,
+            "valid_rmse_px": float(loss_to_rmse_px(valid_loss)),
             "learning_rate": hyperparameters["lr"],
             "momentum": hyperparameters.get("momentum", 0.0),
             "epoch_seconds": time.perf_counter() - started,

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.data import KEYPOINT_SCALE
+from pipeline.data import KEYPOINT_SCALE, loss_to_rmse_px
 from pipeline.kaggle import KEYPOINTS
 
 PREDICTION_BATCH = 256
@@ -32,11 +32,6 @@ def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int = PREDIC
 def mean_shape(train_keypoints: np.ndarray, n_faces: int) -> np.ndarray:
     """The baseline a net must beat: the training portion's average face, predicted for every face."""
     return np.broadcast_to(train_keypoints.mean(axis=0), (n_faces, train_keypoints.shape[1]))
-
-
-def loss_to_rmse_px(loss):
-    """A mean squared error in the scaled space as an RMSE in pixels (works on arrays too)."""
-    return np.sqrt(loss) * KEYPOINT_SCALE
 
 
 def rmse_curves(history: pd.DataFrame) -> pd.DataFrame:

@@ -35,10 +35,10 @@ import torch
 from PIL import Image, ImageCms
 
 from pipeline.config import load_config
-from pipeline.data import unscale_keypoints
+from pipeline.data import images_of, unscale_keypoints
 from pipeline.errors import PipelineError, reports_errors
 from pipeline.files import atomic_write, read_json, write_text
-from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, parse_images, read_csv_text
+from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, check_rows, parse_images, read_csv_text
 from pipeline.metrics import predict
 from pipeline.plots import draw_keypoints
 from pipeline.tracking import TrackingError, connect, run_of_weights, store_exists, tracking_uri
@@ -152,10 +152,8 @@ def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
 
 def integer_column(path: Path, table: pd.DataFrame, column: str) -> np.ndarray:
     values = pd.to_numeric(table[column].str.strip(), errors="coerce").to_numpy(dtype=float)
-    bad = np.isnan(values) | (values != np.round(values))
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise PipelineError(f"{path}: line {row + 2}: {column} is {table[column].iloc[row]!r}, not an integer")
+    check_rows(path, np.isnan(values) | (values != np.round(values)),
+               lambda row: f"{column} is {table[column].iloc[row]!r}, not an integer")
     return values.astype(np.int64)
 
 
@@ -163,10 +161,7 @@ def read_test_csv(path: Path) -> NamedFaces:
     """Kaggle's test.csv layout: ImageId and a 96x96 Image of space-separated pixels per row."""
     table = read_table(path, TEST_COLUMNS)
     image_ids = integer_column(path, table, "ImageId")
-    repeated = pd.Series(image_ids).duplicated().to_numpy()
-    if repeated.any():
-        row = int(np.argmax(repeated))
-        raise PipelineError(f"{path}: line {row + 2}: ImageId {image_ids[row]} appears twice")
+    check_rows(path, pd.Series(image_ids).duplicated().to_numpy(), lambda row: f"ImageId {image_ids[row]} appears twice")
     return NamedFaces([str(image_id) for image_id in image_ids], parse_images(path, table["Image"]))
 
 
@@ -176,7 +171,7 @@ def read_images(paths: list[Path]) -> NamedFaces:
 
 def predict_pixels(model, faces: NamedFaces) -> np.ndarray:
     """Keypoints (n, 30) in pixels, the images scaled to [0, 1] as the net was trained on them."""
-    return unscale_keypoints(predict(model, faces.images[:, None] / np.float32(255)))
+    return unscale_keypoints(predict(model, images_of(faces.images[:, None])))
 
 
 def predictions_table(faces: NamedFaces, keypoints: np.ndarray) -> pd.DataFrame:
@@ -190,17 +185,9 @@ def submission_table(lookup_path: Path, lookup: pd.DataFrame, test_path: Path, f
     """The Location of each RowId of the lookup table, in pixels clipped to the image."""
     image_ids = integer_column(lookup_path, lookup, "ImageId")
     rows = pd.Index([int(name) for name in faces.names]).get_indexer(image_ids)
-    if (rows < 0).any():
-        line = int(np.argmax(rows < 0))
-        raise PipelineError(
-            f"{lookup_path}: line {line + 2}: ImageId {image_ids[line]} is not in {test_path}"
-        )
+    check_rows(lookup_path, rows < 0, lambda row: f"ImageId {image_ids[row]} is not in {test_path}")
     columns = pd.Index(KEYPOINT_COLUMNS).get_indexer(lookup["FeatureName"].str.strip())
-    if (columns < 0).any():
-        line = int(np.argmax(columns < 0))
-        raise PipelineError(
-            f"{lookup_path}: line {line + 2}: unknown FeatureName {lookup['FeatureName'].iloc[line]!r}"
-        )
+    check_rows(lookup_path, columns < 0, lambda row: f"unknown FeatureName {lookup['FeatureName'].iloc[row]!r}")
     return pd.DataFrame({
         "RowId": integer_column(lookup_path, lookup, "RowId"),
         "Location": np.clip(keypoints[rows, columns], 0, IMAGE_SIZE),

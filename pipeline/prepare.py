@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.config import load_config
-from pipeline.data import content_hash, load, save_faces, split, unscale_keypoints
+from pipeline.data import content_hash, load, pixels_of, save_faces, split, unscale_keypoints
 from pipeline.files import write_json
 from pipeline.errors import reports_errors
 from pipeline.plots import face_grid
@@ -35,7 +33,7 @@ def main() -> None:
     samples = train.take(slice(0, N_SAMPLE_FACES))
     face_grid(
         Path(config.paths.plots) / "samples.png",
-        images=np.rint(samples.X[:, 0] * 255).astype(np.uint8),
+        images=pixels_of(samples.X[:, 0]),
         keypoints=unscale_keypoints(samples.y),
         title=f"{N_SAMPLE_FACES} training faces from {source}",
     )

@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
+import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -26,12 +27,13 @@ from pipeline.augment import flip_random_half
 from pipeline.callbacks import AdjustHyperparameter, Callback, EarlyStopping, EpochTable, KeepBest
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config, TrainConfig, flatten, load_config
-from pipeline.data import load_faces, read_summary, split
+from pipeline.data import load_faces, loss_to_rmse_px, read_summary, split
 from pipeline.device import Ranks, process_group, resolve_device, use_deterministic_kernels
 from pipeline.errors import Interrupted, PipelineError, reports_errors
 from pipeline.files import atomic_write, exclusive_lock, write_json
 from pipeline.loop import Tensors, Trainer, fit
 from pipeline.memory import reuse_freed_memory
+from pipeline.metrics import best_valid
 from pipeline.model import KeypointNet
 from pipeline.optim import NesterovSGD
 from pipeline.tracking import MlflowLogger, TrackingError, connect, faces_inputs, training_run
@@ -78,12 +80,12 @@ def build_trainer(config: Config, net_name: str, device: torch.device, ranks: Ra
 
 def final_figures(history: list[dict]) -> dict:
     """The training's headline figures, for `dvc metrics show`; the rest is in the history."""
-    best = min(history, key=lambda row: row["valid_loss"])
+    loss, epoch = best_valid(pd.DataFrame(history))
     return {
         "epochs": history[-1]["epoch"],
-        "best_epoch": best["epoch"],
-        "best_valid_loss": best["valid_loss"],
-        "best_valid_rmse_px": best["valid_rmse_px"],
+        "best_epoch": epoch,
+        "best_valid_loss": loss,
+        "best_valid_rmse_px": float(loss_to_rmse_px(loss)),
     }
 
 

@@ -35,6 +35,7 @@ def upcoming_orders(generator: torch.Generator, n: int, epochs: int) -> list[lis
     return [torch.randperm(n, generator=replay).tolist() for _ in range(epochs)]
 
 
+@pytest.mark.slow
 # In float32 the NCHW and channels_last kernels sum in different orders, and SGD on noise
 # amplifies the rounding; in float64 the two loops agree to rounding, which shows the maths is
 # the same. The project sums its losses in the targets' dtype.
@@ -81,6 +82,7 @@ def test_weights_of_another_shape_are_refused():
         reference.load_keypoint_net_weights(reference.reference_net(), state)
 
 
+@pytest.mark.slow
 def test_benchmark_prints_every_row(capsys):
     train_speed.main(["--images", "128", "--epochs", "2", "--skip-csv", "--skip-dvc"])
     printed = capsys.readouterr().out
@@ -90,6 +92,7 @@ def test_benchmark_prints_every_row(capsys):
     assert "Kaggle-size CSV" not in printed and "dvc repro" not in printed
 
 
+@pytest.mark.slow
 def test_stage_overhead_benchmark_times_the_real_stage():
     # In a process of its own, as it is run: it sets the process's allocator and kernels as the stage does.
     lines = run(ROOT, sys.executable, "-m", "benchmarks.stage_overhead", "--epochs", "3", "--faces", "120").stdout.splitlines()
@@ -111,6 +114,7 @@ def test_the_flop_count_is_the_seed_networks():
     assert round(training / 1e9, 2) == 0.26 and round(validation / 1e9, 2) == 0.09  # the issue's figures
 
 
+@pytest.mark.slow
 def test_the_device_benchmark_times_both_nets_alone_and_together_on_any_device():
     lines = run(ROOT, sys.executable, "-m", "benchmarks.device_speed", "--device", "cpu", "--epochs", "3",
                 "--train-faces", "24", "--valid-faces", "8").stdout.splitlines()

@@ -11,6 +11,9 @@ from pipeline.weights import load_model, save_model
 from test_loop import EpochWeights, assert_weights, data, falls_then_rises, make_trainer
 from trainings import RaiseIn
 
+# Trainings stopped, saved and resumed.
+pytestmark = pytest.mark.slow
+
 
 class Payload:
     """What a malicious file would carry: unpickling it runs code (here, it creates a file)."""

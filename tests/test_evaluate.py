@@ -16,6 +16,9 @@ from pipeline.tracking import WEIGHTS_TAG
 from pipeline.weights import load_model, weights_checksum
 from project import make_project, run
 
+# Every test reads a project that trained both nets through `dvc repro`.
+pytestmark = pytest.mark.slow
+
 PICTURE_SIZES = {  # pixels at the plots' 80 dpi
     "learning_curves.png": (560, 360),
     "schedules.png": (720, 280),

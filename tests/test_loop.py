@@ -6,6 +6,7 @@ import torch
 
 from pipeline.augment import flip_random_half
 from pipeline.callbacks import AdjustHyperparameter, Callback, EarlyStopping, EpochTable, KeepBest
+from pipeline.data import loss_to_rmse_px
 from pipeline.errors import PipelineError
 from pipeline.loop import Tensors, Trainer, fit
 from pipeline.model import KeypointNet
@@ -46,6 +47,7 @@ class Recorder(Callback):
         self.calls.append("train_end")
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_learnable_task():
     history = fit(make_trainer(4, lr=0.1), data(256), data(32, seed=1))
     assert history[-1]["train_loss"] < 0.2 * history[0]["train_loss"]
@@ -59,7 +61,7 @@ def test_history_rows_hold_every_epoch_figure():
     assert set(row) == {"epoch", "train_loss", "valid_loss", "train_valid_ratio", "valid_rmse_px",
                         "learning_rate", "momentum", "epoch_seconds"}
     assert row["train_valid_ratio"] == pytest.approx(row["train_loss"] / row["valid_loss"])
-    assert row["valid_rmse_px"] == pytest.approx(row["valid_loss"] ** 0.5 * 48)
+    assert row["valid_rmse_px"] == pytest.approx(loss_to_rmse_px(row["valid_loss"]))
 
 
 def test_hooks_run_in_order():
@@ -224,6 +226,7 @@ def test_early_stopping_counts_from_the_history_so_a_resumed_training_stops_wher
     assert not ended.should_stop
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("net", ["net4", "net5"])
 def test_the_stage_loop_computes_the_losses_and_weights_of_the_plain_eager_loop(net):
     """In float64, where rounding cannot hide a difference in the mathematics."""

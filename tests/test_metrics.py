@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.data import loss_to_rmse_px
 from pipeline.kaggle import KEYPOINTS
-from pipeline.metrics import (best_valid, first_epoch_reaching, improvement_percent, loss_to_rmse_px, mean_shape,
+from pipeline.metrics import (best_valid, first_epoch_reaching, improvement_percent, mean_shape,
                               per_keypoint_rmse_px, predict, rmse_curves, rmse_px, score, summarize,
                               training_comparison)
 from pipeline.model import KeypointNet
@@ -104,7 +105,7 @@ def test_the_common_target_is_the_worse_best_so_both_nets_reach_it():
         "net5": history([0.4, 0.2, 0.1, 0.15]),
     })
     assert target == 0.2
-    assert figures["net4"] == {"best_valid_loss": 0.2, "best_valid_rmse_px": pytest.approx(math.sqrt(0.2) * 48),
+    assert figures["net4"] == {"best_valid_loss": 0.2, "best_valid_rmse_px": pytest.approx(loss_to_rmse_px(0.2)),
                                "best_epoch": 3, "epoch_reaching_target": 3}
     assert figures["net5"]["best_epoch"] == 3 and figures["net5"]["epoch_reaching_target"] == 2
 

@@ -130,8 +130,8 @@ def test_queued_experiments_land_in_the_projects_store_tagged_with_their_names(t
     run(project, "git", "add", "-A")
     run(project, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "baseline")
     sweep = {"lr-002": 0.02, "lr-005": 0.05}
-    for name, start in sweep.items():
-        run(project, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.schedules.lr.start={start}")
+    for name, lr_start in sweep.items():
+        run(project, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.schedules.lr.start={lr_start}")
     run(project, "dvc", "queue", "start", "-j", "2")
     deadline = time.monotonic() + 600
     while True:
@@ -145,12 +145,12 @@ def test_queued_experiments_land_in_the_projects_store_tagged_with_their_names(t
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])
-    for name, start in sweep.items():
+    for name, lr_start in sweep.items():
         tagged = [r for r in runs if r.data.tags.get("dvc_experiment") == name]
         assert sorted(r.info.run_name for r in tagged) == ["net4", "net5"], name
         for logged in tagged:
             assert logged.info.status == "FINISHED"
-            assert float(logged.data.params["train.schedules.lr.start"]) == start
+            assert float(logged.data.params["train.schedules.lr.start"]) == lr_start
             assert [p.step for p in client.get_metric_history(logged.info.run_id, "train_loss")] == [1, 2]
             assert "test_rmse_px" in logged.data.metrics  # evaluate, in the copy too, found the run
             assert str(project) in logged.info.artifact_uri and ".dvc/tmp" not in logged.info.artifact_uri

@@ -5,6 +5,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from pipeline import plots
+from pipeline.data import loss_to_rmse_px
 from pipeline.kaggle import KAGGLE_MEANS, KEYPOINTS
 
 DPI = 80  # plots save at 80 dots per inch
@@ -28,8 +29,8 @@ def size_of(path):
 
 def curves():
     return {
-        net: pd.DataFrame({"epoch": h["epoch"], "train_rmse_px": np.sqrt(h["train_loss"]) * 48,
-                           "valid_rmse_px": np.sqrt(h["valid_loss"]) * 48})
+        net: pd.DataFrame({"epoch": h["epoch"], "train_rmse_px": loss_to_rmse_px(h["train_loss"]),
+                           "valid_rmse_px": loss_to_rmse_px(h["valid_loss"])})
         for net, h in histories().items()
     }
 

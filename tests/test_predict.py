@@ -64,6 +64,7 @@ def write_lookup(path, rows):
     return path
 
 
+@pytest.mark.slow  # the command in a process of its own
 def test_the_command_predicts_a_png_and_draws_it(project, tmp_path):
     Image.fromarray(random_pixels((120, 100, 3))).save(tmp_path / "face.png")
     result = run(project, "python", "-m", "pipeline.predict", str(tmp_path / "face.png"),

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.data import loss_to_rmse_px
 from pipeline.kaggle import KEYPOINTS
 from pipeline.report import answer, comparison_markdown, markdown_table, summary_rows, text_table
 
@@ -9,7 +10,7 @@ from pipeline.report import answer, comparison_markdown, markdown_table, summary
 def results():
     def net(test_rmse, best_loss, best_epoch, reaching):
         return {"test_rmse_px": test_rmse, "per_keypoint_rmse_px": {name: test_rmse for name in KEYPOINTS},
-                "best_valid_loss": best_loss, "best_valid_rmse_px": best_loss ** 0.5 * 48,
+                "best_valid_loss": best_loss, "best_valid_rmse_px": loss_to_rmse_px(best_loss),
                 "best_epoch": best_epoch, "epoch_reaching_target": reaching}
     return {
         "net4": net(2.0, 0.0025, 40, 40),

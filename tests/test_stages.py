@@ -10,6 +10,9 @@ from pipeline.kaggle import COLUMNS, KAGGLE_MEANS, write_training_csv
 from pipeline.train import stage_code
 from project import ROOT, make_project, run, set_params
 
+# Stages run as their commands, in processes of their own.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def project(tmp_path):

@@ -21,6 +21,9 @@ from project import free_port, make_project, run, set_params
 from test_loop import data, make_trainer
 from trainings import RaiseIn, logged, metric_keys, runs, saved_epochs, start, train
 
+# Trainings logged into real MLflow stores and servers.
+pytestmark = pytest.mark.slow
+
 
 def train_logged(net_name="net4", epochs=3):
     trainer = make_trainer(epochs, [AdjustHyperparameter("lr", 0.03, 0.0001), AdjustHyperparameter("momentum", 0.9, 0.999)])

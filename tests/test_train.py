@@ -19,6 +19,7 @@ import torch
 from faults import full_disk, run_with
 from pipeline.callbacks import EarlyStopping, KeepBest
 from pipeline.config import load_config
+from pipeline.data import loss_to_rmse_px
 from pipeline.tracking import EXPERIMENT
 from pipeline.train import build_trainer, kept_weights
 from project import free_port, make_project, run, set_params
@@ -292,7 +293,7 @@ def test_the_params_choose_the_kept_weights_and_early_stopping():
     keep, stopping = [c for c in build_trainer(last, "net4", cpu).callbacks if isinstance(c, (KeepBest, EarlyStopping))]
     assert not keep.restore and stopping.patience == 50
 
-    rows = [{"epoch": epoch, "valid_loss": loss, "valid_rmse_px": loss ** 0.5 * 48, "kept_epoch": 1}
+    rows = [{"epoch": epoch, "valid_loss": loss, "valid_rmse_px": loss_to_rmse_px(loss), "kept_epoch": 1}
             for epoch, loss in enumerate([0.01, 0.04, 0.09], start=1)]
     assert kept_weights("net4", rows, dataclasses.replace(config.train, patience=2)) == (
         "train net4: kept the weights of epoch 1 (the lowest valid loss: valid loss 0.010000, 4.800 px); "
