@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from faces import bright_square_faces
+from loops import bright_square_faces
 from pipeline.config import load_config
 from pipeline.data import FaceSet
 from pipeline.loop import Tensors, Trainer, fit

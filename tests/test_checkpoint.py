@@ -8,7 +8,7 @@ from pipeline.checkpoint import Checkpoint, fingerprint, read_training_state
 from pipeline.errors import PipelineError
 from pipeline.loop import fit
 from pipeline.weights import load_model, save_model
-from test_loop import EpochWeights, assert_weights, data, falls_then_rises, make_trainer
+from loops import EpochWeights, assert_weights, data, falls_then_rises, make_trainer
 from trainings import RaiseIn
 
 # Trainings stopped, saved and resumed.

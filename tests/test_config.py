@@ -106,3 +106,13 @@ def test_broken_yaml_is_one_line(tmp_path):
     with pytest.raises(PipelineError, match="not valid YAML") as caught:
         load_config(path)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("keep", "first", "train.keep must be best or last"),
+    ("keep", None, "train.keep must be a non-empty string"),
+    ("patience", -1, "train.patience must be 0 (no early stopping) or more"),
+    ("patience", 2.5, "train.patience must be an integer"),
+])
+def test_bad_keep_or_patience_is_one_line(tmp_path, key, value, fragment):
+    expect_error(tmp_path, lambda p: p["train"].update({key: value}), fragment)

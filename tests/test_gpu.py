@@ -23,7 +23,7 @@ from pipeline.metrics import predict
 from pipeline.model import KeypointNet
 from pipeline.weights import load_model, save_model
 from project import make_project, run
-from faces import bright_square_faces
+from loops import bright_square_faces
 from plain_loop import assert_same_training, faces_of, fast_and_plain, stage_trainer
 from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start,
                        wait_for_checkpoint, weights)

@@ -4,27 +4,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.augment import flip_random_half
+from loops import EpochWeights, assert_weights, bright_square_faces, data, falls_then_rises, make_trainer
 from pipeline.callbacks import AdjustHyperparameter, Callback, EarlyStopping, EpochTable, KeepBest
 from pipeline.data import loss_to_rmse_px
 from pipeline.errors import PipelineError
-from pipeline.loop import Tensors, Trainer, fit
-from pipeline.model import KeypointNet
-from faces import bright_square_faces
+from pipeline.loop import Tensors, fit
 from plain_loop import assert_same_training, fast_and_plain
-
-
-def make_trainer(max_epochs, callbacks=(), flip=False, lr=0.01, momentum=0.9):
-    torch.manual_seed(0)
-    model = KeypointNet().to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True)
-    return Trainer(model, optimizer, max_epochs, batch_size=16, generator=torch.Generator().manual_seed(0),
-                   augment=flip_random_half if flip else None,
-                   augment_generator=torch.Generator().manual_seed(1) if flip else None, callbacks=list(callbacks))
-
-
-def data(n=64, seed=0):
-    return Tensors.of(bright_square_faces(n, seed), torch.device("cpu"))
 
 
 class Recorder(Callback):
@@ -157,27 +142,6 @@ def test_epoch_table_on_a_terminal_marks_the_best_losses_in_colour(monkeypatch):
     plain = FakeTerminal()
     fit(make_trainer(1, callbacks=[EpochTable(plain)]), data(16), data(16, seed=1))
     assert "\033[" not in plain.getvalue()
-
-
-def falls_then_rises():
-    """A learning rate annealed from 0.3 to -0.3 over 4 epochs: descent, then ascent, so that on
-    tiny data the valid loss is lowest in epoch 2 and the weights of the last epoch are worse."""
-    return AdjustHyperparameter("lr", 0.3, -0.3)
-
-
-class EpochWeights(Callback):
-    """A copy of the net's weights after every epoch."""
-
-    def __init__(self):
-        self.weights = []
-
-    def on_epoch_finished(self, trainer, history):
-        self.weights.append({key: value.clone() for key, value in trainer.network.state_dict().items()})
-
-
-def assert_weights(model, expected):
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, expected[key]), key
 
 
 def test_the_net_ends_with_the_weights_of_the_lowest_valid_loss_or_of_the_last_epoch():

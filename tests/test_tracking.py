@@ -18,7 +18,7 @@ from pipeline.model import KeypointNet
 from pipeline.kaggle import KEYPOINT_COLUMNS
 from pipeline.tracking import EXPERIMENT, MlflowLogger, connect, faces_inputs, git_state, log_model, training_run
 from project import free_port, make_project, run, set_params
-from test_loop import data, make_trainer
+from loops import data, make_trainer
 from trainings import RaiseIn, logged, metric_keys, runs, saved_epochs, start, train
 
 # Trainings logged into real MLflow stores and servers.

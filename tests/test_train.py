@@ -22,8 +22,7 @@ from pipeline.config import load_config
 from pipeline.data import loss_to_rmse_px
 from pipeline.tracking import EXPERIMENT
 from pipeline.train import build_trainer, kept_weights
-from project import free_port, make_project, run, set_params
-from test_config import PROJECT_PARAMS, expect_error
+from project import ROOT, free_port, make_project, run, set_params
 from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start, train,
                        wait_for_checkpoint, weights)
 
@@ -273,18 +272,8 @@ def test_torchrun_on_two_processes_trains_like_one_process(project, tmp_path, ne
         assert torch.allclose(weights(project, net)[key], value, rtol=1e-4, atol=1e-6), key
 
 
-@pytest.mark.parametrize("key, value, fragment", [
-    ("keep", "first", "train.keep must be best or last"),
-    ("keep", None, "train.keep must be a non-empty string"),
-    ("patience", -1, "train.patience must be 0 (no early stopping) or more"),
-    ("patience", 2.5, "train.patience must be an integer"),
-])
-def test_bad_keep_or_patience_is_one_line(tmp_path, key, value, fragment):
-    expect_error(tmp_path, lambda p: p["train"].update({key: value}), fragment)
-
-
 def test_the_params_choose_the_kept_weights_and_early_stopping():
-    config = load_config(PROJECT_PARAMS)
+    config = load_config(ROOT / "params.yaml")
     assert (config.train.keep, config.train.patience) == ("best", 0)  # the seed protocol runs every epoch
     cpu = torch.device("cpu")
     [keep] = [c for c in build_trainer(config, "net4", cpu).callbacks if isinstance(c, (KeepBest, EarlyStopping))]

@@ -5,7 +5,7 @@ from pipeline.checkpoint import STATE_FORMAT, Checkpoint, read_training_state, w
 from pipeline.errors import PipelineError
 from pipeline.model import KeypointNet
 from pipeline.weights import load_checked, load_model, save_checked, save_model
-from test_loop import make_trainer
+from loops import make_trainer
 
 MARKER = torch.arange(1000, 1256, dtype=torch.float32)  # bytes easy to find in the file
 

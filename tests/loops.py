@@ -1,0 +1,57 @@
+"""Small in-process trainings on made-up faces, for the tests of the loop, checkpoints, tracking and weights."""
+
+import numpy as np
+import torch
+
+from pipeline.augment import flip_random_half
+from pipeline.callbacks import AdjustHyperparameter, Callback
+from pipeline.data import FaceSet
+from pipeline.loop import Tensors, Trainer
+from pipeline.model import KeypointNet
+
+
+def bright_square_faces(n, seed):
+    """Images with one bright square whose position is the target: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    X = np.zeros((n, 1, 96, 96), dtype=np.float32)
+    y = np.zeros((n, 30), dtype=np.float32)
+    for i in range(n):
+        row, column = rng.integers(10, 80, size=2)
+        X[i, 0, row:row + 8, column:column + 8] = 1
+        y[i, 0::2] = (column + 4 - 48) / 48
+        y[i, 1::2] = (row + 4 - 48) / 48
+    return FaceSet(X, y)
+
+
+def make_trainer(max_epochs, callbacks=(), flip=False, lr=0.01, momentum=0.9):
+    torch.manual_seed(0)
+    model = KeypointNet().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True)
+    return Trainer(model, optimizer, max_epochs, batch_size=16, generator=torch.Generator().manual_seed(0),
+                   augment=flip_random_half if flip else None,
+                   augment_generator=torch.Generator().manual_seed(1) if flip else None, callbacks=list(callbacks))
+
+
+def data(n=64, seed=0):
+    return Tensors.of(bright_square_faces(n, seed), torch.device("cpu"))
+
+
+def falls_then_rises():
+    """A learning rate annealed from 0.3 to -0.3 over 4 epochs: descent, then ascent, so that on
+    tiny data the valid loss is lowest in epoch 2 and the weights of the last epoch are worse."""
+    return AdjustHyperparameter("lr", 0.3, -0.3)
+
+
+class EpochWeights(Callback):
+    """A copy of the net's weights after every epoch."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_epoch_finished(self, trainer, history):
+        self.weights.append({key: value.clone() for key, value in trainer.network.state_dict().items()})
+
+
+def assert_weights(model, expected):
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
