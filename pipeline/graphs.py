@@ -68,6 +68,8 @@ class CapturedSteps:
         itself waits for the device once: a cost per batch shape, not per step.)"""
         static_images, static_targets = images.clone(), targets.clone()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # Only this thread's calls are checked: the checkpoint's writer thread may be copying an
+        # earlier epoch's state to the host meanwhile, on a stream of its own.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             loss = self.step(static_images, static_targets, global_rows)
         return _Captured(graph, static_images, static_targets, loss)
