@@ -22,7 +22,7 @@ from pipeline.config import load_config
 from pipeline.data import FaceSet, load_faces, pixels_of, read_summary, unscale_keypoints
 from pipeline.files import read_json, write_json, write_text
 from pipeline.errors import PipelineError, reports_errors
-from pipeline.kaggle import read_csv_text
+from pipeline.kaggle import read_table
 from pipeline.metrics import mean_shape, predict, rmse_curves, score, summarize
 from pipeline.report import (BASELINE_LABEL, SUMMARY_HEADER, answer, comparison_lines, comparison_markdown,
                              summary_rows, text_table)
@@ -44,13 +44,7 @@ N_PICTURED_FACES = 16
 def read_history(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise PipelineError(f"{path}: no such file (train the nets first with `dvc repro`)")
-    history = read_csv_text(path)
-    missing = [column for column in HISTORY_COLUMNS if column not in history.columns]
-    if missing:
-        raise PipelineError(f"{path}: line 1: column {missing[0]!r} is missing")
-    if history.empty:
-        raise PipelineError(f"{path}: no epochs recorded")
-    return history
+    return read_table(path, HISTORY_COLUMNS)
 
 
 def read_model_info(path: Path, data_hash: str) -> dict:

@@ -72,6 +72,11 @@ NOT_CSV_SIGNATURES = (
 CHECK_CHUNK_BYTES = 1 << 22
 
 
+# Kaggle's test.csv, and its lookup table (which also has an empty Location column, the submission's).
+TEST_COLUMNS = ("ImageId", "Image")
+LOOKUP_COLUMNS = ("RowId", "ImageId", "FeatureName")
+
+
 class KaggleFormatError(PipelineError):
     pass
 
@@ -149,6 +154,36 @@ def read_csv_text(path: Path, **options) -> pd.DataFrame:
         raise KaggleFormatError(f"{path}: the file is empty") from None
     except pd.errors.ParserError as error:
         raise KaggleFormatError(f"{path}: {parser_problem(error)}") from None
+
+
+def read_table(path: Path, required: tuple[str, ...], **options) -> pd.DataFrame:
+    """A CSV with the `required` columns and at least one row (read_csv_text's options)."""
+    if not path.is_file():
+        raise KaggleFormatError(f"{path}: no such file")
+    table = read_csv_text(path, **options)
+    missing = [column for column in required if column not in table.columns]
+    if missing:
+        raise KaggleFormatError(f"{path}: line 1: column {missing[0]!r} is missing (expected {', '.join(required)})")
+    if table.empty:
+        raise KaggleFormatError(f"{path}: the file has a header but no rows")
+    return table
+
+
+def integer_column(path: Path, table: pd.DataFrame, column: str) -> np.ndarray:
+    """A column of a table read as text (dtype=str), every row an integer."""
+    values = pd.to_numeric(table[column].str.strip(), errors="coerce").to_numpy(dtype=float)
+    check_rows(path, np.isnan(values) | (values != np.round(values)),
+               lambda row: f"{column} is {table[column].iloc[row]!r}, not an integer")
+    return values.astype(np.int64)
+
+
+def read_test_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Kaggle's test.csv: each row's ImageId (distinct integers) and its 96x96 Image of space-separated
+    pixels, as (ImageIds, uint8 images (n, 96, 96))."""
+    table = read_table(path, TEST_COLUMNS, dtype=str, keep_default_na=False)
+    image_ids = integer_column(path, table, "ImageId")
+    check_rows(path, pd.Series(image_ids).duplicated().to_numpy(), lambda row: f"ImageId {image_ids[row]} appears twice")
+    return image_ids, parse_images(path, table["Image"])
 
 
 def read_training_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -38,15 +38,13 @@ from pipeline.config import load_config
 from pipeline.data import images_of, unscale_keypoints
 from pipeline.errors import PipelineError, reports_errors
 from pipeline.files import atomic_write, read_json, write_text
-from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, check_rows, parse_images, read_csv_text
+from pipeline import kaggle
+from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, LOOKUP_COLUMNS, check_rows, integer_column, read_table
 from pipeline.metrics import predict
 from pipeline.plots import draw_keypoints
 from pipeline.tracking import TrackingError, connect, run_of_weights, store_exists, tracking_uri
 from pipeline.weights import load_model
 
-TEST_COLUMNS = ("ImageId", "Image")
-# Kaggle's lookup table also has an empty Location column, which the submission fills.
-LOOKUP_COLUMNS = ("RowId", "ImageId", "FeatureName")
 # A test.csv compressed as such (test.csv.gz) is still meant as a CSV: its check says how to decompress it.
 COMPRESSED_SUFFIXES = (".gz", ".zip", ".bz2", ".xz", ".zst")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -137,32 +135,9 @@ def float_levels(path: Path, pixels: np.ndarray) -> np.ndarray:
     )
 
 
-def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    """A CSV as text, with the `required` columns; lines are numbered as in the file (header = 1)."""
-    if not path.is_file():
-        raise PipelineError(f"{path}: no such file")
-    table = read_csv_text(path, dtype=str, keep_default_na=False)
-    missing = [column for column in required if column not in table.columns]
-    if missing:
-        raise PipelineError(f"{path}: line 1: column {missing[0]!r} is missing (expected {', '.join(required)})")
-    if table.empty:
-        raise PipelineError(f"{path}: the file has a header but no rows")
-    return table
-
-
-def integer_column(path: Path, table: pd.DataFrame, column: str) -> np.ndarray:
-    values = pd.to_numeric(table[column].str.strip(), errors="coerce").to_numpy(dtype=float)
-    check_rows(path, np.isnan(values) | (values != np.round(values)),
-               lambda row: f"{column} is {table[column].iloc[row]!r}, not an integer")
-    return values.astype(np.int64)
-
-
 def read_test_csv(path: Path) -> NamedFaces:
-    """Kaggle's test.csv layout: ImageId and a 96x96 Image of space-separated pixels per row."""
-    table = read_table(path, TEST_COLUMNS)
-    image_ids = integer_column(path, table, "ImageId")
-    check_rows(path, pd.Series(image_ids).duplicated().to_numpy(), lambda row: f"ImageId {image_ids[row]} appears twice")
-    return NamedFaces([str(image_id) for image_id in image_ids], parse_images(path, table["Image"]))
+    image_ids, images = kaggle.read_test_csv(path)
+    return NamedFaces([str(image_id) for image_id in image_ids], images)
 
 
 def read_images(paths: list[Path]) -> NamedFaces:
@@ -299,8 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"predict: {model_description(config.paths.model_info(args.net), args.net, model)}", flush=True)
     keypoints = predict_pixels(model, faces)
     # Every input is checked before anything is written, so a bad row leaves no partial output.
-    submission = (submission_table(args.lookup, read_table(args.lookup, LOOKUP_COLUMNS), args.inputs[0], faces,
-                                   keypoints) if args.lookup else None)
+    lookup = read_table(args.lookup, LOOKUP_COLUMNS, dtype=str, keep_default_na=False) if args.lookup else None
+    submission = submission_table(args.lookup, lookup, args.inputs[0], faces, keypoints) if args.lookup else None
     write_text(args.output, predictions_table(faces, keypoints).to_csv(index=False, float_format="%.4f"))
     print(f"predict: {args.net} on {len(faces.names)} faces -> {args.output}")
     if submission is not None:

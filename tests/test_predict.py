@@ -15,9 +15,9 @@ from PIL import Image, ImageCms
 from pipeline.errors import PipelineError
 from pipeline.tracking import WEIGHTS_TAG
 from pipeline.weights import load_model, save_model, weights_checksum
-from pipeline.kaggle import KEYPOINT_COLUMNS
+from pipeline.kaggle import KEYPOINT_COLUMNS, LOOKUP_COLUMNS, read_table
 from pipeline.model import KeypointNet
-from pipeline.predict import (NamedFaces, main, predict_pixels, read_image, read_images, read_table,
+from pipeline.predict import (NamedFaces, main, predict_pixels, read_image, read_images,
                               submission_table)
 from project import make_project, run
 
@@ -239,7 +239,7 @@ def test_a_16_bit_face_is_predicted_as_its_8_bit_levels(workdir):
 
 def test_a_table_with_a_utf8_byte_order_mark_is_read(tmp_path):
     (tmp_path / "lookup.csv").write_bytes(b"\xef\xbb\xbfRowId,ImageId,FeatureName\n1,1,nose_tip_x\n")
-    table = read_table(tmp_path / "lookup.csv", ("RowId", "ImageId", "FeatureName"))
+    table = read_table(tmp_path / "lookup.csv", LOOKUP_COLUMNS, dtype=str, keep_default_na=False)
     assert table.columns.tolist() == ["RowId", "ImageId", "FeatureName"]
 
 
