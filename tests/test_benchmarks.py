@@ -86,8 +86,20 @@ def test_weights_of_another_shape_are_refused():
 def test_benchmark_prints_every_row(capsys):
     train_speed.main(["--images", "128", "--epochs", "2", "--skip-csv", "--skip-dvc"])
     printed = capsys.readouterr().out
-    rows = {line.split()[0] for line in printed.splitlines() if line.strip()}
-    assert {"machine:", "loop", "reference", "net4", "net5"} <= rows
+    assert printed.startswith("machine: ")
+    # The table's rows: a loop's name, then its allocator.
+    rows = {line.split()[0]: line.split() for line in printed.splitlines()
+            if re.match(r"\S+ +(reuse|default) +[\d.]+ ", line)}
+    assert set(rows) == {"reference", "net4", "net5", "ref+alloc"}
+    for loop in ("reference", "net4", "net5", "ref+alloc"):
+        epoch_seconds, images_per_second, ms_per_image = map(float, rows[loop][2:5])
+        # Each figure is the others' arithmetic: 128 images in the median epoch.
+        assert images_per_second == pytest.approx(128 / epoch_seconds, rel=0.01, abs=0.1)
+        assert ms_per_image == pytest.approx(1000 / images_per_second, rel=0.01, abs=0.01)
+        assert rows[loop][5].endswith("x") and float(rows[loop][5][:-1]) > 0
+    assert rows["reference"][5] == "1.00x"
+    speedup = re.search(r"net4 speed-up over the reference: ([\d.]+)x", printed)
+    assert speedup and float(speedup.group(1)) == pytest.approx(float(rows["net4"][5][:-1]), abs=0.011)
     assert "flip overhead over net4" in printed
     assert "Kaggle-size CSV" not in printed and "dvc repro" not in printed
 

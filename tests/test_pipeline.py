@@ -50,7 +50,8 @@ def test_dvc_repro_trains_both_nets_and_logs_every_epoch(tmp_path):
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
     for key in ("net4", "net5", "baseline"):
         assert evaluation[key]["test_rmse_px"] > 0
-    assert len(list((project / "plots").glob("*.png"))) >= 3
+    assert sorted(path.name for path in (project / "plots").glob("*.png")) == [
+        "keypoint_errors.png", "learning_curves.png", "samples.png", "schedules.png", "test_predictions.png"]
     assert "| net5 |" in (project / "reports/comparison.md").read_text()
     shown = run(project, "dvc", "metrics", "show").stdout
     assert "net5.test_rmse_px" in shown and "best_valid_rmse_px" in shown

@@ -48,9 +48,17 @@ def drawn(monkeypatch):
     return lambda: saved[-1]
 
 
-def test_learning_curves(tmp_path):
+def test_learning_curves_draw_each_nets_train_and_valid_rmse_and_the_baseline(tmp_path, drawn):
     plots.learning_curves(tmp_path / "curves" / "learning_curves.png", curves(), baseline_rmse_px=3.7)
     assert size_of(tmp_path / "curves" / "learning_curves.png") == (7 * DPI, int(4.5 * DPI))
+    lines = {line.get_label(): line for line in drawn().axes[0].get_lines()}
+    assert set(lines) == {"net4 train", "net4 valid", "net5 train", "net5 valid", "mean-shape baseline (test)"}
+    for net, curve in curves().items():
+        for kind in ("train", "valid"):
+            np.testing.assert_array_equal(lines[f"{net} {kind}"].get_ydata(), curve[f"{kind}_rmse_px"])
+            np.testing.assert_array_equal(lines[f"{net} {kind}"].get_xdata(), curve["epoch"])
+        assert lines[f"{net} train"].get_linestyle() == "--" and lines[f"{net} valid"].get_linestyle() == "-"
+    assert set(lines["mean-shape baseline (test)"].get_ydata()) == {3.7}
 
 
 def test_the_log_axis_is_labelled_from_below_the_lowest_curve_to_above_the_highest(tmp_path, drawn):
@@ -90,23 +98,43 @@ def test_the_same_picture_is_the_same_bytes_with_no_software_version(tmp_path):
         assert "Software" not in picture.info
 
 
-def test_schedules(tmp_path):
+def test_schedules_draw_each_nets_learning_rate_and_momentum(tmp_path, drawn):
     plots.schedules(tmp_path / "schedules.png", histories())
     assert size_of(tmp_path / "schedules.png") == (9 * DPI, int(3.5 * DPI))
+    axes = drawn().axes
+    assert [axis.get_title() for axis in axes] == ["learning rate", "momentum"]
+    for axis, column in zip(axes, ("learning_rate", "momentum")):
+        lines = {line.get_label(): line for line in axis.get_lines()}
+        assert set(lines) == set(histories())
+        for net, history in histories().items():
+            np.testing.assert_array_equal(lines[net].get_ydata(), history[column])
 
 
-def test_keypoint_errors_for_two_nets_and_the_baseline(tmp_path):
-    errors = {label: {name: float(i) for i, name in enumerate(KEYPOINTS)} for label in ("net4", "net5", "baseline")}
+def test_keypoint_errors_for_two_nets_and_the_baseline(tmp_path, drawn):
+    errors = {label: {name: float(i + offset) for i, name in enumerate(KEYPOINTS)}
+              for offset, label in enumerate(("net4", "net5", "baseline"))}
     plots.keypoint_errors(tmp_path / "errors.png", errors)
     width, height = size_of(tmp_path / "errors.png")
     assert width == 7 * DPI and height > 4 * DPI
+    axis = drawn().axes[0]
+    assert [label.get_text() for label in axis.get_yticklabels()] == list(KEYPOINTS)
+    bars = {container.get_label(): [bar.get_width() for bar in container] for container in axis.containers}
+    assert bars == {label: [errors[label][name] for name in KEYPOINTS] for label in errors}
 
 
-def test_face_grid_with_predictions(tmp_path):
+def test_face_grid_with_predictions(tmp_path, drawn):
     images = np.full((5, 96, 96), 128.0)
     truth = np.tile(KAGGLE_MEANS, (5, 1))
     plots.face_grid(tmp_path / "faces.png", images, truth, "five faces", predicted=truth + 1)
     assert size_of(tmp_path / "faces.png") == (int(2.2 * 4 * DPI), int((2.2 * 2 + 0.4) * DPI))
+    figure = drawn()
+    assert figure.get_suptitle() == "five faces"
+    shown = [axis for axis in figure.axes if axis.images]
+    assert len(shown) == 5 and len(figure.axes) == 8  # two rows of four, three of them empty
+    for axis in shown:
+        true_points, predicted_points = (collection.get_offsets() for collection in axis.collections)
+        np.testing.assert_array_equal(true_points, truth[0].reshape(15, 2))
+        np.testing.assert_array_equal(predicted_points, (truth[0] + 1).reshape(15, 2))
 
 
 def test_drawn_keypoints_land_on_their_pixels():
