@@ -58,13 +58,13 @@ class NesterovSGD(torch.optim.Optimizer):
                 continue
             grads = [parameter.grad for parameter in params]
             buffers = [self.state[parameter]["momentum_buffer"] for parameter in params]
-            # torch's SGD: b = momentum * b + g; p -= lr * (g + momentum * b).
+            momentum, lr = [values["momentum"]] * len(params), [values["lr"]] * len(params)
+            # torch's SGD, pass for pass: b = momentum * b + g; p -= lr * (g + momentum * b). The
+            # multiply-adds by a device scalar are the fused kernels torch runs with a number.
             torch._foreach_mul_(buffers, values["momentum"])
             torch._foreach_add_(buffers, grads)
-            update = torch._foreach_mul(buffers, values["momentum"])
-            torch._foreach_add_(update, grads)
-            torch._foreach_mul_(update, values["lr"])
-            torch._foreach_sub_(params, update)
+            update = torch._foreach_addcmul(grads, buffers, momentum)
+            torch._foreach_addcmul_(params, update, lr, value=-1)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load into the existing momentum buffers, whose memory a captured step writes."""
