@@ -34,11 +34,11 @@ import pandas as pd
 import torch
 from PIL import Image, ImageCms
 
+from pipeline import kaggle
 from pipeline.config import load_config
 from pipeline.data import images_of, unscale_keypoints
 from pipeline.errors import PipelineError, reports_errors
 from pipeline.files import atomic_write, read_json, write_text
-from pipeline import kaggle
 from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, LOOKUP_COLUMNS, check_rows, integer_column, read_table
 from pipeline.metrics import predict
 from pipeline.plots import draw_keypoints
