@@ -119,8 +119,10 @@ def test_stage_overhead_benchmark_times_the_real_stage():
 
 
 def test_the_flop_count_is_the_seed_networks():
-    """By hand: conv 94x94x32x9, 46x46x64x32x4, 22x22x128x64x4; dense 15488x500, 500x500, 500x30 multiply-adds."""
-    multiply_adds = 94 * 94 * 32 * 9 + 46 * 46 * 64 * 32 * 4 + 22 * 22 * 128 * 64 * 4 + 15488 * 500 + 500 * 500 + 500 * 30
+    """By hand, the multiply-adds: convolutions 94x94x32x9, 46x46x64x32x4, 22x22x128x64x4; dense layers
+    15488x500, 500x500, 500x30."""
+    convolutions = 94 * 94 * 32 * 9 + 46 * 46 * 64 * 32 * 4 + 22 * 22 * 128 * 64 * 4
+    multiply_adds = convolutions + 15488 * 500 + 500 * 500 + 500 * 30
     training, validation = device_speed.flops_per_image(KeypointNet())
     assert validation == 2 * multiply_adds and training == 3 * validation
     assert round(training / 1e9, 2) == 0.26 and round(validation / 1e9, 2) == 0.09  # the issue's figures

@@ -175,11 +175,12 @@ def test_evaluation_and_prediction_on_cuda_agree_with_the_cpu(tmp_path):
     np.testing.assert_allclose(predicted_gpu, predicted_cpu, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-9), (torch.float32, 1e-3)])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-9), (torch.float32, 1e-2)])
 @pytest.mark.parametrize("net", ["net4", "net5"])
 def test_steps_replayed_from_cuda_graphs_compute_the_plain_eager_loop(net, dtype, tolerance):
-    """float64 shows the same mathematics; float32 is what trains (cuDNN's kernels differ with the batch
-    layout, so rounding differs more)."""
+    """float64 shows the same mathematics; float32 is what trains, where a summed loss against a mean
+    and other cuDNN kernels round differently, and 60 SGD steps amplify that (past 0.1% for a bias
+    on the CPU)."""
     trainer, *results = fast_and_plain(net, DEVICE, dtype)
     assert trainer.cuda_graphs
     # Both batch shapes (16 and the last 4) were captured, after their warm-up steps, and replayed.

@@ -214,7 +214,7 @@ def test_a_net_added_to_params_is_trained_evaluated_reported_and_plotted_with_no
     run(project, "dvc", "repro")
     assert (project / "models/net6.pt").is_file() and (project / "metrics/history/net6.csv").is_file()
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
-    assert set(evaluation) == {"net4", "net5", "net6", "baseline"}
+    assert set(evaluation) == {"net4", "net5", "net6", "baseline", "net5_vs_net4", "net6_vs_net4"}
     report = (project / "reports/comparison.md").read_text()
     assert "| net6 |" in report and "net6" in report.splitlines()[0]  # in the table and in the one-line answer
     assert evaluation["net6"]["test_rmse_px"] > 0

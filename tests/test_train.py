@@ -87,6 +87,9 @@ def test_kill_9_then_dvc_repro_resumes_to_the_uninterrupted_result(project, tmp_
 
 
 def test_a_second_training_of_a_net_stops_at_once_naming_the_orphan_that_trains_it(project):
+    # Epochs enough that the orphan still trains while a second `dvc repro` starts, however loaded the machine.
+    epochs = 60
+    set_params(project, {"train.max_epochs": epochs})
     repro = start(project, "dvc", "repro", "train@net4")
     wait_for_checkpoint(project, repro)
     holder = (project / "checkpoints/net4.lock").read_text().split()[1]
@@ -103,7 +106,7 @@ def test_a_second_training_of_a_net_stops_at_once_naming_the_orphan_that_trains_
         time.sleep(0.1)
     [orphans_run] = runs()
     for key in metric_keys(project):
-        assert [step for step, _ in logged(orphans_run.info.run_id, key)] == list(range(1, EPOCHS + 1)), key
+        assert [step for step, _ in logged(orphans_run.info.run_id, key)] == list(range(1, epochs + 1)), key
 
 
 def test_a_full_disk_under_checkpoints_stops_the_training_in_one_line(project):
