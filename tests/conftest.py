@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from project import reproduce_once
+
 
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests run where CUDA is, and are skipped with the reason elsewhere (as on CI)."""
@@ -33,3 +35,11 @@ def temporary_tracking_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     return uri
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory, worker_id):
+    """A project after `dvc repro` (tests/project.py, reproduce_once), shared by every test process:
+    pytest-xdist's workers have temporary folders side by side, and build it once between them."""
+    root = tmp_path_factory.getbasetemp()
+    return reproduce_once(root.parent if worker_id != "master" else root)

@@ -1,13 +1,16 @@
 """Small in-process trainings on made-up faces, for the tests of the loop, checkpoints, tracking and weights."""
 
+import dataclasses
+
 import numpy as np
 import torch
 
-from pipeline.augment import flip_random_half
 from pipeline.callbacks import AdjustHyperparameter, Callback
+from pipeline.config import NetConfig, Schedule, load_config
 from pipeline.data import FaceSet
-from pipeline.loop import Tensors, Trainer
-from pipeline.model import KeypointNet
+from pipeline.loop import Tensors
+from pipeline.train import build_trainer
+from project import ROOT
 
 
 def bright_square_faces(n, seed):
@@ -23,13 +26,24 @@ def bright_square_faces(n, seed):
     return FaceSet(X, y)
 
 
-def make_trainer(max_epochs, callbacks=(), flip=False, lr=0.01, momentum=0.9):
-    torch.manual_seed(0)
-    model = KeypointNet().to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True)
-    return Trainer(model, optimizer, max_epochs, batch_size=16, generator=torch.Generator().manual_seed(0),
-                   augment=flip_random_half if flip else None,
-                   augment_generator=torch.Generator().manual_seed(1) if flip else None, callbacks=list(callbacks))
+def make_trainer(max_epochs, callbacks=(), flip=False, lr=0.01, momentum=0.9, keep="last", patience=0):
+    """The train stage's own trainer (build_trainer) on the CPU: params.yaml's settings with batches of 16,
+    seed 0, a constant learning rate and momentum (a callback may anneal them), train.keep and
+    train.patience as given; `callbacks` come after the stage's own."""
+    config = load_config(ROOT / "params.yaml")
+    settings = dataclasses.replace(config.train, max_epochs=max_epochs, batch_size=16, seed=0, keep=keep,
+                                   patience=patience, schedules={"lr": Schedule(lr, lr),
+                                                                 "momentum": Schedule(momentum, momentum)})
+    config = dataclasses.replace(config, train=settings, nets={"net": NetConfig(flip=flip)})
+    trainer = build_trainer(config, "net", torch.device("cpu"))
+    trainer.callbacks += callbacks
+    return trainer
+
+
+def callback_of(trainer, kind):
+    """The trainer's one callback of this class (the stage's KeepBest, EarlyStopping, ...)."""
+    (callback,) = [callback for callback in trainer.callbacks if type(callback) is kind]
+    return callback
 
 
 def data(n=64, seed=0):

@@ -71,13 +71,13 @@ def faces_of(dtype, n, seed, device="cpu"):
 
 def fast_and_plain(net, device, dtype):
     """fit() of the stage's trainer and the plain loop on the same batches: 20 epochs with the annealing
-    and, for net5, the flips; 36 faces make an epoch's last batch one of 4."""
+    and, for net5, the flips; 12 faces in batches of 8 make an epoch's last batch one of 4."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # the net, the optimizer's state and the losses in that precision
     try:
-        trainer, schedules = stage_trainer(net, device, max_epochs=20, batch_size=16, keep="last")
-        train, valid = faces_of(str(dtype).removeprefix("torch."), 36, 0, device), \
-            faces_of(str(dtype).removeprefix("torch."), 20, 1, device)
+        trainer, schedules = stage_trainer(net, device, max_epochs=20, batch_size=8, keep="last")
+        train, valid = faces_of(str(dtype).removeprefix("torch."), 12, 0, device), \
+            faces_of(str(dtype).removeprefix("torch."), 6, 1, device)
         initial = {name: weights.clone() for name, weights in trainer.network.state_dict().items()}
         expected_history, expected_model = plain_fit(trainer, train, valid, schedules)
         history = fit(trainer, train, valid)

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("pipeline", "params.yaml", "dvc.yaml", "MLproject", "python_env.yaml", "requirements.txt",
@@ -17,6 +19,8 @@ PROJECT_FILES = ("pipeline", "params.yaml", "dvc.yaml", "MLproject", "python_env
 
 # Small enough for seconds per stage, large enough for every split to be non-empty.
 TINY_PARAMS = {"synthetic.n_faces": 120, "train.max_epochs": 2}
+# Three epochs: the annealed learning rate and momentum have a middle value.
+REPRODUCED_EPOCHS = 3
 
 
 def set_params(project: Path, changes: dict) -> None:
@@ -48,6 +52,31 @@ def make_project(directory: Path, params: dict | None = None, git: bool = True) 
     run(directory, "git", "add", "-A")
     run(directory, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "scratch")
     return directory
+
+
+def copy_project(source: Path, target: Path) -> Path:
+    """A copy that works where it lands: DVC's cache and the git repository are inside the project."""
+    return Path(shutil.copytree(source, target, symlinks=True))
+
+
+def reproduce_once(root: Path) -> Path:
+    """The project after `dvc repro` with TINY_PARAMS and 3 epochs, its results committed and its runs in
+    its own store (mlflow.db, as users have it): built once under `root`, however many processes ask.
+    Tests copy it before they change anything."""
+    project = root / "reproduced" / "project"
+    with FileLock(str(root / "reproduced.lock")):
+        if not (root / "reproduced" / "done").exists():
+            shutil.rmtree(root / "reproduced", ignore_errors=True)  # a build that failed half-way
+            make_project(project, {"train.max_epochs": REPRODUCED_EPOCHS})
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+                patch.delenv("MLFLOW_RUN_ID", raising=False)
+                patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+                run(project, "dvc", "repro")
+            run(project, "git", "add", "-A")
+            run(project, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "results")
+            (root / "reproduced" / "done").touch()
+    return project
 
 
 def tool_env() -> dict[str, str]:

@@ -3,12 +3,12 @@ import contextlib
 import pytest
 import torch
 
-from pipeline.callbacks import Callback, EarlyStopping, KeepBest
+from pipeline.callbacks import Callback, KeepBest
 from pipeline.checkpoint import Checkpoint, fingerprint, read_training_state
 from pipeline.errors import PipelineError
 from pipeline.loop import fit
 from pipeline.weights import load_model, save_model
-from loops import EpochWeights, assert_weights, data, falls_then_rises, make_trainer
+from loops import EpochWeights, assert_weights, callback_of, data, falls_then_rises, make_trainer
 from trainings import RaiseIn
 
 # Trainings stopped, saved and resumed.
@@ -167,13 +167,13 @@ def test_a_resumed_training_keeps_the_best_epoch_so_far_and_stops_early_where_an
     (the checkpoint's; its own epochs after resuming hold none better) and stop after epoch 3
     (counting from the restored history)."""
     epochs = EpochWeights()
-    unbroken = make_trainer(4, [falls_then_rises(), KeepBest(), EarlyStopping(1), epochs])
+    unbroken = make_trainer(4, [falls_then_rises(), epochs], keep="best", patience=1)
     fit(unbroken, data(16), data(16, seed=1))
     assert [row["kept_epoch"] for row in unbroken.history] == [1, 2, 2]
     assert_weights(unbroken.network, epochs.weights[1])
 
     path = tmp_path / "net4.pt"
-    interrupted = make_trainer(4, [falls_then_rises(), KeepBest(), EarlyStopping(1)])
+    interrupted = make_trainer(4, [falls_then_rises()], keep="best", patience=1)
     checkpoint = Checkpoint(path, SETTINGS, 3600)
     interrupted.callbacks += [checkpoint, RaiseIn("on_batch_end", 3, KeyboardInterrupt())]
     with pytest.raises(KeyboardInterrupt), checkpoint:
@@ -182,8 +182,8 @@ def test_a_resumed_training_keeps_the_best_epoch_so_far_and_stops_early_where_an
     assert (kept["epoch"], kept["valid_loss"]) == (2, unbroken.history[1]["valid_loss"])
     assert_weights(unbroken.network, kept["weights"])
 
-    resumed = make_trainer(4, [falls_then_rises(), keep := KeepBest(), EarlyStopping(1)])
-    assert Checkpoint(path, SETTINGS, 3600).resume(resumed) and keep.epoch == 2
+    resumed = make_trainer(4, [falls_then_rises()], keep="best", patience=1)
+    assert Checkpoint(path, SETTINGS, 3600).resume(resumed) and callback_of(resumed, KeepBest).epoch == 2
     fit(resumed, data(16), data(16, seed=1))
     assert strip(resumed.history) == strip(unbroken.history)
     assert_weights(resumed.network, epochs.weights[1])

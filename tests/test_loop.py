@@ -4,8 +4,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loops import EpochWeights, assert_weights, bright_square_faces, data, falls_then_rises, make_trainer
-from pipeline.callbacks import AdjustHyperparameter, Callback, EarlyStopping, EpochTable, KeepBest
+from loops import EpochWeights, assert_weights, bright_square_faces, callback_of, data, falls_then_rises, make_trainer
+from pipeline.callbacks import AdjustHyperparameter, Callback, EarlyStopping, EpochTable
 from pipeline.data import loss_to_rmse_px
 from pipeline.errors import PipelineError
 from pipeline.loop import Tensors, fit
@@ -43,8 +43,9 @@ def test_history_rows_hold_every_epoch_figure():
     history = fit(make_trainer(2), data(32), data(16, seed=1))
     assert [row["epoch"] for row in history] == [1, 2]
     row = history[0]
+    # The loop's figures, and the stage's KeepBest's.
     assert set(row) == {"epoch", "train_loss", "valid_loss", "train_valid_ratio", "valid_rmse_px",
-                        "learning_rate", "momentum", "epoch_seconds"}
+                        "learning_rate", "momentum", "epoch_seconds", "valid_loss_best", "kept_epoch"}
     assert row["train_valid_ratio"] == pytest.approx(row["train_loss"] / row["valid_loss"])
     assert row["valid_rmse_px"] == pytest.approx(loss_to_rmse_px(row["valid_loss"]))
 
@@ -65,6 +66,8 @@ def test_annealing_sets_the_values_used_during_each_epoch():
 
 def test_annealing_any_hyperparameter_by_name():
     trainer = make_trainer(2, [AdjustHyperparameter("weight_decay", 0.0, 0.5)])
+    # The stage's Nesterov SGD has no weight decay; torch's SGD, in its place, has.
+    trainer.optimizer = torch.optim.SGD(trainer.network.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0)
     fit(trainer, data(16), data(16, seed=1))
     assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.5
 
@@ -146,7 +149,7 @@ def test_epoch_table_on_a_terminal_marks_the_best_losses_in_colour(monkeypatch):
 
 def test_the_net_ends_with_the_weights_of_the_lowest_valid_loss_or_of_the_last_epoch():
     epochs = EpochWeights()
-    best = make_trainer(4, [falls_then_rises(), KeepBest(), epochs])
+    best = make_trainer(4, [falls_then_rises(), epochs], keep="best")
     history = fit(best, data(16), data(16, seed=1))
     losses = [row["valid_loss"] for row in history]
     assert losses.index(min(losses)) == 1 and min(losses) < losses[-1]  # the construction: epoch 2 of 4 is best
@@ -154,7 +157,7 @@ def test_the_net_ends_with_the_weights_of_the_lowest_valid_loss_or_of_the_last_e
     assert [row["kept_epoch"] for row in history] == [1, 2, 2, 2]
     assert_weights(best.network, epochs.weights[1])
 
-    last = make_trainer(4, [falls_then_rises(), KeepBest(restore=False)])
+    last = make_trainer(4, [falls_then_rises()], keep="last")
     history = fit(last, data(16), data(16, seed=1))
     assert [row["valid_loss"] for row in history] == losses
     assert [row["valid_loss_best"] for row in history] == [1.0, 1.0, 0.0, 0.0]
@@ -164,8 +167,9 @@ def test_the_net_ends_with_the_weights_of_the_lowest_valid_loss_or_of_the_last_e
 
 
 def test_early_stopping_ends_the_training_patience_epochs_after_the_best_one():
-    trainer = make_trainer(4, [falls_then_rises(), KeepBest(), stopping := EarlyStopping(1)])
+    trainer = make_trainer(4, [falls_then_rises()], keep="best", patience=1)
     history = fit(trainer, data(16), data(16, seed=1))
+    stopping = callback_of(trainer, EarlyStopping)
     assert [row["epoch"] for row in history] == [1, 2, 3]  # epoch 2 is the best, epoch 3 brings none
     assert (stopping.stopped_epoch, history[-1]["kept_epoch"]) == (3, 2)
 

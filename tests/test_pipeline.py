@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import sys
 import time
 
@@ -11,7 +12,7 @@ import pytest
 
 from pipeline.tracking import EXPERIMENT
 from pipeline.weights import load_model
-from project import make_project, run, set_params
+from project import REPRODUCED_EPOCHS, copy_project, make_project, run, set_params
 from trainings import start
 
 # Real stages in processes of their own, through DVC and MLflow: the slow half of the suite.
@@ -26,10 +27,16 @@ def net_runs(client):
     return {run.info.run_name: run for run in runs}
 
 
-def test_dvc_repro_trains_both_nets_and_logs_every_epoch(tmp_path):
-    project = make_project(tmp_path / "project", {"train.max_epochs": 3})
-    run(project, "dvc", "repro")
-    client = mlflow.MlflowClient()
+def store_of(project, monkeypatch):
+    """The project's own MLflow store, as users have it, for the stages run from here on."""
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return mlflow.MlflowClient(uri)
+
+
+def test_dvc_repro_trains_both_nets_and_logs_every_epoch(reproduced, tmp_path, monkeypatch):
+    project = copy_project(reproduced, tmp_path / "project")  # `dvc repro` with 3 epochs, committed
+    client = store_of(project, monkeypatch)
     runs = net_runs(client)
     assert set(runs) == {"net4", "net5"}
     for name, logged in runs.items():
@@ -86,8 +93,8 @@ def assert_plots_show_offline(project):
     assert "dvc_plots" not in run(project, "git", "status", "--porcelain").stdout  # git-ignored
 
 
-def test_mlflow_run_nests_the_net_runs_under_the_project_run(tmp_path):
-    project = make_project(tmp_path / "project")
+def test_mlflow_run_nests_the_net_runs_under_the_project_run(reproduced, tmp_path):
+    project = copy_project(reproduced, tmp_path / "project")  # its data prepared; its runs in its own store
     result = run(project, "mlflow", "run", ".", "--env-manager", "local", "--experiment-name", EXPERIMENT,
                  "-P", "train.max_epochs=1")
     assert "dvc exp run -S train.max_epochs=1" in result.stdout + result.stderr
@@ -123,13 +130,13 @@ def test_mlflow_run_rejects_an_unknown_parameter(tmp_path):
     assert "did you mean train.max_epochs?" in result.stderr
 
 
-def test_queued_experiments_land_in_the_projects_store_tagged_with_their_names(tmp_path, monkeypatch):
+def test_queued_experiments_land_in_the_projects_store_tagged_with_their_names(reproduced, tmp_path, monkeypatch):
     """`dvc exp run --queue` runs in temporary copies; the runs must outlive them, in the project's store."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the default store, as users have it
-    project = make_project(tmp_path / "project")
-    run(project, "dvc", "repro")
-    run(project, "git", "add", "-A")
-    run(project, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "baseline")
+    project = copy_project(reproduced, tmp_path / "project")  # the baseline reproduced and committed
+    # The store is untracked: as in a clone, the queued experiments create it.
+    (project / "mlflow.db").unlink()
+    shutil.rmtree(project / "mlruns")
     sweep = {"lr-002": 0.02, "lr-005": 0.05}
     for name, lr_start in sweep.items():
         run(project, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.schedules.lr.start={lr_start}")
@@ -152,19 +159,18 @@ def test_queued_experiments_land_in_the_projects_store_tagged_with_their_names(t
         for logged in tagged:
             assert logged.info.status == "FINISHED"
             assert float(logged.data.params["train.schedules.lr.start"]) == lr_start
-            assert [p.step for p in client.get_metric_history(logged.info.run_id, "train_loss")] == [1, 2]
+            steps = [p.step for p in client.get_metric_history(logged.info.run_id, "train_loss")]
+            assert steps == list(range(1, REPRODUCED_EPOCHS + 1))
             assert "test_rmse_px" in logged.data.metrics  # evaluate, in the copy too, found the run
             assert str(project) in logged.info.artifact_uri and ".dvc/tmp" not in logged.info.artifact_uri
             assert client.list_artifacts(logged.info.run_id, "evaluation")
     assert set(sweep) <= set(run(project, "dvc", "exp", "ls", "--name-only").stdout.split())
 
 
-def test_a_dvc_remote_carries_data_and_models_to_a_fresh_clone(tmp_path):
-    origin = make_project(tmp_path / "origin")
-    run(origin, "dvc", "repro")
+def test_a_dvc_remote_carries_data_and_models_to_a_fresh_clone(reproduced, tmp_path):
+    origin = copy_project(reproduced, tmp_path / "origin")  # its results committed
     run(origin, "dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote"))
-    run(origin, "git", "add", "-A")
-    run(origin, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "results")
+    run(origin, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qam", "a remote")
     run(origin, "dvc", "push")
 
     clone = tmp_path / "clone"
@@ -185,9 +191,9 @@ def test_a_dvc_remote_carries_data_and_models_to_a_fresh_clone(tmp_path):
     assert run(clone, "git", "status", "--porcelain").stdout == ""
 
 
-def test_both_nets_trained_at_once_then_committed_are_the_nets_dvc_repro_trains(tmp_path):
+def test_both_nets_trained_at_once_then_committed_are_the_nets_dvc_repro_trains(reproduced, tmp_path):
     """README, "Both nets at once on one GPU": the two stages' commands side by side, then `dvc commit`."""
-    project = make_project(tmp_path / "project", {"train.max_epochs": 3})
+    project = make_project(tmp_path / "project", {"train.max_epochs": REPRODUCED_EPOCHS})
     run(project, "dvc", "repro", "prepare")
     trainings = [start(project, sys.executable, "-m", "pipeline.train", net) for net in ("net4", "net5")]
     for training in trainings:
@@ -195,30 +201,34 @@ def test_both_nets_trained_at_once_then_committed_are_the_nets_dvc_repro_trains(
         assert training.returncode == 0, errors
     run(project, "dvc", "commit", "--force", "train@net4", "train@net5")
     assert run(project, "dvc", "status", "train@net4", "train@net5").stdout.strip() == "Data and pipelines are up to date."
-    reproduced = run(project, "dvc", "repro").stdout
-    assert "Running stage 'evaluate'" in reproduced and "Running stage 'train" not in reproduced
+    output = run(project, "dvc", "repro").stdout
+    assert "Running stage 'evaluate'" in output and "Running stage 'train" not in output
 
-    alone = make_project(tmp_path / "alone", {"train.max_epochs": 3})
-    run(alone, "dvc", "repro")
+    # The same params, reproduced one net after the other by `dvc repro`.
     for output in ("models/net4.pt", "models/net5.pt", "metrics/history/net4.csv", "metrics/history/net5.csv",
                    "metrics/evaluate.json"):
-        assert (project / output).read_bytes() == (alone / output).read_bytes(), output
-    # Every training, side by side or alone, logged a whole run of its own into the one store.
+        assert (project / output).read_bytes() == (reproduced / output).read_bytes(), output
+    # Each of the trainings side by side logged a whole run of its own into the one store.
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    assert sorted(r.info.run_name for r in runs if r.info.status == "FINISHED") == ["net4", "net4", "net5", "net5"]
+    assert sorted(r.info.run_name for r in runs if r.info.status == "FINISHED") == ["net4", "net5"]
 
 
-def test_a_net_added_to_params_is_trained_evaluated_reported_and_plotted_with_no_other_edit(tmp_path):
-    project = make_project(tmp_path / "project", {"nets.net6": {"flip": True}})
-    run(project, "dvc", "repro")
+def test_a_net_added_to_params_is_trained_evaluated_reported_and_plotted_with_no_other_edit(
+        reproduced, tmp_path, monkeypatch):
+    project = copy_project(reproduced, tmp_path / "project")  # net4 and net5 reproduced
+    client = store_of(project, monkeypatch)
+    set_params(project, {"nets.net6": {"flip": True}})
+    reproduced_now = run(project, "dvc", "repro").stdout
+    assert "Running stage 'train@net6'" in reproduced_now and "Running stage 'train@net4'" not in reproduced_now
     assert (project / "models/net6.pt").is_file() and (project / "metrics/history/net6.csv").is_file()
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
     assert set(evaluation) == {"net4", "net5", "net6", "baseline", "net5_vs_net4", "net6_vs_net4"}
     report = (project / "reports/comparison.md").read_text()
     assert "| net6 |" in report and "net6" in report.splitlines()[0]  # in the table and in the one-line answer
     assert evaluation["net6"]["test_rmse_px"] > 0
-    runs = net_runs(mlflow.MlflowClient())
+    runs = net_runs(client)
+    assert set(runs) == {"net4", "net5", "net6"}
     assert runs["net6"].data.metrics["test_rmse_px"] == pytest.approx(evaluation["net6"]["test_rmse_px"])
     # The evaluation is downstream of the new net's training: it depends on every net's model and history.
     assert '"train@net6" -> "evaluate";' in run(project, "dvc", "dag", "--dot", "evaluate").stdout.splitlines()
