@@ -338,7 +338,8 @@ def _end_after_error(status: str) -> None:
 
 
 class MlflowLogger(Callback):
-    """Log every key of each epoch's history row (step = epoch) and, once the files are written, the model.
+    """Log every key of each epoch's history row (step = epoch) and, once the files are written, the model,
+    into the MLflow run active when the logger is made (tracking.training_run's).
 
     A thread writes the rows, so the loop never waits on the store: at most once a second, it
     sends whatever rows have queued up in one request. A store that fails does not stop the
@@ -355,8 +356,13 @@ class MlflowLogger(Callback):
     SECONDS_BETWEEN_REQUESTS = 1.0
     MAX_SECONDS_BETWEEN_TRIES = 60.0
 
-    def __init__(self, run_id: str):
-        self.run_id = run_id
+    def __init__(self):
+        # The active run is the one the model is logged to (MLflow's log_model takes no run id): the
+        # epochs go to the same one.
+        active = mlflow.active_run()
+        if active is None:
+            raise TrackingError("MlflowLogger logs into the active MLflow run, and none is active")
+        self.run_id = active.info.run_id
         self.client = mlflow.MlflowClient()
         self.history: list[dict] = []
         self.logged: set[int] = set()  # the epochs in the run or on their way to it
@@ -384,6 +390,9 @@ class MlflowLogger(Callback):
 
         Then the run is tagged with the weights' checksum, which run_of_weights finds it by.
         """
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != self.run_id:
+            raise TrackingError(f"the model was not logged to run {self.run_id}: it is no longer the active run")
         with _store_calls(f"the model was not logged to run {self.run_id}"):
             if not self._has_model():
                 log_model(model)

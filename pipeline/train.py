@@ -230,8 +230,8 @@ def train(config: Config, net_name: str, device: torch.device, ranks: Ranks,
     try:
         with training_run(net_name, params, tags, generated, checkpoint.run_id, inputs, device) as run, \
                 sigterm_interrupts():
-            run_id = checkpoint.run_id = run.info.run_id
-            logger = MlflowLogger(run_id)
+            checkpoint.run_id = run.info.run_id
+            logger = MlflowLogger()
             trainer.callbacks += [checkpoint, EpochTable(), logger, *callbacks]
             # Whatever ends the training, the last finished epoch is saved and every epoch logged.
             with logger, checkpoint:

@@ -16,7 +16,8 @@ from pipeline.errors import PipelineError
 from pipeline.loop import fit
 from pipeline.model import KeypointNet
 from pipeline.kaggle import KEYPOINT_COLUMNS
-from pipeline.tracking import EXPERIMENT, MlflowLogger, connect, faces_inputs, git_state, log_model, training_run
+from pipeline.tracking import (EXPERIMENT, MlflowLogger, TrackingError, connect, faces_inputs, git_state, log_model,
+                               training_run)
 from project import free_port, make_project, run, set_params
 from loops import data, make_trainer
 from trainings import RaiseIn, logged, metric_keys, runs, saved_epochs, start, train
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
 def train_logged(net_name="net4", epochs=3):
     trainer = make_trainer(epochs, [AdjustHyperparameter("lr", 0.03, 0.0001), AdjustHyperparameter("momentum", 0.9, 0.999)])
     with training_run(net_name, {"train.max_epochs": epochs, "n_train": 32}, {"data_hash": "abc123"}, []) as run:
-        logger = MlflowLogger(run.info.run_id)
+        logger = MlflowLogger()
         trainer.callbacks.append(logger)
         with logger:
             history = fit(trainer, data(32), data(16, seed=1))
@@ -102,7 +103,7 @@ def test_every_epoch_before_a_failure_is_logged_once(failure, error, message):
     trainer = make_trainer(5, [failure])
     with pytest.raises(error, match=message):
         with training_run("net4", {}, {}, []) as run:
-            logger = MlflowLogger(run.info.run_id)
+            logger = MlflowLogger()
             trainer.callbacks.append(logger)
             with logger:
                 fit(trainer, data(32), data(16, seed=1))
@@ -141,7 +142,7 @@ class StoreRefusesTheRun(Callback):
 def test_rows_the_store_refuses_are_kept_and_logged_once_when_it_takes_them_again(capfd):
     trainer = make_trainer(5)
     with training_run("net4", {}, {}, []) as run:
-        logger = MlflowLogger(run.info.run_id)
+        logger = MlflowLogger()
         outage = StoreRefusesTheRun(run.info.run_id, after=2, until=4, capfd=capfd)
         trainer.callbacks += [logger, outage]
         with logger:
@@ -163,7 +164,7 @@ def test_an_epoch_stopped_before_the_logger_saw_it_is_still_logged():
     trainer = make_trainer(4)
     with pytest.raises(KeyboardInterrupt):
         with training_run("net4", {}, {}, []) as run:
-            logger = MlflowLogger(run.info.run_id)
+            logger = MlflowLogger()
             # Ctrl-C while another callback handles the end of epoch 2, before the logger has its row.
             trainer.callbacks += [RaiseIn("on_epoch_finished", 2, KeyboardInterrupt()), logger]
             with logger:
@@ -190,7 +191,7 @@ def test_a_failed_training_marks_the_run_failed():
     trainer = make_trainer(2, lr=1e6)
     with pytest.raises(Exception, match="diverged"):
         with training_run("net4", {}, {}, []) as run:
-            logger = MlflowLogger(run.info.run_id)
+            logger = MlflowLogger()
             trainer.callbacks.append(logger)
             with logger:
                 fit(trainer, data(32), data(16, seed=1))
@@ -349,11 +350,23 @@ def test_a_server_that_dies_mid_training_then_a_model_file_that_fails_lose_nothi
 def test_a_resumed_run_that_has_its_model_logs_no_second_one():
     net = KeypointNet()
     with training_run("net4", {}, {}, []) as run:
-        MlflowLogger(run.info.run_id).log_model(net)
+        MlflowLogger().log_model(net)
     # A rerun after a failure past the logging of the model (the store failed to mark the run finished).
     with training_run("net4", {}, {}, [], resume_run_id=run.info.run_id):
-        MlflowLogger(run.info.run_id).log_model(net)
+        MlflowLogger().log_model(net)
     assert len(models_of(run.info.run_id)) == 1
+
+
+def test_the_logger_logs_into_the_active_run_and_refuses_another():
+    with pytest.raises(TrackingError, match="^MlflowLogger logs into the active MLflow run, and none is active$"):
+        MlflowLogger()
+    with training_run("net4", {}, {}, []) as first:
+        logger = MlflowLogger()
+        assert logger.run_id == first.info.run_id
+    with training_run("net4", {}, {}, []) as second, pytest.raises(
+            TrackingError, match=f"^the model was not logged to run {first.info.run_id}: it is no longer the active run$"):
+        logger.log_model(KeypointNet())
+    assert models_of(first.info.run_id) == [] and models_of(second.info.run_id) == []
 
 
 @pytest.mark.parametrize("tags, kind", [

@@ -253,8 +253,8 @@ def test_processes_creating_one_store_at_once_all_succeed(tmp_path, monkeypatch)
     assert mlflow.MlflowClient().get_experiment_by_name(EXPERIMENT) is not None
 
 
-@pytest.mark.parametrize("net", ["net4", "net5"])
-def test_torchrun_on_two_processes_trains_like_one_process(project, tmp_path, net):
+def test_torchrun_on_two_processes_trains_like_one_process(project, tmp_path):
+    net = "net5"  # net4's training and the flips, split over the ranks
     set_params(project, {"train.max_epochs": 2})
     single = tmp_path / "single"
     shutil.copytree(project, single, symlinks=True)
