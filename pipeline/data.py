@@ -45,7 +45,7 @@ def images_of(pixels: np.ndarray) -> np.ndarray:
 
 
 def pixels_of(images: np.ndarray) -> np.ndarray:
-    """The net's 0..1 input back as 8-bit gray levels, exactly (the images came from them)."""
+    """Levels in 0..1 as 8-bit gray, to the nearest: the net's input back exactly (it came from them)."""
     return np.rint(images * 255).astype(np.uint8)
 
 

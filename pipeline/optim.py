@@ -13,7 +13,8 @@ def capturing() -> bool:
 
 
 class NesterovSGD(torch.optim.Optimizer):
-    """torch.optim.SGD(nesterov=True), without weight decay or dampening (the seed has neither): the same update, in the same state_dict layout.
+    """torch.optim.SGD(nesterov=True), without weight decay or dampening (the seed has neither): the
+    same update, in the same state_dict layout.
 
     torch's SGD reads lr and momentum as Python numbers, so a CUDA graph that captured its step
     would replay the values of the capture forever. Here the step reads them from tensors on the

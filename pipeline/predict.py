@@ -36,7 +36,7 @@ from PIL import Image, ImageCms
 
 from pipeline import kaggle
 from pipeline.config import load_config
-from pipeline.data import images_of, unscale_keypoints
+from pipeline.data import images_of, pixels_of, unscale_keypoints
 from pipeline.errors import PipelineError, reports_errors
 from pipeline.files import atomic_write, read_json, write_text
 from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, LOOKUP_COLUMNS, check_rows, integer_column, read_table
@@ -127,7 +127,7 @@ def float_levels(path: Path, pixels: np.ndarray) -> np.ndarray:
         raise PipelineError(f"{path}: a floating-point image with NaN or infinite values")
     lowest, highest = float(pixels.min()), float(pixels.max())
     if lowest >= 0 and highest <= 1:
-        return np.rint(pixels.astype(np.float64) * 255).astype(np.uint8)
+        return pixels_of(pixels.astype(np.float64))
     if lowest >= 0 and highest <= 255:
         return np.rint(pixels).astype(np.uint8)
     raise PipelineError(
