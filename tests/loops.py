@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from pipeline.callbacks import AdjustHyperparameter, Callback
-from pipeline.config import NetConfig, Schedule, load_config
+from pipeline.config import Schedule, load_config
 from pipeline.data import FaceSet
 from pipeline.loop import Tensors
 from pipeline.train import build_trainer
@@ -26,16 +26,20 @@ def bright_square_faces(n, seed):
     return FaceSet(X, y)
 
 
-def make_trainer(max_epochs, callbacks=(), flip=False, lr=0.01, momentum=0.9, keep="last", patience=0):
-    """The train stage's own trainer (build_trainer) on the CPU: params.yaml's settings with batches of 16,
-    seed 0, a constant learning rate and momentum (a callback may anneal them), train.keep and
-    train.patience as given; `callbacks` come after the stage's own."""
+def stage_trainer(net, device, **train_settings):
+    """The train stage's own trainer (build_trainer) for the project's params, with some train.* changed."""
     config = load_config(ROOT / "params.yaml")
-    settings = dataclasses.replace(config.train, max_epochs=max_epochs, batch_size=16, seed=0, keep=keep,
-                                   patience=patience, schedules={"lr": Schedule(lr, lr),
-                                                                 "momentum": Schedule(momentum, momentum)})
-    config = dataclasses.replace(config, train=settings, nets={"net": NetConfig(flip=flip)})
-    trainer = build_trainer(config, "net", torch.device("cpu"))
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **train_settings))
+    return build_trainer(config, net, torch.device(device)), config.train.schedules
+
+
+def make_trainer(max_epochs, callbacks=(), flip=False, lr=0.01, momentum=0.9, keep="last", patience=0):
+    """The stage's trainer of net5 (flips) or net4 on the CPU: batches of 16, seed 0, a constant learning
+    rate and momentum (a callback may anneal them), train.keep and train.patience as given;
+    `callbacks` come after the stage's own."""
+    trainer, _ = stage_trainer("net5" if flip else "net4", "cpu", max_epochs=max_epochs, batch_size=16, seed=0,
+                               keep=keep, patience=patience,
+                               schedules={"lr": Schedule(lr, lr), "momentum": Schedule(momentum, momentum)})
     trainer.callbacks += callbacks
     return trainer
 

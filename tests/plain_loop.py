@@ -5,20 +5,16 @@ each loss read back at once, validation in batches of the training's size.
 """
 
 import copy
-import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from loops import bright_square_faces
-from pipeline.config import load_config
+from loops import bright_square_faces, stage_trainer
 from pipeline.data import FaceSet
 from pipeline.loop import Tensors, Trainer, fit
 from pipeline.schedule import linear
-from pipeline.train import build_trainer
-from project import ROOT
 
 
 def plain_fit(trainer: Trainer, train: Tensors, valid: Tensors, schedules: dict) -> tuple[list[dict], torch.nn.Module]:
@@ -55,13 +51,6 @@ def plain_fit(trainer: Trainer, train: Tensors, valid: Tensors, schedules: dict)
         history.append({"epoch": epoch, "train_loss": train_sum / len(train), "valid_loss": valid_sum / len(valid)})
         assert math.isfinite(history[-1]["train_loss"])
     return history, model
-
-
-def stage_trainer(net, device, **train_settings):
-    """The train stage's own trainer (build_trainer) for the project's params, with some train.* changed."""
-    config = load_config(ROOT / "params.yaml")
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **train_settings))
-    return build_trainer(config, net, torch.device(device)), config.train.schedules
 
 
 def faces_of(dtype, n, seed, device="cpu"):
