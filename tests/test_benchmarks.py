@@ -141,7 +141,8 @@ def test_the_device_benchmark_times_both_nets_alone_and_together_on_any_device()
         assert passes_ms > 0 and stage_ms > 0 and plain_ms > 0, row
         # The rates are those of the passes' epoch (printed to 0.1 ms, 1 image/s and 0.01 TFLOP/s).
         assert images_per_second == pytest.approx(32 / (passes_ms / 1000), rel=0.01, abs=0.5), row
-        assert tflops == pytest.approx((24 * train_flops + 8 * valid_flops) / (passes_ms / 1000) / 1e12, rel=0.01, abs=0.006), row
+        epoch_flops = 24 * train_flops + 8 * valid_flops
+        assert tflops == pytest.approx(epoch_flops / (passes_ms / 1000) / 1e12, rel=0.01, abs=0.006), row
         # The projection: the stage's fixed costs (never negative) and 3000 of its epochs, to the second.
         assert row[6].endswith("s") and float(row[6][:-1]) >= 3000 * stage_ms / 1000 - 1, row
     together = re.search(r"net4 and net5 stages at once: ([\d.]+) s against ([\d.]+) s", lines[-1])
