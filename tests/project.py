@@ -60,9 +60,9 @@ def copy_project(source: Path, target: Path) -> Path:
 
 
 def reproduce_once(root: Path) -> Path:
-    """The project after `dvc repro` with TINY_PARAMS and 3 epochs, its results committed and its runs in
-    its own store (mlflow.db, as users have it): built once under `root`, however many processes ask.
-    Tests copy it before they change anything."""
+    """The project after `dvc repro` with TINY_PARAMS and REPRODUCED_EPOCHS, its results committed
+    and its runs in its own store (mlflow.db, as users have it): built once under `root`, however
+    many processes ask. Tests copy it before they change anything."""
     project = root / "reproduced" / "project"
     with FileLock(str(root / "reproduced.lock")):
         if not (root / "reproduced" / "done").exists():

@@ -363,8 +363,8 @@ def test_the_logger_logs_into_the_active_run_and_refuses_another():
     with training_run("net4", {}, {}, []) as first:
         logger = MlflowLogger()
         assert logger.run_id == first.info.run_id
-    with training_run("net4", {}, {}, []) as second, pytest.raises(
-            TrackingError, match=f"^the model was not logged to run {first.info.run_id}: it is no longer the active run$"):
+    refusal = f"^the model was not logged to run {first.info.run_id}: it is no longer the active run$"
+    with training_run("net4", {}, {}, []) as second, pytest.raises(TrackingError, match=refusal):
         logger.log_model(KeypointNet())
     assert models_of(first.info.run_id) == [] and models_of(second.info.run_id) == []
 
