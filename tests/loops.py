@@ -50,8 +50,14 @@ def callback_of(trainer, kind):
     return callback
 
 
+def faces_of(dtype, n, seed, device="cpu"):
+    """bright_square_faces on the device, in that precision."""
+    faces = bright_square_faces(n, seed)
+    return Tensors.of(FaceSet(faces.X.astype(dtype), faces.y.astype(dtype)), torch.device(device))
+
+
 def data(n=64, seed=0):
-    return Tensors.of(bright_square_faces(n, seed), torch.device("cpu"))
+    return faces_of("float32", n, seed)
 
 
 def falls_then_rises():

@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loops import bright_square_faces, stage_trainer
-from pipeline.data import FaceSet
+from loops import faces_of, stage_trainer
 from pipeline.loop import Tensors, Trainer, fit
 from pipeline.schedule import linear
 
@@ -51,11 +50,6 @@ def plain_fit(trainer: Trainer, train: Tensors, valid: Tensors, schedules: dict)
         history.append({"epoch": epoch, "train_loss": train_sum / len(train), "valid_loss": valid_sum / len(valid)})
         assert math.isfinite(history[-1]["train_loss"])
     return history, model
-
-
-def faces_of(dtype, n, seed, device="cpu"):
-    faces = bright_square_faces(n, seed)
-    return Tensors.of(FaceSet(faces.X.astype(dtype), faces.y.astype(dtype)), torch.device(device))
 
 
 def fast_and_plain(net, device, dtype):

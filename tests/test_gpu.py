@@ -23,8 +23,8 @@ from pipeline.metrics import predict
 from pipeline.model import KeypointNet
 from pipeline.weights import load_model, save_model
 from project import make_project, run
-from loops import bright_square_faces, stage_trainer
-from plain_loop import assert_same_training, faces_of, fast_and_plain
+from loops import bright_square_faces, faces_of, stage_trainer
+from plain_loop import assert_same_training, fast_and_plain
 from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start,
                        wait_for_checkpoint, weights)
 
