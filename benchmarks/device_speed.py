@@ -29,14 +29,14 @@ from torch import nn
 
 from benchmarks import reference
 from benchmarks.stage_overhead import EpochClock, CountingCheckpoint
-from pipeline.config import Config, load_config
-from pipeline.data import FaceSet, content_hash, save_faces
-from pipeline.device import Ranks
-from pipeline.files import write_json
-from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS
-from pipeline.loop import Tensors, fit
-from pipeline.model import KeypointNet
+from pipeline.base.config import Config, load_config
+from pipeline.base.files import write_json
+from pipeline.base.model import KeypointNet
+from pipeline.faces.data import FaceSet, content_hash, save_faces
+from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS
 from pipeline.train import build_trainer, memory_format, set_up_process, train
+from pipeline.training.device import Ranks
+from pipeline.training.loop import Tensors, fit
 from tests.project import make_project
 
 ROOT = Path(__file__).resolve().parents[1]

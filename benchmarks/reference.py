@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.model import N_OUTPUTS
+from pipeline.base.model import N_OUTPUTS
 
 
 def reference_net() -> nn.Sequential:

@@ -27,11 +27,11 @@ from unittest import mock
 
 import torch
 
-from pipeline import checkpoint as checkpoint_module
-from pipeline.callbacks import Callback
-from pipeline.config import load_config
-from pipeline.device import Ranks
+from pipeline.base.config import load_config
 from pipeline.train import set_up_process, train
+from pipeline.training import checkpoint as checkpoint_module
+from pipeline.training.device import Ranks
+from pipeline.training.loop import Callback
 from tests.project import make_project, run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from benchmarks import device_speed, reference
-from pipeline import memory
-from pipeline.config import Config, load_config
-from pipeline.data import FaceSet, load
-from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, KEYPOINTS, write_training_csv
-from pipeline.loop import Tensors, Trainer, run_epoch
+from pipeline.base.config import Config, load_config
+from pipeline.faces.data import FaceSet, load
+from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, KEYPOINTS, write_training_csv
 from pipeline.train import build_trainer, memory_format
+from pipeline.training import memory
+from pipeline.training.loop import Tensors, Trainer, run_epoch
 from tests.project import make_project, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def reference_epoch(faces: FaceSet, seed: int) -> Callable[[], object]:
 @dataclass(frozen=True)
 class Loop:
     """A training loop as it runs in real use, in a process of its own: the allocator setting of
-    pipeline/memory.py is process-wide, and the train stage makes it while a plain port does not."""
+    pipeline/training/memory.py is process-wide, and the train stage makes it while a plain port does not."""
 
     name: str
     net: str | None  # None: the plain reference loop
@@ -225,7 +225,7 @@ def training_table(timings: list[Timing]) -> str:
                      f"{timing.n_images / timing.median_seconds:9.1f} {timing.ms_per_image:9.2f} {speedup:12.2f}x "
                      f"{timing.kernel_percent:6.0f}%   {every_epoch}")
     lines.append("allocator: default = glibc as a plain PyTorch program has it; reuse = freed memory kept for the "
-                 "next step, as the train stage sets it (pipeline/memory.py)")
+                 "next step, as the train stage sets it (pipeline/training/memory.py)")
     lines.append("kernel: share of the CPU time spent in the kernel, nearly all of it faulting in the pages of "
                  "freshly allocated tensors")
     return "\n".join(lines)

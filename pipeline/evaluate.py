@@ -17,17 +17,18 @@ import pandas as pd
 import torch
 from mlflow.entities import DatasetInput
 
-from pipeline import plots
-from pipeline.config import load_config
-from pipeline.data import FaceSet, load_faces, pixels_of, read_summary, unscale_keypoints
-from pipeline.files import read_json, write_json, write_text
-from pipeline.errors import PipelineError, reports_errors
-from pipeline.kaggle import read_table
-from pipeline.metrics import mean_shape, predict, rmse_curves, score, summarize
-from pipeline.report import (BASELINE_LABEL, SUMMARY_HEADER, answer, comparison_lines, comparison_markdown,
+from pipeline.base.config import load_config
+from pipeline.base.errors import PipelineError, reports_errors
+from pipeline.base.files import read_json, write_json, write_text
+from pipeline.base.weights import load_model
+from pipeline.evaluation import plots
+from pipeline.evaluation.metrics import mean_shape, predict, rmse_curves, score, summarize
+from pipeline.evaluation.report import (BASELINE_LABEL, SUMMARY_HEADER, answer, comparison_lines, comparison_markdown,
                              summary_rows, text_table)
-from pipeline.tracking import TrackingError, connect, faces_inputs, log_evaluation, run_of_weights
-from pipeline.weights import load_model
+from pipeline.faces.data import FaceSet, load_faces, pixels_of, read_summary, unscale_keypoints
+from pipeline.faces.kaggle import read_table
+from pipeline.tracking.runs import faces_inputs, log_evaluation, run_of_weights
+from pipeline.tracking.store import EXPERIMENT, TrackingError, connect
 
 EVALUATION = "evaluate.json"
 KEYPOINT_ERRORS = "keypoint_errors.csv"
@@ -155,7 +156,7 @@ def main() -> None:
     write_text(Path(paths.metrics) / KEYPOINT_ERRORS, keypoint_errors_csv(results, [*nets, "baseline"]))
     pictures = draw_pictures(Path(paths.plots), results, histories, test, predictions, nets)
     report = paths.comparison_report
-    write_text(report, comparison_markdown(results, nets, data_hash, len(test), pictures, report))
+    write_text(report, comparison_markdown(results, nets, data_hash, len(test), pictures, report, EXPERIMENT))
     try:
         connect()
     except TrackingError as error:

@@ -20,10 +20,11 @@ import mlflow
 from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 
-from pipeline.config import PARAMS_FILE, Config, flatten, load_config
-from pipeline.errors import PipelineError, describe, reports_errors
-from pipeline.tracking import connect, run_of_weights
-from pipeline.weights import load_model
+from pipeline.base.config import PARAMS_FILE, Config, flatten, load_config
+from pipeline.base.errors import PipelineError, describe, reports_errors
+from pipeline.base.weights import load_model
+from pipeline.tracking.runs import run_of_weights
+from pipeline.tracking.store import connect
 
 TARGETS = {"main": [], "train": ["train"], "evaluate": ["evaluate"]}
 

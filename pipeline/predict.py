@@ -34,16 +34,17 @@ import pandas as pd
 import torch
 from PIL import Image, ImageCms
 
-from pipeline import kaggle
-from pipeline.config import load_config
-from pipeline.data import images_of, pixels_of, unscale_keypoints
-from pipeline.errors import PipelineError, reports_errors
-from pipeline.files import atomic_write, read_json, write_text
-from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, LOOKUP_COLUMNS, check_rows, integer_column, read_table
-from pipeline.metrics import predict
-from pipeline.plots import draw_keypoints
-from pipeline.tracking import TrackingError, connect, run_of_weights, store_exists, tracking_uri
-from pipeline.weights import load_model
+from pipeline.base.config import load_config
+from pipeline.base.errors import PipelineError, reports_errors
+from pipeline.base.files import atomic_write, read_json, write_text
+from pipeline.base.weights import load_model
+from pipeline.evaluation.metrics import predict
+from pipeline.evaluation.plots import draw_keypoints
+from pipeline.faces import kaggle
+from pipeline.faces.data import images_of, pixels_of, unscale_keypoints
+from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, LOOKUP_COLUMNS, check_rows, integer_column, read_table
+from pipeline.tracking.runs import run_of_weights
+from pipeline.tracking.store import TrackingError, connect, store_exists, tracking_uri
 
 # A test.csv compressed as such (test.csv.gz) is still meant as a CSV: its check says how to decompress it.
 COMPRESSED_SUFFIXES = (".gz", ".zip", ".bz2", ".xz", ".zst")

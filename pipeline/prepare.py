@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import load_config
-from pipeline.data import content_hash, load, pixels_of, save_faces, split, unscale_keypoints
-from pipeline.files import write_json
-from pipeline.errors import reports_errors
-from pipeline.plots import face_grid
+from pipeline.base.config import load_config
+from pipeline.base.errors import reports_errors
+from pipeline.base.files import write_json
+from pipeline.evaluation.plots import face_grid
+from pipeline.faces.data import content_hash, load, pixels_of, save_faces, split, unscale_keypoints
 
 N_SAMPLE_FACES = 16
 

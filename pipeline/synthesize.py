@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pipeline.config import load_config
-from pipeline.errors import reports_errors
-from pipeline.kaggle import write_training_csv
-from pipeline.synthetic import render_faces
+from pipeline.base.config import load_config
+from pipeline.base.errors import reports_errors
+from pipeline.faces.kaggle import write_training_csv
+from pipeline.faces.synthetic import render_faces
 
 
 @reports_errors

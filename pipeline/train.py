@@ -9,13 +9,11 @@ under paths.checkpoints when run again with the same settings.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import csv
-import hashlib
 import signal
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -23,21 +21,28 @@ import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.augment import flip_random_half
-from pipeline.callbacks import AdjustHyperparameter, Callback, EarlyStopping, EpochTable, KeepBest
-from pipeline.checkpoint import Checkpoint
-from pipeline.config import Config, TrainConfig, flatten, load_config
-from pipeline.data import load_faces, loss_to_rmse_px, read_summary, split
-from pipeline.device import Ranks, process_group, resolve_device, use_deterministic_kernels
-from pipeline.errors import Interrupted, PipelineError, reports_errors
-from pipeline.files import atomic_write, exclusive_lock, write_json
-from pipeline.loop import Tensors, Trainer, fit
-from pipeline.memory import reuse_freed_memory
-from pipeline.metrics import best_valid
-from pipeline.model import KeypointNet
-from pipeline.optim import NesterovSGD
-from pipeline.tracking import MlflowLogger, TrackingError, connect, faces_inputs, training_run
-from pipeline.weights import save_model
+from pipeline.base.config import Config, TrainConfig, flatten, load_config
+from pipeline.base.errors import Interrupted, PipelineError, reports_errors
+from pipeline.base.files import atomic_write, exclusive_lock, write_json
+from pipeline.base.model import KeypointNet
+from pipeline.base.sources import code_hash
+from pipeline.base.weights import save_model
+from pipeline.evaluation.metrics import best_valid
+from pipeline.faces.augment import flip_random_half
+from pipeline.faces.data import load_faces, loss_to_rmse_px, read_summary, split
+from pipeline.tracking.logger import MlflowLogger
+from pipeline.tracking.runs import faces_inputs, training_run
+from pipeline.tracking.store import TrackingError, connect
+from pipeline.training.callbacks import AdjustHyperparameter, EarlyStopping, EpochTable, KeepBest
+from pipeline.training.checkpoint import Checkpoint
+from pipeline.training.device import Ranks, process_group, resolve_device, use_deterministic_kernels
+from pipeline.training.loop import Callback, Tensors, Trainer, fit
+from pipeline.training.memory import reuse_freed_memory
+from pipeline.training.optim import NesterovSGD
+
+
+# Where the checkpoint keeps the MLflow run it continues.
+RUN_KEY = "mlflow_run_id"
 
 
 def memory_format(config: Config) -> torch.memory_format:
@@ -111,42 +116,6 @@ def kept_weights(net_name: str, history: list[dict], settings: TrainConfig) -> s
     return line
 
 
-def stage_code(module: str = "train") -> list[Path]:
-    """pipeline/<module>.py and every pipeline module it runs, directly or not, found by reading
-    their import statements (so without importing anything); imports for type checkers only, under
-    `if TYPE_CHECKING:`, are not run and do not count."""
-    package = Path(__file__).parent
-    found, pending = set(), [module]
-    while pending:
-        name = pending.pop()
-        if name not in found:
-            found.add(name)
-            pending += _imported_modules(ast.parse((package / f"{name}.py").read_text()))
-    return sorted(package / f"{name}.py" for name in found)
-
-
-def _imported_modules(node: ast.AST) -> list[str]:
-    if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-        return _imported_modules_of(node.orelse)
-    if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
-        return [alias.name for alias in node.names]
-    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
-        return [node.module.split(".")[1]]
-    if isinstance(node, ast.Import):
-        return [alias.name.split(".")[1] for alias in node.names if alias.name.startswith("pipeline.")]
-    return _imported_modules_of(ast.iter_child_nodes(node))
-
-
-def _imported_modules_of(nodes) -> list[str]:
-    return [name for child in nodes for name in _imported_modules(child)]
-
-
-def code_hash() -> str:
-    """The train stage's source: a checkpoint saved by other code is not resumed, while an edit to a
-    module the stage does not run (predict.py, say) keeps it."""
-    return hashlib.sha256(b"".join(file.read_bytes() for file in stage_code())).hexdigest()
-
-
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """SIGTERM (a scheduler or `kill` stopping the job) stops training the way Ctrl-C does."""
@@ -194,64 +163,115 @@ def training_settings(config: Config, net_name: str, data_hash: str, device: tor
     """What shapes a training's result: a checkpoint saved with other settings is not resumed."""
     return {
         "net": net_name, "train": asdict(config.train), "net_settings": asdict(config.net(net_name)),
-        "data_hash": data_hash, "device": device.type, "world_size": ranks.world_size, "code": code_hash(),
+        "data_hash": data_hash, "device": device.type, "world_size": ranks.world_size,
+        "code": code_hash("pipeline.train"),
     }
 
 
 def train(config: Config, net_name: str, device: torch.device, ranks: Ranks,
           callbacks: tuple[Callback, ...] = ()) -> None:
+    """One training in three phases: restore it from its checkpoint or start it, fit it in its MLflow
+    run, finish it (the files, then the logged model). Other ranks than the lead only fit."""
+    started = restore_or_start(config, net_name, device, ranks)
+    if not ranks.lead:
+        fit(started.trainer, started.training, started.validation)
+        return
+    print(f"train {net_name}: {len(started.training)} train + {len(started.validation)} valid faces on {device}"
+          f"{f' x {ranks.world_size} processes' if ranks.world_size > 1 else ''}, {config.train.max_epochs} epochs"
+          f"{f', resuming after epoch {len(started.trainer.history)}' if started.trainer.history else ''}")
+    with stops_told(net_name, started), tracked_run(config, net_name, started, device, ranks) as logger, \
+            sigterm_interrupts():
+        history = fit_logged(started, logger, callbacks)
+        finish(config, net_name, started, history, logger)
+    # Last: until the files are written and MLflow has the run whole, a rerun resumes from it.
+    started.checkpoint.path.unlink(missing_ok=True)
+
+
+@dataclass
+class Started:
+    """A training ready to fit: restored from its checkpoint, or at its first epoch."""
+
+    trainer: Trainer
+    checkpoint: Checkpoint
+    training: Tensors
+    validation: Tensors
+    summary: dict  # prepare's: the data's hash and source
+
+
+def restore_or_start(config: Config, net_name: str, device: torch.device, ranks: Ranks) -> Started:
+    """Phase 1: the data on the device, the seeded trainer, and its checkpoint's state if it has one."""
     paths = config.paths
-    data_hash = read_summary(paths.prepared_summary)["data_hash"]
+    summary = read_summary(paths.prepared_summary)
     training, validation = split(load_faces(paths.train_faces), config.train.valid_fraction, seed=config.train.seed)
     trainer = build_trainer(config, net_name, device, ranks)
-    checkpoint = Checkpoint(paths.checkpoint(net_name), training_settings(config, net_name, data_hash, device, ranks),
+    checkpoint = Checkpoint(paths.checkpoint(net_name),
+                            training_settings(config, net_name, summary["data_hash"], device, ranks),
                             config.checkpoint.interval_seconds, saves=ranks.lead)
     checkpoint.resume(trainer)
     layout = memory_format(config)
-    train_data, valid_data = Tensors.of(training, device, layout), Tensors.of(validation, device, layout)
-    if not ranks.lead:
-        fit(trainer, train_data, valid_data)
-        return
-    print(f"train {net_name}: {len(training)} train + {len(validation)} valid faces on {device}"
-          f"{f' x {ranks.world_size} processes' if ranks.world_size > 1 else ''}, {config.train.max_epochs} epochs"
-          f"{f', resuming after epoch {len(trainer.history)}' if trainer.history else ''}")
+    return Started(trainer, checkpoint, Tensors.of(training, device, layout), Tensors.of(validation, device, layout),
+                   summary)
+
+
+@contextlib.contextmanager
+def tracked_run(config: Config, net_name: str, started: Started, device: torch.device,
+                ranks: Ranks) -> Iterator[MlflowLogger]:
+    """The net's MLflow run, the checkpoint's own when it resumes one, and the logger that fills it."""
     params = {
         **flatten(config.to_dict()),
         "net": net_name,
         "flip": config.net(net_name).flip,
-        "n_train": len(training),
-        "n_valid": len(validation),
+        "n_train": len(started.training),
+        "n_valid": len(started.validation),
         "device": str(device),
         "world_size": ranks.world_size,
     }
+    paths = config.paths
     generated = [paths.models, paths.metrics, paths.plots, paths.reports]
-    tags = {"data_hash": data_hash, "net": net_name}
-    inputs = faces_inputs(read_summary(paths.prepared_summary), training=len(training), validation=len(validation))
+    tags = {"data_hash": started.summary["data_hash"], "net": net_name}
+    inputs = faces_inputs(started.summary, training=len(started.training), validation=len(started.validation))
+    resumed_run = started.checkpoint.extra.get(RUN_KEY)
+    with training_run(net_name, params, tags, generated, resumed_run, inputs, device) as run:
+        started.checkpoint.extra[RUN_KEY] = run.info.run_id
+        yield MlflowLogger()
+
+
+def fit_logged(started: Started, logger: MlflowLogger, callbacks: tuple[Callback, ...]) -> list[dict]:
+    """Phase 2: the epochs, each saved by the checkpoint, shown on the console and logged."""
+    trainer, checkpoint = started.trainer, started.checkpoint
+    trainer.callbacks += [checkpoint, EpochTable(), logger, *callbacks]
+    # Whatever ends the training, the last finished epoch is saved and every epoch logged.
+    with logger, checkpoint:
+        return fit(trainer, started.training, started.validation)
+
+
+def finish(config: Config, net_name: str, started: Started, history: list[dict], logger: MlflowLogger) -> None:
+    """Phase 3: the net ends with the weights of the kept epoch (callbacks.KeepBest): those are saved,
+    with the files DVC tracks, and then logged."""
+    paths, network = config.paths, started.trainer.network
+    print(kept_weights(net_name, history, config.train))
+    save_model(paths.model(net_name), network)
+    write_json(paths.model_info(net_name), {
+        "net": net_name, "data_hash": started.summary["data_hash"],
+        "kept_epoch": history[-1]["kept_epoch"], "config": config.to_dict(),
+    })
+    write_history(paths.history(net_name), history)
+    write_json(paths.train_metrics(net_name), final_figures(history))
+    # After the files: a failure to write them (a full disk) leaves no logged model for the rerun to
+    # log a second time.
+    logger.log_model(network)
+
+
+@contextlib.contextmanager
+def stops_told(net_name: str, started: Started) -> Iterator[None]:
+    """An interrupt or a store that fails, as one line saying what the checkpoint keeps."""
+    checkpoint = started.checkpoint
     try:
-        with training_run(net_name, params, tags, generated, checkpoint.run_id, inputs, device) as run, \
-                sigterm_interrupts():
-            checkpoint.run_id = run.info.run_id
-            logger = MlflowLogger()
-            trainer.callbacks += [checkpoint, EpochTable(), logger, *callbacks]
-            # Whatever ends the training, the last finished epoch is saved and every epoch logged.
-            with logger, checkpoint:
-                history = fit(trainer, train_data, valid_data)
-            # The net ends with the weights of the kept epoch (callbacks.KeepBest): those are saved and logged.
-            print(kept_weights(net_name, history, config.train))
-            save_model(paths.model(net_name), trainer.network)
-            write_json(paths.model_info(net_name), {
-                "net": net_name, "data_hash": data_hash,
-                "kept_epoch": history[-1]["kept_epoch"], "config": config.to_dict(),
-            })
-            write_history(paths.history(net_name), history)
-            write_json(paths.train_metrics(net_name), final_figures(history))
-            # After the files: a failure to write them (a full disk) leaves no logged model for the
-            # rerun to log a second time.
-            logger.log_model(trainer.network)
+        yield
     except KeyboardInterrupt:
         saved = checkpoint.saved_epochs
         raise Interrupted(
-            f"train {net_name} interrupted in epoch {len(trainer.history) + 1}; "
+            f"train {net_name} interrupted in epoch {len(started.trainer.history) + 1}; "
             + (f"{checkpoint.path} keeps epochs 1-{saved}: run the stage again (`dvc repro`) to continue" if saved
                else "no epoch had ended, so there is nothing to resume")
         ) from None
@@ -262,8 +282,6 @@ def train(config: Config, net_name: str, device: torch.device, ranks: Ranks,
                             " to log what the run lacks" if saved
                             else "no epoch had ended, so there is nothing to resume")
         ) from None
-    # Last: until the files are written and MLflow has the run whole, a rerun resumes from it.
-    checkpoint.path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

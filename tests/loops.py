@@ -5,11 +5,11 @@ import dataclasses
 import numpy as np
 import torch
 
-from pipeline.callbacks import AdjustHyperparameter, Callback
-from pipeline.config import Schedule, load_config
-from pipeline.data import FaceSet
-from pipeline.loop import Tensors
+from pipeline.base.config import Schedule, load_config
+from pipeline.faces.data import FaceSet
 from pipeline.train import build_trainer
+from pipeline.training.callbacks import AdjustHyperparameter
+from pipeline.training.loop import Callback, Tensors
 from project import ROOT
 
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from loops import faces_of, stage_trainer
-from pipeline.loop import Tensors, Trainer, fit
-from pipeline.schedule import linear
+from pipeline.training.loop import Tensors, Trainer, fit
+from pipeline.training.schedule import linear
 
 
 def plain_fit(trainer: Trainer, train: Tensors, valid: Tensors, schedules: dict) -> tuple[list[dict], torch.nn.Module]:

@@ -1,7 +1,7 @@
 import torch
 
-from pipeline.augment import FLIP_PERMUTATION, flip, flip_random_half
-from pipeline.kaggle import FLIP_PAIRS, KEYPOINT_COLUMNS
+from pipeline.faces.augment import FLIP_PERMUTATION, flip, flip_random_half
+from pipeline.faces.kaggle import FLIP_PAIRS, KEYPOINT_COLUMNS
 
 
 def batch(n=8):

@@ -6,9 +6,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks import device_speed, reference, train_speed
-from pipeline.data import FaceSet
-from pipeline.loop import Tensors, Trainer, run_epoch
-from pipeline.model import KeypointNet
+from pipeline.base.model import KeypointNet
+from pipeline.faces.data import FaceSet
+from pipeline.training.loop import Tensors, Trainer, run_epoch
 from project import ROOT, run
 
 # Every batch full, so an epoch's mean loss is the plain mean of its batch losses.

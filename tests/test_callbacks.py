@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.callbacks import EpochTable
+from pipeline.training.callbacks import EpochTable
 
 
 class FakeTerminal(io.StringIO):

@@ -3,11 +3,11 @@ import contextlib
 import pytest
 import torch
 
-from pipeline.callbacks import Callback, KeepBest
-from pipeline.checkpoint import Checkpoint, fingerprint, read_training_state
-from pipeline.errors import PipelineError
-from pipeline.loop import fit
-from pipeline.weights import load_model, save_model
+from pipeline.base.errors import PipelineError
+from pipeline.base.weights import load_model, save_model
+from pipeline.training.callbacks import KeepBest
+from pipeline.training.checkpoint import Checkpoint, fingerprint, read_training_state
+from pipeline.training.loop import Callback, fit
 from loops import EpochWeights, assert_weights, callback_of, data, falls_then_rises, make_trainer
 from trainings import RaiseIn
 
@@ -55,7 +55,7 @@ def train_saving(path, epochs, max_epochs=4, interval_seconds=0.0, callbacks=())
     """`epochs` epochs of a `max_epochs` training, with a Checkpoint as the train stage wires it."""
     trainer = make_trainer(max_epochs, flip=True)
     checkpoint = Checkpoint(path, SETTINGS, interval_seconds)
-    checkpoint.run_id = "run"
+    checkpoint.extra = {"run": "abc"}
     # Ctrl-C in the middle of the epoch after `epochs`, as a user or SIGTERM would stop it.
     trainer.callbacks += [checkpoint, RaiseIn("on_batch_end", epochs + 1, KeyboardInterrupt()), *callbacks]
     with pytest.raises(KeyboardInterrupt) if epochs < max_epochs else contextlib.nullcontext():
@@ -73,12 +73,12 @@ def test_an_interrupted_training_resumes_exactly_like_an_unbroken_one(tmp_path):
     _, interrupted = train_saving(path, epochs=2, interval_seconds=3600)
     assert interrupted.saved_epochs == 2
     state = read_training_state(path)
-    assert (state["fingerprint"], state["mlflow_run_id"], len(state["history"])) == (fingerprint(SETTINGS), "run", 2)
+    assert (state["fingerprint"], state["extra"], len(state["history"])) == (fingerprint(SETTINGS), {"run": "abc"}, 2)
 
     torch.manual_seed(123)  # the global generator is part of the state: disturb it
     resumed = make_trainer(4, flip=True)
     checkpoint = Checkpoint(path, SETTINGS, 3600)
-    assert checkpoint.resume(resumed) and checkpoint.run_id == "run"
+    assert checkpoint.resume(resumed) and checkpoint.extra == {"run": "abc"}
     fit(resumed, data(48), data(16, seed=1))
     assert strip(resumed.history) == strip(unbroken.history)
     for key, value in unbroken.network.state_dict().items():
@@ -133,7 +133,7 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, capsys):
     trainer = make_trainer(4)
     checkpoint = Checkpoint(path, {**SETTINGS, "data_hash": "abd"}, 60)
     assert not checkpoint.resume(trainer)
-    assert trainer.history == [] and checkpoint.run_id is None
+    assert trainer.history == [] and checkpoint.extra == {}
     assert "was saved with other settings, data or code: training afresh" in capsys.readouterr().out
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import flatten, load_config
-from pipeline.errors import PipelineError
+from pipeline.base.config import flatten, load_config
+from pipeline.base.errors import PipelineError
 
 PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from pipeline.data import (
+from pipeline.base.errors import PipelineError
+from pipeline.faces.data import (
     FaceSet, content_hash, load, load_faces, read_summary, save_faces, scale_keypoints, split, unscale_keypoints,
 )
-from pipeline.errors import PipelineError
-from pipeline.kaggle import KAGGLE_MEANS, write_training_csv
+from pipeline.faces.kaggle import KAGGLE_MEANS, write_training_csv
 
 
 def write_faces(path, n=20, incomplete=(), seed=0):

@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from pipeline import evaluate
-from pipeline.data import load_faces
-from pipeline.kaggle import KEYPOINTS
-from pipeline.metrics import mean_shape, predict, rmse_px
-from pipeline.tracking import WEIGHTS_TAG
-from pipeline.weights import load_model, weights_checksum
+from pipeline.base.weights import load_model, weights_checksum
+from pipeline.evaluation.metrics import mean_shape, predict, rmse_px
+from pipeline.faces.data import load_faces
+from pipeline.faces.kaggle import KEYPOINTS
+from pipeline.tracking.runs import WEIGHTS_TAG
 from project import REPRODUCED_EPOCHS, copy_project, run
 
 # Every test reads a project that trained both nets through `dvc repro`.

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from faults import full_disk, read_only, run_with
-from pipeline.errors import PipelineError
-from pipeline.files import atomic_write, exclusive_lock, write_json, write_text
+from pipeline.base.errors import PipelineError
+from pipeline.base.files import atomic_write, exclusive_lock, write_json, write_text
 from project import ROOT
 
 
@@ -63,8 +63,8 @@ def test_a_folder_where_the_file_belongs_is_one_line(tmp_path):
 WRITE_AND_REPORT = """
 import json
 import os
-from pipeline.errors import PipelineError
-from pipeline.files import write_bytes
+from pipeline.base.errors import PipelineError
+from pipeline.base.files import write_bytes
 try:
     write_bytes("data/big.bin", bytes(1 << 20))
 except PipelineError as error:
@@ -102,7 +102,7 @@ def test_a_second_holder_of_a_lock_is_told_who_holds_it_and_a_dead_holder_blocks
 
 HOLD_LOCK = """
 import sys, time
-from pipeline.files import exclusive_lock
+from pipeline.base.files import exclusive_lock
 with exclusive_lock(sys.argv[1], "training net4"):
     print("held", flush=True)
     time.sleep(600)

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import flip, flip_random_half
-from pipeline.callbacks import AdjustHyperparameter
-from pipeline.loop import Tensors, Trainer, fit, run_epoch
-from pipeline.metrics import predict
-from pipeline.model import KeypointNet
-from pipeline.weights import load_model, save_model
+from pipeline.base.model import KeypointNet
+from pipeline.base.weights import load_model, save_model
+from pipeline.evaluation.metrics import predict
+from pipeline.faces.augment import flip, flip_random_half
+from pipeline.training.callbacks import AdjustHyperparameter
+from pipeline.training.loop import Tensors, Trainer, fit, run_epoch
 from project import make_project, run
 from loops import bright_square_faces, faces_of, stage_trainer
 from plain_loop import assert_same_training, fast_and_plain

@@ -6,10 +6,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from pipeline import kaggle
-from pipeline.errors import PipelineError
+from pipeline.base.errors import PipelineError
 from pipeline.evaluate import read_history
-from pipeline.kaggle import (
+from pipeline.faces import kaggle
+from pipeline.faces.kaggle import (
     COLUMNS, FLIP_PAIRS, KAGGLE_MEANS, KEYPOINT_COLUMNS, KaggleFormatError, check_csv_text, read_training_csv,
     write_training_csv,
 )

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from loops import EpochWeights, assert_weights, bright_square_faces, callback_of, data, falls_then_rises, make_trainer
-from pipeline.callbacks import AdjustHyperparameter, Callback, EarlyStopping, EpochTable
-from pipeline.data import loss_to_rmse_px
-from pipeline.errors import PipelineError
-from pipeline.loop import Tensors, fit
+from pipeline.base.errors import PipelineError
+from pipeline.faces.data import loss_to_rmse_px
+from pipeline.training.callbacks import AdjustHyperparameter, EarlyStopping, EpochTable
+from pipeline.training.loop import Callback, Tensors, fit
 from plain_loop import assert_same_training, fast_and_plain
 
 

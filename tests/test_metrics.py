@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import loss_to_rmse_px
-from pipeline.kaggle import KEYPOINTS
-from pipeline.metrics import (best_valid, first_epoch_reaching, improvement_percent, mean_shape,
+from pipeline.base.model import KeypointNet
+from pipeline.evaluation.metrics import (best_valid, first_epoch_reaching, improvement_percent, mean_shape,
                               per_keypoint_rmse_px, predict, rmse_curves, rmse_px, score, summarize,
                               training_comparison)
-from pipeline.model import KeypointNet
+from pipeline.faces.data import loss_to_rmse_px
+from pipeline.faces.kaggle import KEYPOINTS
 
 ONE_PIXEL = 1 / 48  # in the scaled space the net regresses
 

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from pipeline.model import KeypointNet
+from pipeline.base.model import KeypointNet
 
 
 def test_output_shape_and_layers_follow_the_seed():

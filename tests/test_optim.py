@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
-from pipeline.model import KeypointNet
-from pipeline.optim import NesterovSGD
+from pipeline.base.model import KeypointNet
+from pipeline.training.optim import NesterovSGD
 
 
 def steps(optimizer, model, schedule):

@@ -10,8 +10,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from pipeline.tracking import EXPERIMENT
-from pipeline.weights import load_model
+from pipeline.base.weights import load_model
+from pipeline.tracking.store import EXPERIMENT
 from project import REPRODUCED_EPOCHS, copy_project, make_project, run, set_params
 from trainings import start
 

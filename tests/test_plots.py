@@ -4,9 +4,9 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
-from pipeline import plots
-from pipeline.data import loss_to_rmse_px
-from pipeline.kaggle import KAGGLE_MEANS, KEYPOINTS
+from pipeline.evaluation import plots
+from pipeline.faces.data import loss_to_rmse_px
+from pipeline.faces.kaggle import KAGGLE_MEANS, KEYPOINTS
 
 DPI = 80  # plots save at 80 dots per inch
 

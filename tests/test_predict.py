@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image, ImageCms
 
-from pipeline.errors import PipelineError
-from pipeline.tracking import WEIGHTS_TAG
-from pipeline.weights import load_model, save_model, weights_checksum
-from pipeline.kaggle import KEYPOINT_COLUMNS, LOOKUP_COLUMNS, read_table
-from pipeline.model import KeypointNet
+from pipeline.base.errors import PipelineError
+from pipeline.base.model import KeypointNet
+from pipeline.base.weights import load_model, save_model, weights_checksum
+from pipeline.faces.kaggle import KEYPOINT_COLUMNS, LOOKUP_COLUMNS, read_table
 from pipeline.predict import (NamedFaces, main, predict_pixels, read_image, read_images,
                               submission_table)
+from pipeline.tracking.runs import WEIGHTS_TAG
 from project import make_project, run
 
 # Every 8-bit level, in a 96x96 face so that no resizing blurs the comparison.

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import loss_to_rmse_px
-from pipeline.kaggle import KEYPOINTS
-from pipeline.report import answer, comparison_markdown, markdown_table, summary_rows, text_table
+from pipeline.evaluation.report import answer, comparison_markdown, markdown_table, summary_rows, text_table
+from pipeline.faces.data import loss_to_rmse_px
+from pipeline.faces.kaggle import KEYPOINTS
 
 
 def results():
@@ -30,7 +30,7 @@ def report():
     return comparison_markdown(
         results(), ["net4", "net5"], "c13413419aaa2f63", 13,
         {"Learning curves": Path("plots/learning_curves.png"), "Test faces": Path("plots/test_predictions.png")},
-        Path("reports/comparison.md"),
+        Path("reports/comparison.md"), "facial-keypoints",
     )
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.schedule import linear
+from pipeline.training.schedule import linear
 
 
 def test_first_epoch_uses_start_and_last_uses_stop():

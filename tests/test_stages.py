@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.kaggle import COLUMNS, KAGGLE_MEANS, write_training_csv
-from pipeline.train import stage_code
+from pipeline.faces.kaggle import COLUMNS, KAGGLE_MEANS, write_training_csv
+from pipeline.base.sources import stage_code
 from project import ROOT, make_project, run, set_params
 
 # Stages run as their commands, in processes of their own.
@@ -104,6 +104,6 @@ def test_every_stage_lists_exactly_the_pipeline_modules_its_command_runs():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         stage = stage.get("do", stage)  # a foreach stage's body
-        module = stage["cmd"].split()[2].removeprefix("pipeline.")
+        module = stage["cmd"].split()[2]
         listed = sorted(dep for dep in stage["deps"] if dep.startswith("pipeline/"))
         assert listed == [str(path.relative_to(ROOT)) for path in stage_code(module)], name

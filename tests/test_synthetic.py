@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.kaggle import IMAGE_SIZE, KAGGLE_MEANS, KEYPOINT_COLUMNS, KEYPOINTS
-from pipeline.synthetic import (_HEAD_RADIUS, _NOSE_RADIUS, _Pose, _to_canonical, _to_image,
+from pipeline.faces.kaggle import IMAGE_SIZE, KAGGLE_MEANS, KEYPOINT_COLUMNS, KEYPOINTS
+from pipeline.faces.synthetic import (_HEAD_RADIUS, _NOSE_RADIUS, _Pose, _to_canonical, _to_image,
                                 render_faces)
 
 ALWAYS_LABELLED = ("left_eye_center", "right_eye_center", "nose_tip", "mouth_center_bottom_lip")

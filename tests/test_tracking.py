@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.callbacks import AdjustHyperparameter, Callback
-from pipeline.errors import PipelineError
-from pipeline.loop import fit
-from pipeline.model import KeypointNet
-from pipeline.kaggle import KEYPOINT_COLUMNS
-from pipeline.tracking import (EXPERIMENT, MlflowLogger, TrackingError, connect, faces_inputs, git_state, log_model,
-                               training_run)
+from pipeline.base.errors import PipelineError
+from pipeline.base.model import KeypointNet
+from pipeline.faces.kaggle import KEYPOINT_COLUMNS
+from pipeline.tracking.logger import MlflowLogger
+from pipeline.tracking.runs import faces_inputs, git_state, log_model, training_run
+from pipeline.tracking.store import EXPERIMENT, TrackingError, connect
+from pipeline.training.callbacks import AdjustHyperparameter
+from pipeline.training.loop import Callback, fit
 from project import free_port, make_project, run, set_params
 from loops import data, make_trainer
 from trainings import RaiseIn, logged, metric_keys, runs, saved_epochs, start, train

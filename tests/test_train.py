@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from faults import full_disk, run_with
-from pipeline.callbacks import EarlyStopping, KeepBest
-from pipeline.config import load_config
-from pipeline.data import loss_to_rmse_px
-from pipeline.tracking import EXPERIMENT
+from pipeline.base.config import load_config
+from pipeline.faces.data import loss_to_rmse_px
+from pipeline.tracking.store import EXPERIMENT
 from pipeline.train import build_trainer, kept_weights
+from pipeline.training.callbacks import EarlyStopping, KeepBest
 from project import ROOT, free_port, make_project, run, set_params
 from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start, train,
                        wait_for_checkpoint, weights)
@@ -169,7 +169,7 @@ def change_learning_rate(project):
 
 
 def change_the_model_code(project):
-    with (project / "pipeline/model.py").open("a") as source:
+    with (project / "pipeline/base/model.py").open("a") as source:
         source.write("\n# edited after the checkpoint was saved\n")
 
 
@@ -311,10 +311,11 @@ def test_the_code_fingerprint_of_a_checkpoint_changes_with_the_stages_own_module
     project = make_project(tmp_path / "project", git=False)
 
     def fingerprint():
-        return run(project, sys.executable, "-c", "from pipeline.train import code_hash; print(code_hash())").stdout
+        return run(project, sys.executable, "-c",
+                   "from pipeline.base.sources import code_hash; print(code_hash('pipeline.train'))").stdout
 
     before = fingerprint()
-    for module, runs_in_training in (("predict.py", False), ("evaluate.py", False), ("optim.py", True)):
+    for module, runs_in_training in (("predict.py", False), ("evaluate.py", False), ("training/optim.py", True)):
         with (project / "pipeline" / module).open("a") as source:
             source.write("\n# edited\n")
         after = fingerprint()

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from pipeline.checkpoint import STATE_FORMAT, Checkpoint, read_training_state, write_training_state
-from pipeline.errors import PipelineError
-from pipeline.model import KeypointNet
-from pipeline.weights import load_checked, load_model, save_checked, save_model
+from pipeline.base.errors import PipelineError
+from pipeline.base.model import KeypointNet
+from pipeline.base.weights import load_checked, load_model, save_checked, save_model
+from pipeline.training.checkpoint import STATE_FORMAT, Checkpoint, read_training_state, write_training_state
 from loops import make_trainer
 
 MARKER = torch.arange(1000, 1256, dtype=torch.float32)  # bytes easy to find in the file
@@ -63,10 +63,10 @@ def test_a_plain_state_dict_without_a_checksum_is_not_trusted(tmp_path):
 def test_a_damaged_checkpoint_is_never_resumed(tmp_path):
     path = tmp_path / "net4.pt"
     trainer = make_trainer(2)
-    state = {"format": STATE_FORMAT, "fingerprint": "f", "mlflow_run_id": "r", "history": [], "marker": MARKER,
+    state = {"format": STATE_FORMAT, "fingerprint": "f", "extra": {"run": "r"}, "history": [], "marker": MARKER,
              "model": trainer.network.state_dict()}
     write_training_state(path, state)
-    assert read_training_state(path)["mlflow_run_id"] == "r"
+    assert read_training_state(path)["extra"] == {"run": "r"}
     damage(path)
     with pytest.raises(PipelineError, match="net4.pt: damaged: .*; delete it to train from the first epoch"):
         Checkpoint(path, {}, 60).resume(make_trainer(2))

@@ -9,10 +9,10 @@ import mlflow
 import pandas as pd
 import torch
 
-from pipeline.callbacks import Callback
-from pipeline.checkpoint import read_training_state
-from pipeline.tracking import EXPERIMENT
-from pipeline.weights import load_checked
+from pipeline.base.weights import load_checked
+from pipeline.tracking.store import EXPERIMENT
+from pipeline.training.checkpoint import read_training_state
+from pipeline.training.loop import Callback
 from project import run, tool_env
 
 

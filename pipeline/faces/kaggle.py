@@ -17,8 +17,8 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import PipelineError, os_failure
-from pipeline.files import atomic_write
+from pipeline.base.errors import PipelineError, os_failure
+from pipeline.base.files import atomic_write
 
 IMAGE_SIZE = 96
 N_PIXELS = IMAGE_SIZE * IMAGE_SIZE

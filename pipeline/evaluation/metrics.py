@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.data import KEYPOINT_SCALE, loss_to_rmse_px
-from pipeline.kaggle import KEYPOINTS
+from pipeline.faces.data import KEYPOINT_SCALE, loss_to_rmse_px
+from pipeline.faces.kaggle import KEYPOINTS
 
 PREDICTION_BATCH = 256
 

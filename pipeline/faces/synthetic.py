@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.kaggle import IMAGE_SIZE, KAGGLE_MEANS, KEYPOINTS
+from pipeline.faces.kaggle import IMAGE_SIZE, KAGGLE_MEANS, KEYPOINTS
 
 _CENTRE = IMAGE_SIZE / 2
 _MAX_ROLL = np.radians(15.0)

@@ -16,8 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 from PIL import Image, ImageDraw
 
-from pipeline.files import atomic_write
-from pipeline.kaggle import KEYPOINTS
+from pipeline.base.files import atomic_write
+from pipeline.faces.kaggle import KEYPOINTS
 
 DRAWN_FACE_ZOOM = 4  # a 96-pixel face is too small to see its points on a screen
 MAX_TICKS = 10  # labels on a log axis, beyond which they crowd

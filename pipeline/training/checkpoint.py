@@ -7,20 +7,16 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.callbacks import Callback
-from pipeline.errors import PipelineError, describe
-from pipeline.weights import copy_into, load_checked, save_checked
-
-if TYPE_CHECKING:
-    from pipeline.loop import Trainer
+from pipeline.base.errors import PipelineError, describe
+from pipeline.base.weights import copy_into, load_checked, save_checked
+from pipeline.training.loop import Callback, Trainer
 
 # The training state: enough to continue a training exactly where its last finished epoch left it
-# (4: with the callbacks' states, such as the best epoch's weights).
-STATE_FORMAT = 4
+# (4: with the callbacks' states, such as the best epoch's weights; 5: the caller's `extra` dict).
+STATE_FORMAT = 5
 RESTART = "delete it to train from the first epoch"
 
 
@@ -82,13 +78,14 @@ class Checkpoint(Callback):
     at most every `interval_seconds`, so the loop never waits for the disk and a long training
     writes a few hundred MB, not a checkpoint per epoch. The last epoch is written at the end of
     the training, and the last finished epoch when it stops on an interrupt or an error (use the
-    callback as a context manager around the training). `run_id` is the MLflow run it continues.
+    callback as a context manager around the training). `extra` is saved with
+    the state and restored with it, unread: the caller's own (the train stage keeps its MLflow run there).
     """
 
     def __init__(self, path: Path, settings: dict, interval_seconds: float, saves: bool = True):
         self.path, self.interval_seconds, self.saves = Path(path), interval_seconds, saves
         self.fingerprint = fingerprint(settings)
-        self.run_id: str | None = None
+        self.extra: dict = {}
         self.saved_epochs = 0
         self._trainer: Trainer | None = None
         # Two copies of finished epochs' states on the training device, taking turns, so that a
@@ -123,7 +120,7 @@ class Checkpoint(Callback):
                 raise PipelineError(f"{self.path}: holds no state of the callback {name}; {RESTART}")
             callback.load_state_dict(saved[name])
         trainer.history = list(state["history"])
-        self.run_id = state["mlflow_run_id"]
+        self.extra = dict(state["extra"])
         self.saved_epochs = len(trainer.history)
         return True
 
@@ -160,7 +157,7 @@ class Checkpoint(Callback):
         return {
             "format": STATE_FORMAT,
             "fingerprint": self.fingerprint,
-            "mlflow_run_id": self.run_id,
+            "extra": dict(self.extra),
             "history": [dict(row) for row in self._trainer.history[:epochs]],
             **tensors,
         }

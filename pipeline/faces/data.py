@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError, describe
-from pipeline.files import atomic_write, read_json
-from pipeline.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, read_training_csv
+from pipeline.base.errors import PipelineError, describe
+from pipeline.base.files import atomic_write, read_json
+from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, read_training_csv
 
 PREPARE = "run `dvc repro prepare`"
 # Keypoints live in 0..96 pixels; the network regresses them in [-1, 1].

@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from pipeline.kaggle import FLIP_PAIRS, KEYPOINT_COLUMNS
+from pipeline.faces.kaggle import FLIP_PAIRS, KEYPOINT_COLUMNS
 
 
 def _flip_permutation() -> list[int]:

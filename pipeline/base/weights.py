@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 import torch.utils.serialization
 
-from pipeline.errors import PipelineError, describe
-from pipeline.files import write_bytes
-from pipeline.model import KeypointNet
+from pipeline.base.errors import PipelineError, describe
+from pipeline.base.files import write_bytes
+from pipeline.base.model import KeypointNet
 
 MODEL_REMEDY = "restore it with `dvc checkout` or train the net again with `dvc repro`"
 

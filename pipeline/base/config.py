@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import PipelineError
+from pipeline.base.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
 # Seeds go to numpy, which refuses negative ones, and to torch, which takes at most 64 bits (the

@@ -1,5 +1,4 @@
-"""The callback protocol of the training loop, the annealing callback, the console table, the best
-epoch's weights and early stopping."""
+"""The training loop's callbacks: the annealing, the console table, the best epoch's weights and early stopping."""
 
 from __future__ import annotations
 
@@ -7,33 +6,12 @@ import math
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
-from pipeline.errors import PipelineError
-from pipeline.schedule import linear
-from pipeline.weights import copy_into
-
-if TYPE_CHECKING:
-    from pipeline.loop import Trainer
-
-
-class Callback:
-    """Hooks of the training loop; each does nothing unless a subclass says otherwise."""
-
-    def on_train_begin(self, trainer: Trainer) -> None:
-        pass
-
-    def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None:
-        pass
-
-    def on_batch_end(self, trainer: Trainer, batch: int, n_batches: int) -> None:
-        pass
-
-    def on_epoch_finished(self, trainer: Trainer, history: list[dict]) -> None:
-        pass
-
-    def on_train_end(self, trainer: Trainer, history: list[dict]) -> None:
-        pass
+from pipeline.base.errors import PipelineError
+from pipeline.base.weights import copy_into
+from pipeline.training.loop import Callback, Trainer
+from pipeline.training.schedule import linear
 
 
 class AdjustHyperparameter(Callback):

@@ -8,8 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.kaggle import KEYPOINTS
-from pipeline.tracking import EXPERIMENT
+from pipeline.faces.kaggle import KEYPOINTS
 
 BASELINE_LABEL = "mean-shape baseline"
 SUMMARY_HEADER = (
@@ -79,8 +78,9 @@ def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def comparison_markdown(results: dict, nets: list[str], data_hash: str, n_test: int, pictures: dict[str, Path],
-                        report: Path) -> str:
-    """The whole report; pictures are linked relative to the report's folder so that it renders in place."""
+                        report: Path, experiment: str) -> str:
+    """The whole report; pictures are linked relative to the report's folder so that it renders in place.
+    `experiment` is the MLflow experiment that holds the nets' runs."""
     labels = [*nets, "baseline"]
     keypoint_rows = [
         (name, *(f"{results[label]['per_keypoint_rmse_px'][name]:.3f}" for label in labels))
@@ -95,7 +95,7 @@ def comparison_markdown(results: dict, nets: list[str], data_hash: str, n_test: 
         f"# {answer(results, nets)}",
         "",
         f"{' vs '.join(nets)} on {n_test} held-out test faces, data hash `{data_hash}`. Each net's training run "
-        f"in MLflow (experiment `{EXPERIMENT}`, named after the net) has every epoch and, under `evaluation/`, "
+        f"in MLflow (experiment `{experiment}`, named after the net) has every epoch and, under `evaluation/`, "
         "these figures and pictures.",
         "",
         markdown_table(SUMMARY_HEADER, summary_rows(results, nets)),

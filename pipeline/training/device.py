@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.utils.deterministic
 
-from pipeline.errors import PipelineError
+from pipeline.base.errors import PipelineError
 
 # cuBLAS splits a matrix product's reductions by the workspace it is given; a fixed workspace makes
 # its results repeatable (NVIDIA's documented setting). Read when cuBLAS first starts in a process.

@@ -1,4 +1,5 @@
-"""fit(): one epoch function for training and validation, one history of per-epoch dicts.
+"""fit(): one epoch function for training and validation, one history of per-epoch dicts, and the
+hooks (Callback) through which everything else takes part.
 
 Under torch.distributed every rank runs the same loop on its share of each global batch.
 """
@@ -16,10 +17,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.callbacks import Callback
-from pipeline.data import FaceSet, loss_to_rmse_px
-from pipeline.errors import PipelineError
-from pipeline.graphs import CapturedSteps
+from pipeline.base.errors import PipelineError
+from pipeline.faces.data import FaceSet, loss_to_rmse_px
+from pipeline.training.graphs import CapturedSteps
 
 # Validation batches: inference needs no stored activations, so 1024 faces take about 1.2 GB at
 # the first convolution; beyond that the launches saved no longer matter.
@@ -43,6 +43,26 @@ class Tensors:
 
     def __len__(self) -> int:
         return len(self.images)
+
+
+class Callback:
+    """Hooks of the training loop; each does nothing unless a subclass says otherwise."""
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        pass
+
+    def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None:
+        pass
+
+    def on_batch_end(self, trainer: Trainer, batch: int, n_batches: int) -> None:
+        pass
+
+    def on_epoch_finished(self, trainer: Trainer, history: list[dict]) -> None:
+        pass
+
+    def on_train_end(self, trainer: Trainer, history: list[dict]) -> None:
+        pass
+
 
 
 @dataclass

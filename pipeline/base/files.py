@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import glob
 import json
 import os
@@ -14,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.errors import PipelineError, describe, os_failure
+from filelock import FileLock, Timeout
+
+from pipeline.base.errors import PipelineError, describe, os_failure
 
 TEMPORARY_SUFFIX = ".tmp"
 
@@ -115,22 +116,28 @@ def exclusive_lock(path: Path, work: str) -> Iterator[None]:
     of a dead process never blocks. The file names its holder, for the message of the next process.
     """
     path = Path(path)
+
+    def name_the_holder(descriptor: int) -> None:
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"process {os.getpid()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+
+    # Kept on release: the next process reads its holder's line only while the file is there.
+    lock = FileLock(path, timeout=0, preserve_lock_file=True, on_acquired=name_the_holder)
     try:
         make_folder(path.parent)
-        stream = open(path, "a+")
+        lock.acquire()
+    except Timeout:
+        holder = _read_holder(path) or "another process"
+        raise PipelineError(f"{work} is already running: {holder} holds {path}") from None
     except OSError as error:
         raise os_failure(error, f"taking the lock of {work}") from None
-    with stream:
-        try:
-            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            stream.seek(0)
-            holder = stream.read().strip() or "another process"
-            raise PipelineError(f"{work} is already running: {holder} holds {path}") from None
-        try:
-            stream.truncate(0)
-            stream.write(f"process {os.getpid()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-            stream.flush()
-            yield
-        finally:
-            fcntl.flock(stream, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _read_holder(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        return path.read_text().strip()
+    return ""

@@ -1,0 +1,1 @@
+"""Tracking: the MLflow store, the runs, and the logger callback that reads the training's history."""

@@ -1,0 +1,244 @@
+"""MLflow runs: a training's run (nesting, params, tags, datasets), its model, evaluation figures
+added to it, and finding the run that trained a model file."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import os
+import subprocess
+from typing import Iterator
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import torch
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.entities import DatasetInput, InputTag, Metric
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from mlflow.utils.time import get_current_time_millis
+
+from pipeline.base.weights import weights_checksum
+from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS
+from pipeline.tracking.store import (EXPERIMENT, PREFLIGHT_TIMEOUT, TrackingError, environment_set, set_experiment,
+                                     store_calls)
+
+
+# The checksum of the weights a run trained (weights.weights_checksum): how a model file finds its
+# run. models/ records no run id, so that training the same code again leaves it byte-identical.
+WEIGHTS_TAG = "weights_sha256"
+# The portions of the prepared faces a run uses, by the context MLflow shows them under.
+PORTIONS = {"training": "train", "validation": "valid", "test": "test"}
+# Where the faces come from: a CSV in the layout of Kaggle's training.csv, keypoints in pixels, some missing.
+CSV_SCHEMA = Schema([*(ColSpec(DataType.double, column, required=False) for column in KEYPOINT_COLUMNS),
+                     ColSpec(DataType.string, "Image")])
+
+
+# The Python packages MLflow's system metrics need on a GPU machine, by the module they import.
+SYSTEM_METRICS_PACKAGES = {"psutil": "psutil", "pynvml": "nvidia-ml-py"}
+
+
+def git_state(generated: list[str]) -> tuple[str, bool]:
+    """The commit and whether tracked files differ from it.
+
+    dvc.lock and the `generated` paths (the pipeline's own outputs, committed for reference) are
+    rewritten by the very run being tracked, so changes there do not make the tree dirty.
+    """
+    excluded = [f":(exclude){path}" for path in ["dvc.lock", *generated]]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", True
+    return commit, bool(changes.strip())
+
+
+def _resumable(client: mlflow.MlflowClient, run_id: str | None) -> mlflow.entities.Run | None:
+    """The run to continue, if the store still has it and it is not deleted."""
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as error:
+        # Only a run the store does not know is gone; a store that fails must not start a second run.
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return None
+    return run if run.info.lifecycle_stage == "active" else None
+
+
+@contextlib.contextmanager
+def training_run(net_name: str, params: dict, tags: dict, generated: list[str],
+                 resume_run_id: str | None = None, inputs: list[DatasetInput] | None = None,
+                 device: torch.device | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one training, named after the net; the given run, if it still exists.
+
+    `inputs` are the data it trains on (see faces_inputs); a training on CUDA also logs MLflow's
+    system metrics (GPU utilisation and memory among them).
+    """
+    client = mlflow.MlflowClient()
+    with store_calls("no run was started"):
+        resumed = _resumable(client, resume_run_id)
+        if resumed is None:
+            run_id = _new_run(client, net_name, tags, generated)
+        else:
+            run_id = resumed.info.run_id
+            # Params outside the training's fingerprint may have changed since; the run keeps its own.
+            params = {key: value for key, value in params.items() if key not in resumed.data.params}
+    with _running(run_id, params, inputs, _system_metrics(device)) as active:
+        yield active
+
+
+def faces_inputs(summary: dict, **faces: int) -> list[DatasetInput]:
+    """The portions of the prepared faces a run uses, by context (training=1632, ...), as MLflow dataset
+    inputs: the CSV they came from, the prepared data's hash (prepare's summary), the CSV's columns.
+
+    No arrays: DVC keeps those. The number of faces is in the name, since MLflow keeps one dataset per
+    name and digest: a training with another valid_fraction uses other datasets of the same data.
+    """
+    return [
+        DatasetInput(
+            MetaDataset(LocalArtifactDatasetSource(summary["source"]), name=f"{PORTIONS[context]}: {count} faces",
+                        digest=summary["data_hash"], schema=CSV_SCHEMA)._to_mlflow_entity(),
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)],
+        )
+        for context, count in faces.items()
+    ]
+
+
+def _system_metrics(device: torch.device | None) -> bool:
+    """Whether the run logs MLflow's system metrics: on CUDA, where they show how busy the GPU is, and
+    if the packages they need are there (else one line says which are missing)."""
+    if device is None or device.type != "cuda":
+        return False
+    missing = [package for module, package in SYSTEM_METRICS_PACKAGES.items()
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        print(f"warning: no system metrics in MLflow: {' and '.join(missing)} not installed "
+              "(pip install -r requirements.txt)", flush=True)
+    return not missing
+
+
+def _new_run(client: mlflow.MlflowClient, net_name: str, tags: dict, generated: list[str]) -> str:
+    """`mlflow run` hands its own run to the command through MLFLOW_RUN_ID; a plain start_run()
+    would resume and overwrite that run, so the training becomes its child instead."""
+    parent_run_id = os.environ.get("MLFLOW_RUN_ID")
+    experiment_id = set_experiment()
+    commit, dirty = git_state(generated)
+    run_tags = {
+        "mlflow.source.git.commit": commit,
+        "git_commit": commit,
+        "git_dirty": str(dirty).lower(),
+        "dvc_stage": os.environ.get("DVC_STAGE", ""),
+        # Joins the run to `dvc exp show`: DVC names every experiment it runs in this variable.
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
+        **tags,
+    }
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    return client.create_run(experiment_id, run_name=net_name, tags=run_tags).info.run_id
+
+
+@contextlib.contextmanager
+def _running(run_id: str, params: dict, inputs: list[DatasetInput] | None,
+             system_metrics: bool) -> Iterator[mlflow.ActiveRun]:
+    """The run active for the block; FINISHED after it, FAILED on an error, KILLED on Ctrl-C or SIGTERM.
+
+    A store that cannot mark the run FINISHED is a TrackingError, like any other part of the run
+    it lacks: running the stage again resumes the run and finishes it.
+    """
+    with store_calls(f"run {run_id} was not started"):
+        # Elsewhere than on CUDA, MLflow's own setting decides (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING); a
+        # resumed run's system metrics go on from its last step.
+        active = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics or None)
+    try:
+        with store_calls(f"the params were not logged to run {run_id}"):
+            mlflow.log_params(params)
+        # A resumed run logs them again: MLflow keeps a run's input once.
+        with store_calls(f"the datasets were not logged to run {run_id}"):
+            if inputs:
+                mlflow.MlflowClient().log_inputs(run_id, datasets=inputs)
+        yield active
+    except KeyboardInterrupt:
+        _end_after_error("KILLED")
+        raise
+    except BaseException:
+        _end_after_error("FAILED")
+        raise
+    with store_calls(f"run {run_id} was not marked finished"):
+        mlflow.end_run("FINISHED")
+
+
+def _end_after_error(status: str) -> None:
+    """One short try and no second error: the error in flight is the one to report, and a store
+    that is down would only delay it. MLflow forgets the active run either way."""
+    with environment_set(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(PREFLIGHT_TIMEOUT)), \
+            contextlib.suppress(MlflowException):
+        mlflow.end_run(status)
+
+
+def log_model(model: torch.nn.Module) -> None:
+    """Log the net to the active run as an MLflow PyTorch model that loads on any machine.
+
+    MLflow stores it with torch.export, which fixes the device of the weights: the copy exported
+    is on the CPU, wherever the net trained, and MLflow's own check of the input example runs it
+    there too (its default on a GPU machine would be the GPU, which the exported weights refuse).
+    """
+    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
+    # Two faces, not one: torch.export would otherwise specialise the batch dimension to 1.
+    example = np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    with environment_set(MLFLOW_DEFAULT_PREDICTION_DEVICE="cpu"):
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example, output),
+            input_example=example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+        )
+
+
+def run_of_weights(net_name: str, model: torch.nn.Module) -> mlflow.entities.Run | None:
+    """The latest active run of the experiment that trained `net_name` to these very weights; None if the
+    store has none (the model was trained against another store, or restored by DVC from elsewhere).
+
+    A training that gives the same weights again (the same code, params and data) tags its run the
+    same: the latest is the one whose model and files the workspace holds.
+    """
+    with store_calls(f"the run that trained {net_name} was not looked up"):
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:
+            return None
+        runs = mlflow.MlflowClient().search_runs(
+            [experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+            filter_string=f"tags.net = '{net_name}' AND tags.{WEIGHTS_TAG} = '{weights_checksum(model)}'")
+    return runs[0] if runs else None
+
+
+def log_evaluation(run_id: str, metrics: dict[str, float], artifacts: list, inputs: list[DatasetInput]) -> None:
+    """Add a net's test figures, files and test data to its own training run, creating no new run.
+
+    Evaluating again logs nothing twice: a figure is logged only if the run's latest value of it
+    differs (a changed one becomes the latest), the files replace their namesakes, and MLflow keeps
+    a run's input once.
+    """
+    client = mlflow.MlflowClient()
+    now = get_current_time_millis()
+    try:
+        logged = client.get_run(run_id).data.metrics
+        client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()
+                                          if logged.get(key) != float(value)], synchronous=True)
+        client.log_inputs(run_id, datasets=inputs)
+        for path in artifacts:
+            client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    except MlflowException as error:
+        raise TrackingError(str(error).splitlines()[0]) from None
