@@ -8,6 +8,7 @@ import io
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.utils.serialization
@@ -19,9 +20,37 @@ from pipeline.base.model import KeypointNet
 MODEL_REMEDY = "restore it with `dvc checkout` or train the net again with `dvc repro`"
 
 
+def map_tensors(function: Callable[[Any, Any], Any], value, like=None,
+                entering: Callable[[Any], None] = lambda container: None):
+    """`value` rebuilt with every leaf (a tensor, a dict's key, any other value) replaced by
+    function(leaf, its counterpart in `like` or None), in order; `entering` sees each dict, list and
+    tuple before what it holds.
+
+    The one walk over nested states (state_dicts, optimizers' states, checkpoints): copying them,
+    moving them to the host and checksumming them all follow it, so they agree on what a state holds.
+    """
+    if isinstance(value, dict):
+        entering(value)
+        like = like if isinstance(like, dict) else {}
+        # A key before its item, as the checksum feeds them.
+        return {function(key, None): map_tensors(function, item, like.get(key), entering)
+                for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        entering(value)
+        like = like if isinstance(like, (list, tuple)) and len(like) == len(value) else [None] * len(value)
+        return type(value)(map_tensors(function, item, old, entering) for item, old in zip(value, like))
+    return function(value, like)
+
+
+def on_host(value):
+    """`value` with every tensor on the CPU, as torch.save writes them."""
+    return map_tensors(lambda leaf, _: leaf.cpu() if isinstance(leaf, torch.Tensor) else leaf, value)
+
+
 def host_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weights on the CPU in the default layout: loadable on any machine, with or without a GPU."""
-    return {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    return map_tensors(lambda leaf, _: leaf.detach().cpu().contiguous() if isinstance(leaf, torch.Tensor) else leaf,
+                       model.state_dict())
 
 
 def save_model(path: Path, model: torch.nn.Module) -> None:
@@ -53,26 +82,21 @@ def checksum(content) -> str:
     Computed over what was saved rather than over the file, so it is kept inside the file.
     """
     digest = hashlib.sha256()
-    _feed(digest, content)
+
+    def container(value) -> None:
+        digest.update(f"{'dict' if isinstance(value, dict) else type(value).__name__} {len(value)};".encode())
+
+    def leaf(value, _):
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+        return value
+
+    map_tensors(leaf, content, entering=container)
     return digest.hexdigest()
-
-
-def _feed(digest, value) -> None:
-    if isinstance(value, torch.Tensor):
-        tensor = value.detach().cpu().contiguous()
-        digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    elif isinstance(value, dict):
-        digest.update(f"dict {len(value)};".encode())
-        for key, item in value.items():
-            _feed(digest, key)
-            _feed(digest, item)
-    elif isinstance(value, (list, tuple)):
-        digest.update(f"{type(value).__name__} {len(value)};".encode())
-        for item in value:
-            _feed(digest, item)
-    else:
-        digest.update(f"{type(value).__name__} {value!r};".encode())
 
 
 def save_checked(path: Path, content) -> None:
@@ -124,15 +148,12 @@ def copy_into(target, value):
     Reusing the buffers keeps the copy of an epoch's state to one pass over memory, with no
     allocation; on a GPU it stays on the device and the training does not wait for it.
     """
-    if isinstance(value, torch.Tensor):
-        if (isinstance(target, torch.Tensor) and target.shape == value.shape and target.dtype == value.dtype
-                and target.device == value.device and target.stride() == value.stride()):
-            return target.copy_(value)
-        return value.detach().clone()
-    if isinstance(value, dict):
-        target = target if isinstance(target, dict) else {}
-        return {key: copy_into(target.get(key), item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        target = target if isinstance(target, (list, tuple)) and len(target) == len(value) else [None] * len(value)
-        return type(value)(copy_into(old, item) for old, item in zip(target, value))
-    return value
+    def copy(tensor, old):
+        if not isinstance(tensor, torch.Tensor):
+            return tensor
+        if (isinstance(old, torch.Tensor) and old.shape == tensor.shape and old.dtype == tensor.dtype
+                and old.device == tensor.device and old.stride() == tensor.stride()):
+            return old.copy_(tensor)
+        return tensor.detach().clone()
+
+    return map_tensors(copy, value, like=target)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from pipeline.base.errors import PipelineError, describe
-from pipeline.base.weights import copy_into, load_checked, save_checked
+from pipeline.base.weights import copy_into, load_checked, on_host, save_checked
 from pipeline.training.loop import Callback, Trainer
 
 # The training state: enough to continue a training exactly where its last finished epoch left it
@@ -24,17 +24,6 @@ def fingerprint(settings: dict) -> str:
     """A short hash of everything that shapes a training; a checkpoint resumes only a match."""
     text = json.dumps({**settings, "torch": torch.__version__}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def on_host(value):
-    """`value` with every tensor on the CPU, as torch.save writes them."""
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {key: on_host(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(on_host(item) for item in value)
-    return value
 
 
 def generator_states(trainer: Trainer) -> dict[str, torch.Tensor]:
