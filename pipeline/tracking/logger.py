@@ -28,6 +28,12 @@ class MlflowLogger(Callback):
     training ended; rows the store still refuses then are a TrackingError. A resumed training
     brings the history of its earlier epochs; those the run lacks (the process died, or the store
     was down, before they were logged) are logged first, and no epoch twice.
+
+    Why a thread of its own rather than MLflow's asynchronous logging (`log_batch(...,
+    synchronous=False)`): MLflow's queue also batches rows in the background, but a batch that
+    fails is dropped with an error in its log, and its failure shows only to whoever waits on the
+    operation. Keeping the rows and trying again while the training goes on is what it lacks, and
+    what this thread adds; the requests themselves are MLflow's synchronous `log_batch`.
     """
 
     # MLflow takes at most 1000 metrics in one request; whole rows keep each epoch in one transaction.

@@ -28,7 +28,6 @@ from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS
 from pipeline.tracking.store import (EXPERIMENT, PREFLIGHT_TIMEOUT, TrackingError, environment_set, set_experiment,
                                      store_calls)
 
-
 # The checksum of the weights a run trained (weights.weights_checksum): how a model file finds its
 # run. models/ records no run id, so that training the same code again leaves it byte-identical.
 WEIGHTS_TAG = "weights_sha256"
@@ -37,7 +36,6 @@ PORTIONS = {"training": "train", "validation": "valid", "test": "test"}
 # Where the faces come from: a CSV in the layout of Kaggle's training.csv, keypoints in pixels, some missing.
 CSV_SCHEMA = Schema([*(ColSpec(DataType.double, column, required=False) for column in KEYPOINT_COLUMNS),
                      ColSpec(DataType.string, "Image")])
-
 
 # The Python packages MLflow's system metrics need on a GPU machine, by the module they import.
 SYSTEM_METRICS_PACKAGES = {"psutil": "psutil", "pynvml": "nvidia-ml-py"}

@@ -15,18 +15,15 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.base.errors import PipelineError
 
-
 EXPERIMENT = "facial-keypoints"
 # MLflow 3 marks an experiment of model trainings, as opposed to GenAI apps (traces, token usage), with
 # this tag. The UI of 3.17.2 opens an experiment as its sidebar's GenAI/Model training switch says instead.
 KIND_TAG = "mlflow.experimentKind"
 KIND = "custom_model_development"
 
-
 # MLflow's own default store, but always in the project's root (see tracking_uri).
 DEFAULT_STORE = "mlflow.db"
 SQLITE_PREFIX = "sqlite:///"
-
 
 # Seconds the preflight waits for a tracking server, instead of minutes of retries.
 PREFLIGHT_TIMEOUT = 10
@@ -114,7 +111,7 @@ def connect() -> str:
     try:
         # MLflow retries HTTP requests for minutes; a preflight should fail in seconds instead.
         with store_lock(uri), environment_set(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
-                                            MLFLOW_HTTP_REQUEST_TIMEOUT=str(PREFLIGHT_TIMEOUT)):
+                                              MLFLOW_HTTP_REQUEST_TIMEOUT=str(PREFLIGHT_TIMEOUT)):
             set_experiment()
     except Exception as error:  # noqa: BLE001 - whatever the store's client raises, the store is unusable
         raise TrackingError(f"MLflow tracking store {uri} is not usable: {reason(error)}") from None
@@ -130,6 +127,7 @@ def reason(error: Exception) -> str:
 
 
 def set_experiment() -> str:
+    """The project's experiment, made the active one (created, tagged as model training, if new); its id."""
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
         try:
             mlflow.create_experiment(EXPERIMENT, artifact_location=_artifact_location(mlflow.get_tracking_uri()),
