@@ -252,7 +252,8 @@ def csv_load_report(directory: Path, seed: int) -> str:
     faces, loaded = load(path, seed)
     seconds = time.perf_counter() - started
     return (f"Kaggle-size CSV ({loaded.n_rows} rows, {len(faces)} complete, {path.stat().st_size / 1e6:.0f} MB): "
-            f"pipeline.faces.data.load {seconds:.2f} s (target <= {MAX_CSV_SECONDS:.0f} s) {verdict(seconds <= MAX_CSV_SECONDS)}")
+            f"pipeline.faces.data.load {seconds:.2f} s (target <= {MAX_CSV_SECONDS:.0f} s) "
+            f"{verdict(seconds <= MAX_CSV_SECONDS)}")
 
 
 def noop_repro_seconds(directory: Path) -> float:
