@@ -37,7 +37,7 @@ from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS
 from pipeline.train import build_trainer, memory_format, set_up_process, train
 from pipeline.training.device import Ranks
 from pipeline.training.loop import Tensors, fit
-from tests.project import make_project
+from tests.support.project import make_project
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_PROTOCOL_EPOCHS = 3000

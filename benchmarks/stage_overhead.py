@@ -32,7 +32,7 @@ from pipeline.train import set_up_process, train
 from pipeline.training import checkpoint as checkpoint_module
 from pipeline.training.device import Ranks
 from pipeline.training.loop import Callback
-from tests.project import make_project, run
+from tests.support.project import make_project, run
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_PROTOCOL_EPOCHS = 3000

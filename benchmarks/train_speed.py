@@ -35,7 +35,7 @@ from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, KEYPOINTS, write
 from pipeline.train import build_trainer, memory_format
 from pipeline.training import memory
 from pipeline.training.loop import Tensors, Trainer, run_epoch
-from tests.project import make_project, run
+from tests.support.project import make_project, run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = torch.device("cpu")

@@ -1,6 +1,6 @@
 """reports/comparison.md: the nets against each other and against the mean-shape baseline.
 
-Everything here formats figures that pipeline.metrics computed; nothing is computed again.
+Everything here formats figures that pipeline.evaluation.metrics computed; nothing is computed again.
 """
 
 from __future__ import annotations

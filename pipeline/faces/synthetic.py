@@ -62,7 +62,7 @@ class _Head:
 def render_faces(n: int, seed: int, missing_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Render n synthetic 96x96 grayscale faces.
     Returns (images, keypoints): images uint8 of shape (n, 96, 96); keypoints float64 of shape
-    (n, 30) in pixels, in pipeline.kaggle.KEYPOINT_COLUMNS order, NaN where a keypoint is 'not labelled'."""
+    (n, 30) in pixels, in pipeline.faces.kaggle.KEYPOINT_COLUMNS order, NaN where a keypoint is 'not labelled'."""
     _validate_arguments(n, missing_fraction)
     rng = np.random.default_rng(seed)
     grid = _pixel_grid()
