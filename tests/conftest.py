@@ -1,11 +1,19 @@
+import os
 import random
 
-import mlflow
-import numpy as np
-import pytest
-import torch
+# Each of pytest-xdist's workers, and every process its tests start, computes on its share of the cores
+# (`-n 2` on 2 cores: one each). Set before torch is imported: more threads than cores, which every
+# training spawned beside another test's would otherwise take, spin and wait on one another.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
+                                                     // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
-from project import reproduce_once
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from project import reproduce_once  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,5 @@
 import re
+import shutil
 import sys
 
 import pytest
@@ -9,7 +10,7 @@ from benchmarks import device_speed, reference, train_speed
 from pipeline.base.model import KeypointNet
 from pipeline.faces.data import FaceSet
 from pipeline.training.loop import Tensors, Trainer, run_epoch
-from project import ROOT, run
+from project import ROOT, make_project, run, write_params
 
 # Every batch full, so an epoch's mean loss is the plain mean of its batch losses.
 BATCH_SIZE, N_IMAGES, EPOCHS = 16, 48, 3
@@ -27,6 +28,17 @@ def project_trainer(dtype: torch.dtype) -> Trainer:
     model = KeypointNet().to(dtype, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True)
     return Trainer(model, optimizer, EPOCHS, BATCH_SIZE, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    """A copy of the project with the benchmarks and the default params, where they run: they read the
+    params.yaml beside them, and a user's `dvc exp run -S ...` may have changed the work tree's."""
+    project = make_project(tmp_path_factory.mktemp("benchmarks") / "project", git=False)
+    write_params(project)  # the defaults, not make_project's tiny ones: the benchmarks choose their sizes
+    for folder in ("benchmarks", "tests/support"):
+        shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return project
 
 
 def upcoming_orders(generator: torch.Generator, n: int, epochs: int) -> list[list[int]]:
@@ -83,7 +95,8 @@ def test_weights_of_another_shape_are_refused():
 
 
 @pytest.mark.slow
-def test_benchmark_prints_every_row(capsys):
+def test_benchmark_prints_every_row(checkout, capsys, monkeypatch):
+    monkeypatch.setattr(train_speed, "ROOT", checkout)  # where it reads params.yaml
     train_speed.main(["--images", "128", "--epochs", "2", "--skip-csv", "--skip-dvc"])
     printed = capsys.readouterr().out
     assert printed.startswith("machine: ")
@@ -105,9 +118,9 @@ def test_benchmark_prints_every_row(capsys):
 
 
 @pytest.mark.slow
-def test_stage_overhead_benchmark_times_the_real_stage():
+def test_stage_overhead_benchmark_times_the_real_stage(checkout):
     # In a process of its own, as it is run: it sets the process's allocator and kernels as the stage does.
-    lines = run(ROOT, sys.executable, "-m", "benchmarks.stage_overhead", "--epochs", "3", "--faces", "120").stdout.splitlines()
+    lines = run(checkout, sys.executable, "-m", "benchmarks.stage_overhead", "--epochs", "3", "--faces", "120").stdout.splitlines()
     assert lines[-4].startswith("device: cpu, torch ") and lines[-4].endswith(", 3 epochs")
     outside = re.search(r"outside them: median ([\d.]+) ms = ([\d.]+) % of the passes", lines[-3])
     assert outside and float(outside.group(1)) > 0
@@ -129,8 +142,8 @@ def test_the_flop_count_is_the_seed_networks():
 
 
 @pytest.mark.slow
-def test_the_device_benchmark_times_both_nets_alone_and_together_on_any_device():
-    lines = run(ROOT, sys.executable, "-m", "benchmarks.device_speed", "--device", "cpu", "--epochs", "3",
+def test_the_device_benchmark_times_both_nets_alone_and_together_on_any_device(checkout):
+    lines = run(checkout, sys.executable, "-m", "benchmarks.device_speed", "--device", "cpu", "--epochs", "3",
                 "--train-faces", "24", "--valid-faces", "8").stdout.splitlines()
     assert lines[0].startswith("device: cpu (CPU), torch ") and "24 train + 8 valid random faces" in lines[0]
     rows = {line.split()[0]: line.split() for line in lines[3:5]}

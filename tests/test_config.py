@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -7,12 +5,11 @@ import yaml
 
 from pipeline.base.config import flatten, load_config
 from pipeline.base.errors import PipelineError
-
-PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+from project import default_config, default_params
 
 
 def write_params(tmp_path, change):
-    params = yaml.safe_load(PROJECT_PARAMS.read_text())
+    params = default_params()
     change(params)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -20,7 +17,7 @@ def write_params(tmp_path, change):
 
 
 def test_project_params_load():
-    config = load_config(PROJECT_PARAMS)
+    config = default_config()
     assert config.data.source == "synthetic"
     assert set(config.nets) == {"net4", "net5"}
     assert config.nets["net5"].flip and not config.nets["net4"].flip
@@ -97,7 +94,7 @@ def test_bad_source_and_flip(tmp_path):
 
 def test_unknown_net_is_named():
     with pytest.raises(PipelineError, match="unknown net 'net9'"):
-        load_config(PROJECT_PARAMS).net("net9")
+        default_config().net("net9")
 
 
 def test_broken_yaml_is_one_line(tmp_path):

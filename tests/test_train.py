@@ -18,12 +18,11 @@ import pytest
 import torch
 
 from faults import full_disk, run_with
-from pipeline.base.config import load_config
 from pipeline.faces.data import loss_to_rmse_px
 from pipeline.tracking.store import EXPERIMENT
 from pipeline.train import build_trainer, kept_weights
 from pipeline.training.callbacks import EarlyStopping, KeepBest
-from project import ROOT, free_port, make_project, run, set_params
+from project import default_config, free_port, make_project, run, set_params
 from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start, train,
                        wait_for_checkpoint, weights)
 
@@ -252,7 +251,7 @@ def test_processes_creating_one_store_at_once_all_succeed(tmp_path, monkeypatch)
     go = tmp_path / "go"
     script = (
         "import os, time\n"
-        "from pipeline.tracking import connect\n"
+        "from pipeline.tracking.store import connect\n"
         f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
         "connect()\n"
     )
@@ -290,7 +289,7 @@ def test_torchrun_on_two_processes_trains_like_one_process(project, tmp_path):
 
 
 def test_the_params_choose_the_kept_weights_and_early_stopping():
-    config = load_config(ROOT / "params.yaml")
+    config = default_config()
     assert (config.train.keep, config.train.patience) == ("best", 0)  # the seed protocol runs every epoch
     cpu = torch.device("cpu")
     [keep] = [c for c in build_trainer(config, "net4", cpu).callbacks if isinstance(c, (KeepBest, EarlyStopping))]

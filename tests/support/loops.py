@@ -5,12 +5,12 @@ import dataclasses
 import numpy as np
 import torch
 
-from pipeline.base.config import Schedule, load_config
+from pipeline.base.config import Schedule
 from pipeline.faces.data import FaceSet
 from pipeline.train import build_trainer
 from pipeline.training.callbacks import AdjustHyperparameter
 from pipeline.training.loop import Callback, Tensors
-from project import ROOT
+from project import default_config
 
 
 def bright_square_faces(n, seed):
@@ -27,8 +27,8 @@ def bright_square_faces(n, seed):
 
 
 def stage_trainer(net, device, **train_settings):
-    """The train stage's own trainer (build_trainer) for the project's params, with some train.* changed."""
-    config = load_config(ROOT / "params.yaml")
+    """The train stage's own trainer (build_trainer) for the default params, with some train.* changed."""
+    config = default_config()
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, **train_settings))
     return build_trainer(config, net, torch.device(device)), config.train.schedules
 

@@ -1,4 +1,6 @@
-"""A scratch copy of the project in a temporary git repository, for running real stages."""
+"""A scratch copy of the project in a temporary git repository, for running real stages; and the
+params every test starts from: the committed params.yaml, never the work tree's, which `dvc exp run -S`
+and `mlflow run . -P` rewrite."""
 
 from __future__ import annotations
 
@@ -7,15 +9,55 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 from filelock import FileLock
 
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("pipeline", "params.yaml", "dvc.yaml", "MLproject", "python_env.yaml", "requirements.txt",
+from pipeline.base.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+# params.yaml is not copied: make_project writes DEFAULT_PARAMS.
+PROJECT_FILES = ("pipeline", "dvc.yaml", "MLproject", "python_env.yaml", "requirements.txt",
                  ".dvc/config", ".dvcignore", ".gitignore", "data/raw/.gitkeep", "dvc_plots_template")
+
+
+def committed_params() -> str:
+    """params.yaml as the checkout's last commit has it; the work tree's where the project is no git
+    repository (an unpacked archive) or git is missing (a GPU machine may lack it)."""
+    try:
+        shown = subprocess.run(["git", "show", "HEAD:./params.yaml"], cwd=ROOT, capture_output=True, text=True)
+    except FileNotFoundError:  # no git
+        shown = None
+    if shown is not None and shown.returncode == 0:
+        return shown.stdout
+    return (ROOT / "params.yaml").read_text()
+
+
+# The one home of the defaults the tests start from: each test sets what it needs on top of them.
+DEFAULT_PARAMS = committed_params()
+
+
+def default_params() -> dict:
+    """DEFAULT_PARAMS as a fresh dictionary, for a test to change."""
+    return yaml.safe_load(DEFAULT_PARAMS)
+
+
+def default_config() -> Config:
+    """DEFAULT_PARAMS as the stages load them."""
+    with tempfile.TemporaryDirectory() as directory:
+        return load_config(write_params(Path(directory)))
+
+
+def write_params(directory: Path, changes: dict | None = None) -> Path:
+    """DEFAULT_PARAMS with `changes` (dotted keys) as `directory`/params.yaml."""
+    path = directory / "params.yaml"
+    path.write_text(DEFAULT_PARAMS)
+    if changes:
+        set_params(directory, changes)
+    return path
 
 # Small enough for seconds per stage, large enough for every split to be non-empty.
 TINY_PARAMS = {"synthetic.n_faces": 120, "train.max_epochs": 2}
@@ -36,8 +78,8 @@ def set_params(project: Path, changes: dict) -> None:
 
 
 def make_project(directory: Path, params: dict | None = None, git: bool = True) -> Path:
-    """The project's files and tiny params in `directory`, committed to a new git repository unless
-    `git` is false (a GPU machine may have no git, and runs the stages without DVC)."""
+    """The project's files, DEFAULT_PARAMS with TINY_PARAMS and `params` in `directory`, committed to a
+    new git repository unless `git` is false (a GPU machine may have no git, and runs the stages without DVC)."""
     for name in PROJECT_FILES:
         source, target = ROOT / name, directory / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +87,7 @@ def make_project(directory: Path, params: dict | None = None, git: bool = True) 
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, target)
-    set_params(directory, {**TINY_PARAMS, **(params or {})})
+    write_params(directory, {**TINY_PARAMS, **(params or {})})
     if not git:
         return directory
     run(directory, "git", "init", "-q")
