@@ -106,7 +106,14 @@ def test_a_second_training_of_a_net_stops_at_once_naming_the_orphan_that_trains_
     [orphans_run] = runs()
     assert orphans_run.info.status == "KILLED" and done >= 2
     for key in orphans_run.data.metrics:
-        assert [step for step, _ in logged(orphans_run.info.run_id, key)] == list(range(1, done + 1)), key
+        assert_logged_once_up_to(done, [step for step, _ in logged(orphans_run.info.run_id, key)], key)
+
+
+def assert_logged_once_up_to(saved: int, steps: list[int], key: str) -> None:
+    """Every epoch the checkpoint keeps is logged, once. A stop that lands after an epoch's row joined the
+    history but before the checkpoint copied it logs that epoch too: the resumed training computes it
+    again, identically, and the run keeps the first (docs/training.md)."""
+    assert steps in (list(range(1, saved + 1)), list(range(1, saved + 2))), (key, saved, steps)
 
 
 def wait_for_release(lock):
@@ -153,7 +160,7 @@ def test_sigterm_saves_the_last_finished_epoch_and_marks_the_run_killed(project)
     keys = killed.data.metrics
     assert {"train_loss", "valid_loss", "learning_rate", "momentum"} <= set(keys)
     for key in keys:
-        assert [step for step, _ in logged(killed.info.run_id, key)] == list(range(1, done + 1)), key
+        assert_logged_once_up_to(done, [step for step, _ in logged(killed.info.run_id, key)], key)
 
     resumed = train(project)
     assert f"resuming after epoch {done}" in resumed.stdout
