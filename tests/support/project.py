@@ -59,6 +59,7 @@ def write_params(directory: Path, changes: dict | None = None) -> Path:
         set_params(directory, changes)
     return path
 
+
 # Small enough for seconds per stage, large enough for every split to be non-empty.
 TINY_PARAMS = {"synthetic.n_faces": 120, "train.max_epochs": 2}
 # Three epochs: the annealed learning rate and momentum have a middle value.
