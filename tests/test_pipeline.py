@@ -81,9 +81,13 @@ def assert_plots_show_offline(project, nets=("net4", "net5")):
     page = (project / "dvc_plots" / "index.html").read_text()
     assert re.findall(r"<script[^>]*>", page) and not re.findall(r"<script[^>]*\bsrc\b", page)
     assert "vegaEmbed" in page
-    charts = {spec["title"]["text"]: spec["data"]["values"]
-              for spec in map(json.loads, re.findall(r"var spec = (\{.*\});", page))}
+    specs = {spec["title"]["text"]: spec for spec in map(json.loads, re.findall(r"var spec = (\{.*\});", page))}
+    charts = {title: spec["data"]["values"] for title, spec in specs.items()}
     assert set(charts) == {f"metrics/history/{net}.csv" for net in nets}
+    for spec in specs.values():  # .dvc/plots/losses.json: as plots/learning_curves.png draws them
+        assert spec["encoding"]["y"]["scale"]["type"] == "log"
+        dashes = spec["encoding"]["strokeDash"]["scale"]
+        assert dict(zip(dashes["domain"], dashes["range"])) == {"valid_loss": [1, 0], "train_loss": [6, 4]}
     for net in nets:
         history = pd.read_csv(project / f"metrics/history/{net}.csv", dtype=str)
         for loss in ("train_loss", "valid_loss"):

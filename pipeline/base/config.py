@@ -155,6 +155,19 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """The paired bootstrap over the test faces that puts an interval on every comparison."""
+
+    bootstrap_resamples: int
+    seed: int
+
+    def __post_init__(self):
+        # Fewer resamples leave the 2.5% and 97.5% percentiles resting on a handful of draws.
+        _require(self.bootstrap_resamples >= 100, "evaluate.bootstrap_resamples", "must be at least 100")
+        _require_seed(self.seed, "evaluate.seed")
+
+
+@dataclass(frozen=True)
 class NetConfig:
     flip: bool
 
@@ -167,6 +180,7 @@ class Config:
     prepare: PrepareConfig
     train: TrainConfig
     checkpoint: CheckpointConfig
+    evaluate: EvaluateConfig
     nets: dict[str, NetConfig]
 
     @property

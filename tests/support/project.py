@@ -21,7 +21,7 @@ from pipeline.base.config import Config, load_config
 ROOT = Path(__file__).resolve().parents[2]
 # params.yaml is not copied: make_project writes DEFAULT_PARAMS.
 PROJECT_FILES = ("pipeline", "dvc.yaml", "MLproject", "python_env.yaml", "requirements.txt",
-                 ".dvc/config", ".dvcignore", ".gitignore", "data/raw/.gitkeep", "dvc_plots_template")
+                 ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore", "data/raw/.gitkeep", "dvc_plots_template")
 
 
 def committed_params() -> str:
