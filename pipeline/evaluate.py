@@ -22,7 +22,8 @@ from pipeline.base.errors import PipelineError, reports_errors
 from pipeline.base.files import read_json, write_json, write_text
 from pipeline.base.weights import load_model
 from pipeline.evaluation import plots
-from pipeline.evaluation.metrics import mean_shape, predict, rmse_curves, score, summarize
+from pipeline.evaluation.metrics import (comparisons, face_squared_errors_px, mean_shape, predict, rmse_curves,
+                                         score, summarize)
 from pipeline.evaluation.report import (BASELINE_LABEL, SUMMARY_HEADER, answer, comparison_lines, comparison_markdown,
                              summary_rows, text_table)
 from pipeline.faces.data import FaceSet, load_faces, pixels_of, read_summary, unscale_keypoints
@@ -74,19 +75,20 @@ def mlflow_metrics(results: dict, net: str) -> dict[str, float]:
 
 
 def dvc_metrics(results: dict, nets: list[str]) -> dict:
-    """evaluate.json: each net's and the baseline's test RMSE and the nets against the first, no more,
-    so that `dvc metrics show` fits a terminal. The training's figures are in metrics/train/<net>.json,
-    the per-keypoint errors in keypoint_errors.csv, the rest in the report."""
-    reference, *others = nets
+    """evaluate.json: each net's and the baseline's test RMSE, and each comparison's improvement with
+    its 95% interval, no more, so that `dvc metrics show` fits a terminal. The training's figures are
+    in metrics/train/<net>.json, the per-keypoint errors in keypoint_errors.csv, the rest in the report."""
+    comparison = results["comparison"]
+
+    def improvement(name: str) -> dict:
+        # Short names: `dvc metrics show` prints a column per name, as wide as the name.
+        low, high = comparison[name]["test_rmse_improvement_interval"] or (None, None)
+        return {"improvement_percent": comparison[name]["test_rmse_improvement_percent"],
+                "ci95_low": low, "ci95_high": high}
+
     return {
         **{label: {"test_rmse_px": results[label]["test_rmse_px"]} for label in [*nets, "baseline"]},
-        **{
-            # Short names: `dvc metrics show` prints a column per name, as wide as the name.
-            f"{net}_vs_{reference}": {
-                "improvement_percent": results["comparison"][f"{net}_vs_{reference}"]["test_rmse_improvement_percent"],
-            }
-            for net in others
-        },
+        **{name: improvement(name) for name in comparisons(nets)},
     }
 
 
@@ -148,8 +150,11 @@ def main() -> None:
     # same evaluate.json on every machine.
     models = {net: load_model(paths.model(net), "cpu") for net in nets}
     predictions = {net: predict(models[net], test.X) for net in nets}
-    baseline = score(mean_shape(train.y, len(test)), test.y)
-    results = summarize({net: score(predictions[net], test.y) for net in nets}, baseline, histories)
+    baseline = mean_shape(train.y, len(test))
+    face_errors = {**{net: face_squared_errors_px(predictions[net], test.y) for net in nets},
+                   "baseline": face_squared_errors_px(baseline, test.y)}
+    results = summarize({net: score(predictions[net], test.y) for net in nets}, score(baseline, test.y), histories,
+                        face_errors, config.evaluate.bootstrap_resamples, config.evaluate.seed)
     for net in nets:  # the epoch whose weights were tested, for the report (report.kept_weights)
         results[net]["kept_epoch"] = infos[net].get("kept_epoch")
     write_json(Path(paths.metrics) / EVALUATION, dvc_metrics(results, nets))

@@ -24,7 +24,7 @@ from pipeline.base.config import PARAMS_FILE, Config, flatten, load_config
 from pipeline.base.errors import PipelineError, describe, reports_errors
 from pipeline.base.weights import load_model
 from pipeline.tracking.runs import run_of_weights
-from pipeline.tracking.store import connect
+from pipeline.tracking.store import EXPERIMENT, connect
 
 TARGETS = {"main": [], "train": ["train"], "evaluate": ["evaluate"]}
 
@@ -80,8 +80,8 @@ def description(runs: dict[str, mlflow.entities.Run | None], project_run: mlflow
 
 
 def link_net_runs(project_run_id: str, runs: dict[str, mlflow.entities.Run | None]) -> None:
-    """Tag the project run with each net's run (`<net>_run_id`), list them in its description, and
-    name those DVC did not train again.
+    """Tag the project run with each net's run (`<net>_run_id`), list them in its description, name
+    those DVC did not train again, and say so if the project run is in another experiment than they.
 
     Without this, a `mlflow run` whose stages DVC skips has no child runs and nothing that says
     where the results it leaves in the workspace came from.
@@ -92,9 +92,14 @@ def link_net_runs(project_run_id: str, runs: dict[str, mlflow.entities.Run | Non
         tags = {f"{net}_run_id": run.info.run_id for net, run in runs.items() if run is not None}
         tags["mlflow.note.content"] = description(runs, project_run)
         client.log_batch(project_run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+        project_experiment = client.get_experiment(project_run.info.experiment_id).name
     except MlflowException as error:
         raise PipelineError(f"MLflow tracking store {client.tracking_uri} failed ({describe(error)}): "
                             f"project run {project_run_id} was not linked to the net runs") from None
+    if project_experiment != EXPERIMENT:
+        # MLflow chooses the project run's experiment before any code of the project runs.
+        print(f"note: this project run is in the experiment {project_experiment!r}, its net runs in {EXPERIMENT!r}: "
+              f"`mlflow run . --experiment-name {EXPERIMENT}` keeps them together", flush=True)
     for net, run in runs.items():
         if not trained_during(run, project_run):
             print(f"train@{net} was not run again: " + (

@@ -236,6 +236,10 @@ def training_run(net: str, model: torch.nn.Module) -> str:
     return f"MLflow run {run.info.run_id}" if run else f"trained by no run of {tracking_uri()}"
 
 
+def counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.predict",
@@ -278,13 +282,13 @@ def main(argv: list[str] | None = None) -> None:
     lookup = read_table(args.lookup, LOOKUP_COLUMNS, dtype=str, keep_default_na=False) if args.lookup else None
     submission = submission_table(args.lookup, lookup, args.inputs[0], faces, keypoints) if args.lookup else None
     write_text(args.output, predictions_table(faces, keypoints).to_csv(index=False, float_format="%.4f"))
-    print(f"predict: {args.net} on {len(faces.names)} faces -> {args.output}")
+    print(f"predict: {args.net} on {counted(len(faces.names), 'face')} -> {args.output}")
     if submission is not None:
         write_text(args.submission, submission.to_csv(index=False, float_format="%.4f"))
         print(f"predict: {len(submission)} rows of {args.lookup} -> {args.submission}")
     if pictures:
         draw_all(pictures, faces, keypoints)
-        print(f"predict: {len(pictures)} pictures of the keypoints -> {args.draw}")
+        print(f"predict: {counted(len(pictures), 'picture')} of the keypoints -> {args.draw}")
 
 
 if __name__ == "__main__":

@@ -58,10 +58,20 @@ def evaluated(reproduced, tmp_path_factory):
 def test_the_metrics_files_hold_the_headline_figures_and_the_keypoints_have_their_own_file(evaluated):
     project, _, _ = evaluated
     results = json.loads((project / "metrics" / "evaluate.json").read_text())
-    assert list(results) == ["net4", "net5", "baseline", "net5_vs_net4"]
+    assert list(results) == ["net4", "net5", "baseline", "net4_vs_baseline", "net5_vs_baseline", "net5_vs_net4"]
     assert all(list(results[label]) == ["test_rmse_px"] for label in ("net4", "net5", "baseline"))
     net4, net5 = results["net4"]["test_rmse_px"], results["net5"]["test_rmse_px"]
-    assert results["net5_vs_net4"] == {"improvement_percent": pytest.approx(100 * (net4 - net5) / net4)}
+    assert results["net5_vs_net4"]["improvement_percent"] == pytest.approx(100 * (net4 - net5) / net4)
+    for comparison in ("net4_vs_baseline", "net5_vs_baseline", "net5_vs_net4"):
+        figures = results[comparison]
+        assert list(figures) == ["improvement_percent", "ci95_low", "ci95_high"]
+        assert figures["ci95_low"] < figures["improvement_percent"] < figures["ci95_high"]
+    # The report's first line states the interval that evaluate.json keeps.
+    headline = (project / "reports" / "comparison.md").read_text().splitlines()[0]
+    interval = results["net5_vs_net4"]
+    assert "%.1f%% to %.1f%%" % ((interval["ci95_low"], interval["ci95_high"]) if interval["improvement_percent"] >= 0
+                                 else (-interval["ci95_high"], -interval["ci95_low"])) in headline
+    assert "significant difference on these " in headline
     keypoints = pd.read_csv(project / "metrics" / "keypoint_errors.csv", index_col="keypoint")
     assert list(keypoints.index) == list(KEYPOINTS) and list(keypoints.columns) == ["net4", "net5", "baseline"]
     for label in keypoints.columns:

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.base.model import KeypointNet
-from pipeline.evaluation.metrics import (best_valid, first_epoch_reaching, improvement_percent, mean_shape,
-                              per_keypoint_rmse_px, predict, rmse_curves, rmse_px, score, summarize,
-                              training_comparison)
+from pipeline.evaluation.metrics import (NEGLIGIBLE_RMSE_PX, best_valid, face_squared_errors_px,
+                                         first_epoch_reaching, improvement_interval, improvement_percent, mean_shape,
+                                         per_keypoint_rmse_px, predict, resampled_rmse_px, rmse_curves, rmse_px,
+                                         score, summarize, training_comparison)
 from pipeline.faces.data import loss_to_rmse_px
 from pipeline.faces.kaggle import KEYPOINTS
 
@@ -51,6 +52,9 @@ def test_overall_rmse_is_the_quadratic_mean_of_the_keypoints_and_matches_trainin
     mse = F.mse_loss(torch.from_numpy(predicted), torch.from_numpy(true)).item()
     assert rmse_px(predicted, true) == pytest.approx(math.sqrt(mse) * 48, rel=1e-5)
     assert loss_to_rmse_px(mse) == pytest.approx(rmse_px(predicted, true), rel=1e-5)
+    # The bootstrap's unit, the face: the faces' mean squared errors average to the overall one.
+    assert face_squared_errors_px(predicted, true).shape == (7,)
+    assert math.sqrt(face_squared_errors_px(predicted, true).mean()) == pytest.approx(rmse_px(predicted, true))
 
 
 def test_loss_to_rmse_px():
@@ -110,6 +114,12 @@ def test_the_common_target_is_the_worse_best_so_both_nets_reach_it():
     assert figures["net5"]["best_epoch"] == 3 and figures["net5"]["epoch_reaching_target"] == 2
 
 
+def face_errors(rmse_px: float, n_faces: int = 40, seed: int = 0) -> np.ndarray:
+    """Per-face squared errors px whose overall RMSE is exactly `rmse_px`."""
+    errors = np.random.default_rng(seed).uniform(0.5, 1.5, n_faces)
+    return errors * rmse_px**2 / errors.mean()
+
+
 def test_summarize_compares_every_net_with_the_baseline_and_the_first_net():
     per_keypoint = {name: 0.0 for name in KEYPOINTS}
     scores = {
@@ -117,19 +127,64 @@ def test_summarize_compares_every_net_with_the_baseline_and_the_first_net():
         "net5": {"test_rmse_px": 1.5, "per_keypoint_rmse_px": per_keypoint},
     }
     baseline = {"test_rmse_px": 4.0, "per_keypoint_rmse_px": per_keypoint}
-    results = summarize(scores, baseline, {"net4": history([0.5, 0.2]), "net5": history([0.4, 0.1])})
+    errors = {"net4": face_errors(2.0, seed=1), "net5": face_errors(1.5, seed=2), "baseline": face_errors(4.0, seed=3)}
+    results = summarize(scores, baseline, {"net4": history([0.5, 0.2]), "net5": history([0.4, 0.1])}, errors, 500, 0)
     assert list(results) == ["net4", "net5", "baseline", "comparison"]
     assert results["net5"]["test_rmse_px"] == 1.5 and results["net5"]["best_valid_loss"] == 0.1
     assert results["baseline"] == baseline
     comparison = results["comparison"]
     assert comparison["target_valid_loss"] == 0.2
+    assert comparison["test_faces"] == 40 and comparison["bootstrap_resamples"] == 500
     assert comparison["net4_vs_baseline"]["test_rmse_improvement_percent"] == pytest.approx(50.0)
     assert comparison["net5_vs_baseline"]["test_rmse_improvement_percent"] == pytest.approx(62.5)
-    assert comparison["net5_vs_net4"] == {
-        "test_rmse_improvement_percent": pytest.approx(25.0),
-        "best_valid_loss_improvement_percent": pytest.approx(50.0),
-    }
+    net5_vs_net4 = comparison["net5_vs_net4"]
+    assert net5_vs_net4["test_rmse_improvement_percent"] == pytest.approx(25.0)
+    assert net5_vs_net4["best_valid_loss_improvement_percent"] == pytest.approx(50.0)
+    low, high = net5_vs_net4["test_rmse_improvement_interval"]
+    assert low < 25.0 < high and net5_vs_net4["significant"] == (low > 0)
+    assert net5_vs_net4["test_rmse_improvement_interval"] == improvement_interval(errors["net4"], errors["net5"], 500, 0)
     assert "net4_vs_net4" not in comparison
+
+
+def test_the_bootstrap_is_paired_so_a_small_consistent_gain_is_significant():
+    reference = face_errors(3.0, n_faces=252)
+    # 1% lower on every face: resampling the faces moves both models together, so the interval is
+    # narrow around the gain; unpaired resamples would give an interval many times wider.
+    assert improvement_interval(reference, 0.99**2 * reference, 2000, 0) == [pytest.approx(1.0, abs=0.01)] * 2
+    unpaired = resampled_rmse_px(reference, 2000, 0), resampled_rmse_px(0.99**2 * reference, 2000, 1)
+    spread = np.percentile(100 * (unpaired[0] - unpaired[1]) / unpaired[0], [2.5, 97.5])
+    assert spread[1] - spread[0] > 5
+
+
+def test_a_difference_within_the_noise_of_the_faces_is_not_significant():
+    reference = face_errors(3.0, n_faces=60)
+    noisy = reference * np.random.default_rng(5).uniform(0.6, 1.4, len(reference))
+    low, high = improvement_interval(reference, noisy, 2000, 0)
+    assert low < 0 < high
+    assert improvement_interval(reference, noisy, 2000, 0) == [low, high]  # the seed fixes the draws
+    assert improvement_interval(reference, noisy, 2000, 1) != [low, high]
+
+
+def test_the_resamples_do_not_depend_on_how_many_are_drawn_at_once(monkeypatch):
+    errors = face_errors(2.0, n_faces=97)
+    whole = resampled_rmse_px(errors, 1000, 3)
+    monkeypatch.setattr("pipeline.evaluation.metrics.BOOTSTRAP_DRAWS_AT_ONCE", 97 * 7)  # chunks of 7 resamples
+    assert np.array_equal(resampled_rmse_px(errors, 1000, 3), whole)
+    assert len(whole) == 1000 and whole.mean() == pytest.approx(2.0, rel=0.05)
+
+
+def test_a_reference_that_errs_by_nothing_gives_no_percentages():
+    """Keypoints all at one place: the mean-shape baseline is exact, and a percentage of it is a
+    division by zero (or, near zero, millions of percent)."""
+    assert improvement_percent(0.0, 1.0) is None
+    assert improvement_percent(0.05, 1.0, negligible=NEGLIGIBLE_RMSE_PX) is None
+    assert improvement_interval(np.zeros(30), face_errors(1.0, n_faces=30), 200, 0) is None
+    per_keypoint = {name: 0.0 for name in KEYPOINTS}
+    results = summarize({"net4": {"test_rmse_px": 1.0, "per_keypoint_rmse_px": per_keypoint}},
+                        {"test_rmse_px": 0.0, "per_keypoint_rmse_px": per_keypoint}, {"net4": history([0.5, 0.2])},
+                        {"net4": face_errors(1.0), "baseline": np.zeros(40)}, 200, 0)
+    assert results["comparison"]["net4_vs_baseline"] == {
+        "test_rmse_improvement_percent": None, "test_rmse_improvement_interval": None, "significant": False}
 
 
 def test_rmse_curves_convert_both_losses():

@@ -76,3 +76,17 @@ def test_the_project_run_names_the_net_runs_it_trained_and_those_it_did_not(caps
         f"train@net4 was not run again: its results are those of MLflow run {earlier}",
         f"train@net6 was not run again: no run of {mlflow.get_tracking_uri()} trained its weights",
     ]
+
+
+def test_a_project_run_outside_the_project_experiment_is_told_how_to_keep_them_together(capsys):
+    """`mlflow run .` without --experiment-name puts its run in MLflow's Default experiment."""
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("facial-keypoints")
+    trained = finished_run(client, experiment_id, "net4")
+    project_run = client.create_run("0").info.run_id  # Default
+
+    link_net_runs(project_run, {"net4": client.get_run(trained)})
+
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "note: this project run is in the experiment 'Default', its net runs in 'facial-keypoints': "
+        "`mlflow run . --experiment-name facial-keypoints` keeps them together")

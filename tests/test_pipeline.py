@@ -226,7 +226,8 @@ def test_a_net_added_to_params_is_trained_evaluated_reported_and_plotted_with_no
     assert "Running stage 'train@net6'" in reproduced_now and "Running stage 'train@net4'" not in reproduced_now
     assert (project / "models/net6.pt").is_file() and (project / "metrics/history/net6.csv").is_file()
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
-    assert set(evaluation) == {"net4", "net5", "net6", "baseline", "net5_vs_net4", "net6_vs_net4"}
+    assert set(evaluation) == {"net4", "net5", "net6", "baseline", "net4_vs_baseline", "net5_vs_baseline",
+                               "net6_vs_baseline", "net5_vs_net4", "net6_vs_net4"}
     report = (project / "reports/comparison.md").read_text()
     assert "| net6 |" in report and "net6" in report.splitlines()[0]  # in the table and in the one-line answer
     assert evaluation["net6"]["test_rmse_px"] > 0

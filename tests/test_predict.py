@@ -421,7 +421,7 @@ def test_the_command_says_which_training_the_net_comes_from_before_predicting(wo
     main(["face.png"])
     assert capsys.readouterr().out.splitlines() == [
         f"predict: net5 (3 epochs, data 3f2a, no MLflow store at {temporary_tracking_store})",
-        "predict: net5 on 1 faces -> predictions.csv"]
+        "predict: net5 on 1 face -> predictions.csv"]
     assert not Path(temporary_tracking_store.removeprefix("sqlite:///")).exists()  # not created by predict
 
     describe_net5(workdir, {"net": "net5", "data_hash": "3f2a", "kept_epoch": 2, "config": {"train": {"max_epochs": 3}}})
@@ -453,5 +453,5 @@ def test_a_missing_or_damaged_model_description_is_one_line_and_the_net_still_pr
     captured = capsys.readouterr()
     first, *rest = captured.out.splitlines()
     assert first.startswith(f"predict: net5, of an unknown training: {problem}")
-    assert rest == ["predict: net5 on 1 faces -> predictions.csv"] and captured.err == ""
+    assert rest == ["predict: net5 on 1 face -> predictions.csv"] and captured.err == ""
     assert (workdir / "predictions.csv").is_file()

@@ -2,9 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.evaluation.report import answer, comparison_markdown, markdown_table, summary_rows, text_table
+from pipeline.evaluation.report import answer, comparison_lines, comparison_markdown, markdown_table, summary_rows, text_table
 from pipeline.faces.data import loss_to_rmse_px
 from pipeline.faces.kaggle import KEYPOINTS
+
+
+def compared(improvement, interval):
+    return {"test_rmse_improvement_percent": improvement, "test_rmse_improvement_interval": interval,
+            "significant": interval is not None and (interval[0] > 0 or interval[1] < 0)}
 
 
 def results():
@@ -17,10 +22,10 @@ def results():
         "net5": net(1.5, 0.0016, 38, 30),
         "baseline": {"test_rmse_px": 4.0, "per_keypoint_rmse_px": {name: 4.0 for name in KEYPOINTS}},
         "comparison": {
-            "target_valid_loss": 0.0025, "target_valid_rmse_px": 2.4,
-            "net4_vs_baseline": {"test_rmse_improvement_percent": 50.0},
-            "net5_vs_baseline": {"test_rmse_improvement_percent": 62.5},
-            "net5_vs_net4": {"test_rmse_improvement_percent": 25.0, "best_valid_loss_improvement_percent": -36.0},
+            "target_valid_loss": 0.0025, "target_valid_rmse_px": 2.4, "test_faces": 13, "bootstrap_resamples": 2000,
+            "net4_vs_baseline": compared(50.0, [41.2, 58.0]),
+            "net5_vs_baseline": compared(62.5, [55.0, 69.9]),
+            "net5_vs_net4": {**compared(25.0, [-3.1, 44.4]), "best_valid_loss_improvement_percent": -36.0},
         },
     }
 
@@ -42,27 +47,51 @@ def test_the_summary_table_lists_both_nets_and_the_baseline(report):
 
 def test_the_comparison_is_in_words(report):
     assert "Target valid loss 0.002500 (2.400 px)" in report
-    assert "net4: test RMSE 50.0% lower than the mean-shape baseline." in report
-    assert "net5 against net4: test RMSE 25.0% lower, best valid loss 36.0% higher." in report
+    assert "net4: test RMSE 50.0% lower than the mean-shape baseline (95% interval 41.2% to 58.0%)." in report
+    assert ("net5 against net4: test RMSE 25.0% lower than net4 (95% interval -3.1% to 44.4%, not significant), "
+            "best valid loss 36.0% higher.") in report
+    assert "of 2000 paired bootstrap resamples of the 13 test faces" in report
     assert "about 10%" in report  # the seed's figure, for reference
 
 
-def test_the_report_opens_with_the_answer(report):
-    assert report.splitlines()[0] == ("# net5 beats net4 by 25.0% on the test faces (1.50 vs 2.00 px RMSE); "
-                                      "both beat the mean-shape baseline (4.00 px)")
+def test_the_report_opens_with_the_answer_and_whether_it_is_supported(report):
+    assert report.splitlines()[0] == (
+        "# net5 beats net4 by 25.0% on the test faces (1.50 vs 2.00 px RMSE; 95% interval -3.1% to 44.4%): "
+        "not a significant difference on these 13 test faces; both beat the mean-shape baseline (4.00 px)")
+    significant = results()
+    significant["comparison"]["net5_vs_net4"].update(compared(25.0, [10.0, 40.0]))
+    assert answer(significant, ["net4", "net5"]).startswith(
+        "net5 beats net4 by 25.0% on the test faces (1.50 vs 2.00 px RMSE; 95% interval 10.0% to 40.0%): "
+        "a significant difference on these 13 test faces;")
 
 
 def test_the_answer_says_which_net_trails_ties_or_misses_the_baseline():
     worse, tied = results(), results()
-    worse["comparison"]["net5_vs_net4"]["test_rmse_improvement_percent"] = -12.34
-    worse["comparison"]["net5_vs_baseline"]["test_rmse_improvement_percent"] = -3.0
-    assert answer(worse, ["net4", "net5"]).startswith("net5 trails net4 by 12.3% on the test faces")
+    worse["comparison"]["net5_vs_net4"].update(compared(-12.34, [-20.0, -4.5]))
+    worse["comparison"]["net5_vs_baseline"].update(compared(-3.0, [-9.0, 2.0]))
+    # The interval of the difference as stated: of how much more net5 errs.
+    assert answer(worse, ["net4", "net5"]).startswith(
+        "net5 trails net4 by 12.3% on the test faces (1.50 vs 2.00 px RMSE; 95% interval 4.5% to 20.0%): "
+        "a significant difference")
     assert answer(worse, ["net4", "net5"]).endswith("; only net4 beats the mean-shape baseline (4.00 px)")
-    tied["comparison"]["net5_vs_net4"]["test_rmse_improvement_percent"] = -0.04  # printed as 0.0%
+    tied["comparison"]["net5_vs_net4"].update(compared(-0.04, [-1.0, 0.9]))  # printed as 0.0%
     for net in ("net4", "net5"):
-        tied["comparison"][f"{net}_vs_baseline"]["test_rmse_improvement_percent"] = -1.0
-    assert answer(tied, ["net4", "net5"]) == ("net5 ties with net4 on the test faces (1.50 vs 2.00 px RMSE); "
-                                              "no net beats the mean-shape baseline (4.00 px)")
+        tied["comparison"][f"{net}_vs_baseline"].update(compared(-1.0, [-2.0, 0.5]))
+    assert answer(tied, ["net4", "net5"]) == (
+        "net5 ties with net4 on the test faces (1.50 vs 2.00 px RMSE; 95% interval -1.0% to 0.9%): "
+        "not a significant difference on these 13 test faces; no net beats the mean-shape baseline (4.00 px)")
+
+
+def test_an_exact_baseline_gives_words_not_a_division_by_zero():
+    exact = results()
+    exact["baseline"]["test_rmse_px"] = 0.0
+    for net in ("net4", "net5"):
+        exact["comparison"][f"{net}_vs_baseline"].update(compared(None, None))
+    assert answer(exact, ["net4", "net5"]).endswith(
+        "; the mean-shape baseline (0.00 px) is exact on these faces: their keypoints do not vary, "
+        "so no net can be judged on them")
+    assert ("net4: test RMSE not comparable with the mean-shape baseline's, which is next to nothing."
+            in comparison_lines(exact, ["net4", "net5"]))
 
 
 def test_lineage_and_pictures(report):

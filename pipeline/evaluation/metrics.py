@@ -16,6 +16,11 @@ from pipeline.faces.data import KEYPOINT_SCALE, loss_to_rmse_px
 from pipeline.faces.kaggle import KEYPOINTS
 
 PREDICTION_BATCH = 256
+# A tenth of a pixel, far below any annotation's precision: a reference that errs no more than this
+# leaves nothing to take a percentage of.
+NEGLIGIBLE_RMSE_PX = 0.1
+# Face indices drawn at once by the bootstrap (32 MB of them): its memory whatever the test set's size.
+BOOTSTRAP_DRAWS_AT_ONCE = 2**22
 
 
 def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int = PREDICTION_BATCH) -> np.ndarray:
@@ -73,9 +78,59 @@ def first_epoch_reaching(history: pd.DataFrame, target_loss: float) -> int | Non
     return int(reached.iloc[0]) if len(reached) else None
 
 
-def improvement_percent(reference: float, value: float) -> float:
-    """How much lower `value` is than `reference`, in percent of the reference: positive is better."""
+def improvement_percent(reference: float, value: float, negligible: float = 0.0) -> float | None:
+    """How much lower `value` is than `reference`, in percent of the reference: positive is better.
+
+    None where the reference is `negligible` or less: a percentage of (almost) nothing is a division
+    by zero, or a figure like "54754267% higher" that says nothing about the faces.
+    """
+    if reference <= negligible:
+        return None
     return 100.0 * (reference - value) / reference
+
+
+def face_squared_errors_px(predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Each face's mean squared error over its 30 coordinates: what the bootstrap resamples, since a
+    face's keypoints err together (a face the net misreads is off everywhere) and are no independent draws."""
+    return squared_errors_px(predicted, true).mean(axis=1)
+
+
+def resampled_rmse_px(face_errors: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """The test RMSE px of `resamples` bootstrap resamples of the faces (drawn with replacement).
+
+    The draws depend only on the seed and the number of faces, so every model evaluated with the
+    same seed is scored on the same resamples: the comparisons are paired, and the noise that the
+    choice of test faces adds to both models cancels out of their difference.
+    """
+    rng = np.random.default_rng(seed)
+    n_faces = len(face_errors)
+    # Chunks of draws, so that a large test set needs no (resamples x faces) matrix at once.
+    chunk = max(1, BOOTSTRAP_DRAWS_AT_ONCE // n_faces)
+    rmse = [np.sqrt(face_errors[rng.integers(0, n_faces, (min(chunk, resamples - done), n_faces))].mean(axis=1))
+            for done in range(0, resamples, chunk)]
+    return np.concatenate(rmse)
+
+
+def improvement_interval(reference_errors: np.ndarray, errors: np.ndarray, resamples: int,
+                         seed: int) -> list[float] | None:
+    """The 95% percentile interval of improvement_percent(reference, model) over paired bootstrap
+    resamples of the test faces; None where some resample leaves the reference no error to compare with."""
+    reference = resampled_rmse_px(reference_errors, resamples, seed)
+    if reference.min() <= NEGLIGIBLE_RMSE_PX:
+        return None
+    improvements = 100.0 * (reference - resampled_rmse_px(errors, resamples, seed)) / reference
+    # Rounded as stored: the last bits of a sum differ between machines, the hundredths do not.
+    return [round(float(bound), 2) for bound in np.percentile(improvements, [2.5, 97.5])]
+
+
+def comparisons(nets: list[str]) -> dict[str, tuple[str, str]]:
+    """The comparisons the report makes, by name, as (model, reference): every net against the
+    mean-shape baseline, and every other net against the first (as the seed compares net5 with net4)."""
+    reference, *others = nets
+    return {
+        **{f"{net}_vs_baseline": (net, "baseline") for net in nets},
+        **{f"{net}_vs_{reference}": (net, reference) for net in others},
+    }
 
 
 def training_comparison(histories: dict[str, pd.DataFrame]) -> tuple[dict[str, dict], float]:
@@ -99,34 +154,34 @@ def training_comparison(histories: dict[str, pd.DataFrame]) -> tuple[dict[str, d
     return figures, target_loss
 
 
-def summarize(scores: dict[str, dict], baseline: dict, histories: dict[str, pd.DataFrame]) -> dict:
+def summarize(scores: dict[str, dict], baseline: dict, histories: dict[str, pd.DataFrame],
+              face_errors: dict[str, np.ndarray], resamples: int, seed: int) -> dict:
     """The content of evaluate.json: per net test and training figures, the baseline, the comparison.
 
     Every net is compared with the mean-shape baseline (a net that does not beat it has learnt no
     faces); the first net (net4 in params.yaml) is the reference the others are compared with, as
-    the seed compares net5 with net4.
+    the seed compares net5 with net4. Each comparison of test RMSE carries its 95% interval from
+    a paired bootstrap over the test faces (`face_errors` per model, "baseline" included), and
+    whether that interval excludes no difference at all.
     """
     training, target_loss = training_comparison(histories)
-    reference, *others = list(scores)
+    models = {**scores, "baseline": baseline}
     comparison = {
         "target_valid_loss": target_loss,
         "target_valid_rmse_px": float(loss_to_rmse_px(target_loss)),
-        **{
-            f"{net}_vs_baseline": {
-                "test_rmse_improvement_percent": improvement_percent(
-                    baseline["test_rmse_px"], scores[net]["test_rmse_px"]),
-            }
-            for net in scores
-        },
-        **{
-            f"{net}_vs_{reference}": {
-                "test_rmse_improvement_percent": improvement_percent(
-                    scores[reference]["test_rmse_px"], scores[net]["test_rmse_px"]),
-                "best_valid_loss_improvement_percent": improvement_percent(
-                    training[reference]["best_valid_loss"], training[net]["best_valid_loss"]),
-            }
-            for net in others
-        },
+        "test_faces": len(next(iter(face_errors.values()))),
+        "bootstrap_resamples": resamples,
     }
+    for name, (model, reference) in comparisons(list(scores)).items():
+        interval = improvement_interval(face_errors[reference], face_errors[model], resamples, seed)
+        comparison[name] = {
+            "test_rmse_improvement_percent": improvement_percent(
+                models[reference]["test_rmse_px"], models[model]["test_rmse_px"], NEGLIGIBLE_RMSE_PX),
+            "test_rmse_improvement_interval": interval,
+            "significant": interval is not None and (interval[0] > 0 or interval[1] < 0),
+        }
+        if reference != "baseline":
+            comparison[name]["best_valid_loss_improvement_percent"] = improvement_percent(
+                training[reference]["best_valid_loss"], training[model]["best_valid_loss"])
     nets = {net: {**scores[net], **training[net]} for net in scores}
     return {**nets, "baseline": baseline, "comparison": comparison}

@@ -51,18 +51,21 @@ def comparison_lines(results: dict, nets: list[str]) -> list[str]:
         "first does so can be compared."
     ]
     lines += [
-        f"{net}: test RMSE {_lower_or_higher(comparison[f'{net}_vs_baseline']['test_rmse_improvement_percent'])} "
-        "than the mean-shape baseline."
+        f"{net}: test RMSE {_relative(comparison[f'{net}_vs_baseline'], 'the mean-shape baseline')}."
         for net in nets
     ]
     lines += [
-        f"{net} against {reference}: test RMSE "
-        f"{_lower_or_higher(comparison[f'{net}_vs_{reference}']['test_rmse_improvement_percent'])}, "
+        f"{net} against {reference}: test RMSE {_relative(comparison[f'{net}_vs_{reference}'], reference)}, "
         f"best valid loss "
-        f"{_lower_or_higher(comparison[f'{net}_vs_{reference}']['best_valid_loss_improvement_percent'])}."
+        f"{_percent(comparison[f'{net}_vs_{reference}']['best_valid_loss_improvement_percent'])}."
         for net in others
     ]
-    return lines
+    return lines + [
+        f"Intervals: 95%, of {comparison['bootstrap_resamples']} paired bootstrap resamples of the "
+        f"{_faces(comparison['test_faces'])} (both models scored on the same resampled faces); a difference is "
+        "significant where its interval excludes 0. They cover the choice of test faces, not the training's "
+        "own randomness (its seed): see docs/evaluation.md for combining several seeds.",
+    ]
 
 
 def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
@@ -126,17 +129,27 @@ def kept_weights(results: dict, nets: list[str]) -> list[str]:
 
 
 def _against(net: str, reference: str, results: dict) -> str:
+    comparison = results["comparison"]
+    figures = comparison[f"{net}_vs_{reference}"]
+    pixels = f"{results[net]['test_rmse_px']:.2f} vs {results[reference]['test_rmse_px']:.2f} px RMSE"
+    improvement = figures["test_rmse_improvement_percent"]
+    if improvement is None:
+        return f"{net} cannot be compared with {reference}, whose test error is next to nothing ({pixels})"
     # Rounded as printed: a difference that shows as 0.0% is a tie.
-    improvement = round(results["comparison"][f"{net}_vs_{reference}"]["test_rmse_improvement_percent"], 1)
+    improvement = round(improvement, 1)
     relation = (f"{'beats' if improvement > 0 else 'trails'} {reference} by {abs(improvement):.1f}%" if improvement
                 else f"ties with {reference}")
-    return (f"{net} {relation} on the test faces "
-            f"({results[net]['test_rmse_px']:.2f} vs {results[reference]['test_rmse_px']:.2f} px RMSE)")
+    verdict = "a significant difference" if figures["significant"] else "not a significant difference"
+    return (f"{net} {relation} on the test faces ({pixels}; 95% interval {_interval(figures)}): "
+            f"{verdict} on these {_faces(comparison['test_faces'])}")
 
 
 def _against_baseline(results: dict, nets: list[str]) -> str:
     baseline = f"the mean-shape baseline ({results['baseline']['test_rmse_px']:.2f} px)"
-    beating = [net for net in nets if results["comparison"][f"{net}_vs_baseline"]["test_rmse_improvement_percent"] > 0]
+    percents = {net: results["comparison"][f"{net}_vs_baseline"]["test_rmse_improvement_percent"] for net in nets}
+    if all(percent is None for percent in percents.values()):
+        return f"{baseline} is exact on these faces: their keypoints do not vary, so no net can be judged on them"
+    beating = [net for net, percent in percents.items() if percent is not None and percent > 0]
     if not beating:
         return f"no net beats {baseline}"
     if len(beating) == len(nets):
@@ -146,8 +159,32 @@ def _against_baseline(results: dict, nets: list[str]) -> str:
     return f"{subject} {'beats' if len(beating) == 1 else 'beat'} {baseline}"
 
 
-def _lower_or_higher(improvement_percent: float) -> str:
+def _relative(figures: dict, reference: str) -> str:
+    """A comparison's test RMSE difference in words, with its interval."""
+    if figures["test_rmse_improvement_percent"] is None:
+        return f"not comparable with {reference}'s, which is next to nothing"
+    return (f"{_percent(figures['test_rmse_improvement_percent'])} than {reference} (95% interval "
+            f"{_interval(figures)}{'' if figures['significant'] else ', not significant'})")
+
+
+def _percent(improvement_percent: float | None) -> str:
+    if improvement_percent is None:
+        return "not comparable (the reference is zero)"
     return f"{abs(improvement_percent):.1f}% {'lower' if improvement_percent >= 0 else 'higher'}"
+
+
+def _interval(figures: dict) -> str:
+    """The interval of the difference as the sentence states it: of the reduction where the model errs
+    less, of the increase where it errs more (both bounds then change sign)."""
+    interval, improvement = figures["test_rmse_improvement_interval"], figures["test_rmse_improvement_percent"]
+    if interval is None:
+        return "undefined"
+    low, high = interval if improvement is None or round(improvement, 1) >= 0 else (-interval[1], -interval[0])
+    return f"{low:.1f}% to {high:.1f}%"
+
+
+def _faces(count: int) -> str:
+    return f"{count} test face{'' if count == 1 else 's'}"
 
 
 def _epoch(epoch: int | None) -> str:
