@@ -30,9 +30,8 @@ from torch import nn
 from benchmarks import reference
 from benchmarks.stage_overhead import EpochClock, CountingCheckpoint
 from pipeline.base.config import Config, load_config
-from pipeline.base.files import write_json
 from pipeline.base.model import KeypointNet
-from pipeline.faces.data import FaceSet, content_hash, save_faces
+from pipeline.faces.data import FaceSet, content_hash, save_prepared
 from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS
 from pipeline.train import build_trainer, memory_format, set_up_process, train
 from pipeline.training.device import Ranks
@@ -120,9 +119,9 @@ def stage_seconds(net: str, config: Config, n_train: int, n_valid: int) -> dict:
         previous = Path.cwd()
         os.chdir(project)
         try:
-            save_faces(config.paths.train_faces, faces)
-            save_faces(config.paths.test_faces, faces.take(slice(0, 1)))
-            write_json(config.paths.prepared_summary, {"source": "random faces", "data_hash": content_hash(faces)})
+            save_prepared(config.paths.prepared_summary,
+                          {config.paths.train_faces: faces, config.paths.test_faces: faces.take(slice(0, 1))},
+                          {"source": "random faces", "data_hash": content_hash(faces)})
             clock = EpochClock(CountingCheckpoint())
             with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}), \
                     open(os.devnull, "w") as console, contextlib.redirect_stdout(console):

@@ -2,7 +2,8 @@
 
 Writes <paths.metrics>/evaluate.json (the headline test figures, DVC metrics),
 <paths.metrics>/keypoint_errors.csv, four pictures under paths.plots and reports/comparison.md, and
-adds each net's test figures and the pictures to that net's own training run in MLflow.
+adds each net's test figures and the pictures to that net's own training run in MLflow, whose model
+it registers as a version of `facial-keypoints`, with the champion alias on the best net.
 
 Usage: python -m pipeline.evaluate
 """
@@ -16,6 +17,7 @@ import mlflow
 import pandas as pd
 import torch
 from mlflow.entities import DatasetInput
+from mlflow.entities.model_registry import ModelVersion
 
 from pipeline.base.config import load_config
 from pipeline.base.errors import PipelineError, reports_errors
@@ -28,8 +30,10 @@ from pipeline.evaluation.report import (BASELINE_LABEL, SUMMARY_HEADER, answer, 
                              summary_rows, text_table)
 from pipeline.faces.data import FaceSet, load_faces, pixels_of, read_summary, unscale_keypoints
 from pipeline.faces.kaggle import read_table
+from pipeline.tracking.registry import CHAMPION, crown, register
 from pipeline.tracking.runs import faces_inputs, log_evaluation, run_of_weights
 from pipeline.tracking.store import EXPERIMENT, TrackingError, connect
+from pipeline.training.device import use_portable_cpu_kernels
 
 EVALUATION = "evaluate.json"
 KEYPOINT_ERRORS = "keypoint_errors.csv"
@@ -75,20 +79,24 @@ def mlflow_metrics(results: dict, net: str) -> dict[str, float]:
 
 
 def dvc_metrics(results: dict, nets: list[str]) -> dict:
-    """evaluate.json: each net's and the baseline's test RMSE, and each comparison's improvement with
-    its 95% interval, no more, so that `dvc metrics show` fits a terminal. The training's figures are
-    in metrics/train/<net>.json, the per-keypoint errors in keypoint_errors.csv, the rest in the report."""
+    """evaluate.json: each net's and the baseline's test RMSE, and each comparison's 95% interval
+    (`ci95`, a list [low, high], which `dvc metrics show` leaves out of its table), with the nets'
+    improvement over the first net, no more, so that the table fits a terminal: a column for each
+    net's improvement over the baseline would widen it past 200 characters (it follows from the two
+    test_rmse_px). The training's figures are in metrics/train/<net>.json, the per-keypoint errors in
+    keypoint_errors.csv, the rest in the report."""
     comparison = results["comparison"]
 
-    def improvement(name: str) -> dict:
+    def compared(name: str) -> dict:
+        interval = {"ci95": comparison[name]["test_rmse_improvement_interval"]}
+        if name.endswith("_vs_baseline"):
+            return interval
         # Short names: `dvc metrics show` prints a column per name, as wide as the name.
-        low, high = comparison[name]["test_rmse_improvement_interval"] or (None, None)
-        return {"improvement_percent": comparison[name]["test_rmse_improvement_percent"],
-                "ci95_low": low, "ci95_high": high}
+        return {"improvement_percent": comparison[name]["test_rmse_improvement_percent"], **interval}
 
     return {
         **{label: {"test_rmse_px": results[label]["test_rmse_px"]} for label in [*nets, "baseline"]},
-        **{name: improvement(name) for name in comparisons(nets)},
+        **{name: compared(name) for name in comparisons(nets)},
     }
 
 
@@ -122,30 +130,53 @@ def draw_pictures(folder: Path, results: dict, histories: dict[str, pd.DataFrame
 
 
 def log_to_run(net: str, model: torch.nn.Module, metrics: dict[str, float], artifacts: list[Path],
-               inputs: list[DatasetInput]) -> None:
-    """Log into the run that trained the net's weights, the test faces as its "test" dataset; without
-    one, warn and carry on, since the files are written."""
+               inputs: list[DatasetInput]) -> ModelVersion | None:
+    """Log into the run that trained the net's weights, the test faces as its "test" dataset, then
+    register the run's model with its test RMSE; the model's version. Without a run, or with a
+    store that fails, warn and carry on, since the files are written."""
     try:
         run = run_of_weights(net, model)
         if run is None:
             print(f"warning: {net}: no MLflow run in {mlflow.get_tracking_uri()} trained these weights: "
                   "its test figures are not logged to MLflow", file=sys.stderr)
-            return
+            return None
         log_evaluation(run.info.run_id, metrics, artifacts, inputs)
     except TrackingError as error:
         print(f"warning: {net}: test figures not logged to MLflow ({error})", file=sys.stderr)
+        return None
+    try:
+        return register(run, metrics["test_rmse_px"])
+    except TrackingError as error:
+        print(f"warning: {net}: model not registered in MLflow ({error})", file=sys.stderr)
+        return None
+
+
+def name_champion(versions: dict[str, ModelVersion | None]) -> None:
+    """The champion alias on the best net's version, once every net evaluated has one: the best of
+    some nets is not the best of all. With none registered, their own warnings have said why."""
+    unregistered = [net for net, version in versions.items() if version is None]
+    if len(unregistered) == len(versions):
+        return
+    try:
+        if unregistered:
+            raise TrackingError(f"{', '.join(unregistered)} not registered")
+        crown(versions)
+    except TrackingError as error:
+        print(f"warning: the {CHAMPION} alias was not moved in MLflow ({error})", file=sys.stderr)
 
 
 @reports_errors
 def main() -> None:
     config = load_config()
+    # The nets' forward passes too give the same bits on any CPU where their training did.
+    use_portable_cpu_kernels(config.train.portable_cpu)
     paths = config.paths
     nets = list(config.nets)
     summary = read_summary(paths.prepared_summary)
     data_hash = summary["data_hash"]
     infos = {net: read_model_info(paths.model_info(net), data_hash) for net in nets}
     histories = {net: read_history(paths.history(net)) for net in nets}
-    train, test = load_faces(paths.train_faces), load_faces(paths.test_faces)
+    train, test = load_faces(paths.train_faces, summary), load_faces(paths.test_faces, summary)
     # On the CPU whatever the training device: the test set is small, and CPU kernels give the
     # same evaluate.json on every machine.
     models = {net: load_model(paths.model(net), "cpu") for net in nets}
@@ -168,10 +199,10 @@ def main() -> None:
         # The files above are the stage's results; the store only mirrors them.
         print(f"warning: test figures not logged to MLflow ({error})", file=sys.stderr)
     else:
-        for net in nets:
-            log_to_run(net, models[net], mlflow_metrics(results, net),
-                       [*pictures.values(), report, Path(paths.metrics) / KEYPOINT_ERRORS],
-                       faces_inputs(summary, test=len(test)))
+        name_champion({net: log_to_run(net, models[net], mlflow_metrics(results, net),
+                                       [*pictures.values(), report, Path(paths.metrics) / KEYPOINT_ERRORS],
+                                       faces_inputs(summary, test=len(test)))
+                       for net in nets})
     print(f"evaluate: {len(test)} test faces, data hash {data_hash}")
     print(text_table(SUMMARY_HEADER, summary_rows(results, nets)))
     print("\n".join(comparison_lines(results, nets)))

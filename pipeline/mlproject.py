@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import signal
 import subprocess
 import sys
 
@@ -30,12 +31,19 @@ TARGETS = {"main": [], "train": ["train"], "evaluate": ["evaluate"]}
 
 
 def overrides_from(args: list[str], known_keys: list[str]) -> list[str]:
-    """Turn ['--train.max_epochs', '3', ...] into ['train.max_epochs=3', ...], checking each key."""
+    """Turn ['--train.max_epochs', '3', ...] into ['train.max_epochs=3', ...], checking each key.
+
+    A key under `nets` that params.yaml lacks (a new net, or an option a net leaves at its default)
+    is added, as DVC spells it (`+nets.net6.flip=true`); the stages check what it adds, as any param.
+    """
     if len(args) % 2:
         raise PipelineError(f"expected --<key> <value> pairs, got {' '.join(args)}")
     overrides = []
     for flag, value in zip(args[::2], args[1::2]):
         key = flag.removeprefix("--")
+        if flag.startswith("--nets.") and key not in known_keys:
+            overrides.append(f"+{key}={value}")
+            continue
         if not flag.startswith("--") or key not in known_keys:
             guess = difflib.get_close_matches(key, known_keys, n=1)
             hint = f" (did you mean {guess[0]}?)" if guess else ""
@@ -107,6 +115,18 @@ def link_net_runs(project_run_id: str, runs: dict[str, mlflow.entities.Run | Non
                 else f"no run of {client.tracking_uri} trained its weights"), flush=True)
 
 
+def run_to_the_end(command: list[str]) -> int:
+    """The command's exit status. A stop of this process (Ctrl-C, SIGTERM) is passed on to DVC as a
+    Ctrl-C and DVC's end awaited: killed under its stage, DVC would leave the stage running unseen."""
+    process = subprocess.Popen(command)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        process.wait()
+        raise
+
+
 @reports_errors
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
@@ -115,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     known_keys = list(flatten(load_config().to_dict()))
     command = dvc_command(args[0], overrides_from(args[1:], known_keys))
     print("+", " ".join(command), flush=True)
-    returncode = subprocess.run(command).returncode
+    returncode = run_to_the_end(command)
     # Only `mlflow run` names a project run; after a failure models/ may hold half of the results.
     if returncode == 0 and os.environ.get("MLFLOW_RUN_ID"):
         link_net_runs(os.environ["MLFLOW_RUN_ID"], net_runs(load_config()))

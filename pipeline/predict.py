@@ -3,8 +3,10 @@
     python -m pipeline.predict [--net NET] [--output CSV] [--draw DIR] IMAGE [IMAGE ...]
     python -m pipeline.predict [--net NET] [--output CSV] [--draw DIR] test.csv
                                [--lookup IdLookupTable.csv [--submission CSV]]
+    python -m pipeline.predict --net models:/facial-keypoints@champion IMAGE [IMAGE ...]
 
-Run from the project root: the model is <paths.models>/<net>.pt, as params.yaml says. It runs on
+Run from the project root: the model is <paths.models>/<net>.pt, as params.yaml says, or the
+MLflow model a models:/ URI names in the project's tracking store. It runs on
 the CPU, which predicts even Kaggle's 1783 test faces in seconds. Images of any size are
 converted to 8-bit grayscale and resized to 96x96, the faces the net was trained on.
 
@@ -26,15 +28,19 @@ A file that is not an image, or one refused above, stops the command with one li
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageCms
 
-from pipeline.base.config import load_config
+from pipeline.base.config import Config, load_config
 from pipeline.base.errors import PipelineError, reports_errors
 from pipeline.base.files import atomic_write, read_json, write_text
 from pipeline.base.weights import load_model
@@ -43,6 +49,8 @@ from pipeline.evaluation.plots import draw_keypoints
 from pipeline.faces import kaggle
 from pipeline.faces.data import images_of, pixels_of, unscale_keypoints
 from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, LOOKUP_COLUMNS, check_rows, integer_column, read_table
+from pipeline.tracking import registry
+from pipeline.tracking.registry import is_model_uri
 from pipeline.tracking.runs import run_of_weights
 from pipeline.tracking.store import TrackingError, connect, store_exists, tracking_uri
 
@@ -62,16 +70,48 @@ class NamedFaces:
 
 
 def read_image(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise PipelineError(f"{path}: no such file")
+    """An image file's faces as uint8 (96, 96); main() has checked the path (check_input)."""
     try:
-        with Image.open(path) as image:
-            gray = grayscale(path, image)
+        # Pillow warns of an image larger than it trusts with a warning of its own and its source line,
+        # and refuses one twice that large: the first is said in one line here, the second refused in one.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                warn_if_huge(path, image)
+                gray = grayscale(path, image)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise PipelineError(f"{path}: not a readable image ({error})") from None
     if gray.size != (IMAGE_SIZE, IMAGE_SIZE):
         gray = gray.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
     return np.asarray(gray, dtype=np.uint8)
+
+
+def check_input(path: Path, expected: str, named_in_output: bool = False) -> None:
+    """An input that is not a file, or an image whose name the output cannot hold, refused in one line
+    before any work.
+
+    A file name that is not UTF-8 (bytes of another encoding) is refused rather than written
+    escaped: its ImageId in the UTF-8 output would then name no file, and a table joined on it
+    would silently miss the face.
+    """
+    if path.is_dir():
+        raise PipelineError(f"{path}: is a directory, expected {expected}")
+    if not path.is_file():
+        raise PipelineError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
+    shown = os.fsencode(path).decode("utf-8", "backslashreplace")  # the name's bytes, undecodable ones as \xNN
+    if named_in_output and shown != str(path):
+        raise PipelineError(f"{shown}: the file name is not UTF-8, which the ImageId column of the output cannot "
+                            "hold; rename the file")
+
+
+def warn_if_huge(path: Path, image: Image.Image) -> None:
+    """One line for an image larger than Pillow trusts (Image.MAX_IMAGE_PIXELS), but not twice that,
+    which it refuses: it is read, at the cost of its memory."""
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = image.width * image.height
+    if limit and pixels > limit:
+        print(f"warning: {path}: {image.width}x{image.height} pixels, more than the {limit} Pillow trusts "
+              f"(it refuses more than {2 * limit}); read all the same", file=sys.stderr)
 
 
 def grayscale(path: Path, image: Image.Image) -> Image.Image:
@@ -240,6 +280,23 @@ def counted(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def load_predictor(config: Config, net: str) -> tuple[Callable[[NamedFaces], np.ndarray], Callable[[], str]]:
+    """The keypoints in pixels of faces by `net`, a net of params.yaml (models/<net>.pt) or an MLflow
+    models:/ URI, and the line saying which training it comes from, looked up once the inputs are read.
+
+    A models:/ URI loads the MLflow model (registry.load), which takes the same uint8 faces and gives
+    the same pixels as the net of its weights does here.
+    """
+    if is_model_uri(net):
+        model, training = registry.load(net)
+        return (lambda faces: model.predict(faces.images)[list(KEYPOINT_COLUMNS)].to_numpy(),
+                lambda: f"{net} ({training})")
+    config.net(net)
+    weights = load_model(config.paths.model(net), "cpu")
+    return (lambda faces: predict_pixels(weights, faces),
+            lambda: model_description(config.paths.model_info(net), net, weights))
+
+
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.predict",
@@ -247,7 +304,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                         help="face images (PNG, JPG, TIFF, ...), or one test.csv with columns ImageId,Image")
-    parser.add_argument("--net", default="net5", help="the trained net to use (default: net5)")
+    parser.add_argument("--net", default="net5",
+                        help="the trained net to use: a net of params.yaml, its weights in models/ (default: net5), "
+                             "or a model of the MLflow Model Registry, such as models:/facial-keypoints@champion")
     parser.add_argument("--output", type=Path, default=Path("predictions.csv"),
                         help="the keypoints in pixels, one row per image (default: predictions.csv)")
     parser.add_argument("--draw", type=Path, metavar="DIR", help="also write each face with its keypoints here")
@@ -271,13 +330,15 @@ def main(argv: list[str] | None = None) -> None:
         check_output("--submission", args.submission)
     if args.draw:
         check_output("--draw", args.draw, folder=True)
-    config = load_config()
-    config.net(args.net)
-    model = load_model(config.paths.model(args.net), "cpu")
+    for path in args.inputs:
+        check_input(path, "a test.csv" if any(is_test_csv) else "an image file", named_in_output=not any(is_test_csv))
+    if args.lookup:
+        check_input(args.lookup, "Kaggle's IdLookupTable.csv")
+    keypoints_of, description = load_predictor(load_config(), args.net)
     faces = read_test_csv(args.inputs[0]) if any(is_test_csv) else read_images(args.inputs)
     pictures = picture_names(args.draw, faces) if args.draw else []
-    print(f"predict: {model_description(config.paths.model_info(args.net), args.net, model)}", flush=True)
-    keypoints = predict_pixels(model, faces)
+    print(f"predict: {description()}", flush=True)
+    keypoints = keypoints_of(faces)
     # Every input is checked before anything is written, so a bad row leaves no partial output.
     lookup = read_table(args.lookup, LOOKUP_COLUMNS, dtype=str, keep_default_na=False) if args.lookup else None
     submission = submission_table(args.lookup, lookup, args.inputs[0], faces, keypoints) if args.lookup else None

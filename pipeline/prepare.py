@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from pipeline.base.config import load_config
-from pipeline.base.errors import reports_errors
-from pipeline.base.files import write_json
+from pipeline.base.config import PARAMS_FILE, load_config
+from pipeline.base.errors import PipelineError, reports_errors
 from pipeline.evaluation.plots import face_grid
-from pipeline.faces.data import content_hash, load, pixels_of, save_faces, split, unscale_keypoints
+from pipeline.faces.data import (FaceSet, LoadReport, content_hash, load, n_faces, pixels_of, save_prepared, split,
+                                 unscale_keypoints)
 
 N_SAMPLE_FACES = 16
+TEST_FRACTION = "prepare.test_fraction"
+# The train stage fits on part of the training portion and validates on the rest: one face each at least.
+MIN_TRAINABLE = 2
+# Fewer faces than these still train and score, but the figures say little: a warning says so.
+FEW_TRAIN_FACES = 50
+FEW_TEST_FACES = 10
 
 
 @reports_errors
@@ -18,29 +25,59 @@ def main() -> None:
     config = load_config()
     source = config.source_csv
     faces, report = load(source, seed=config.prepare.seed)
-    train, test = split(faces, config.prepare.test_fraction, seed=config.prepare.seed)
-    save_faces(config.paths.train_faces, train)
-    save_faces(config.paths.test_faces, test)
-    summary = {
+    warn_of_repeats(source, report)
+    fraction = config.prepare.test_fraction
+    train, test = split(faces, fraction, seed=config.prepare.seed, key=TEST_FRACTION)
+    check_portions(train, test, fraction)
+    paths = config.paths
+    summary = save_prepared(paths.prepared_summary, {paths.train_faces: train, paths.test_faces: test}, {
         "source": str(source),
         "n_rows": report.n_rows,
         "n_dropped_incomplete": report.n_dropped,
+        "n_dropped_repeated": len(report.repeated),
         "n_train": len(train),
         "n_test": len(test),
         "data_hash": content_hash(train, test),
-    }
-    write_json(config.paths.prepared_summary, summary)
+    })
     samples = train.take(slice(0, N_SAMPLE_FACES))
     face_grid(
-        Path(config.paths.plots) / "samples.png",
+        Path(paths.plots) / "samples.png",
         images=pixels_of(samples.X[:, 0]),
         keypoints=unscale_keypoints(samples.y),
         title=f"{N_SAMPLE_FACES} training faces from {source}",
     )
     print(
         f"prepare: {source}: {report.n_rows} rows, {report.n_dropped} dropped for missing keypoints, "
+        f"{len(report.repeated)} for repeating an earlier row's image, "
         f"{len(train)} train + {len(test)} test, data hash {summary['data_hash']}"
     )
+
+
+def warn_of_repeats(source: Path, report: LoadReport) -> None:
+    """One line: how many complete rows were dropped for repeating an image (faces.data.first_copies)."""
+    if not report.repeated:
+        return
+    line, original = next(iter(report.repeated.items()))
+    print(f"warning: {source}: {len(report.repeated)} complete rows repeat the image of an earlier row (line {line} "
+          f"repeats line {original}) and were dropped, so that no face is both trained on and tested on",
+          file=sys.stderr)
+
+
+def check_portions(train: FaceSet, test: FaceSet, fraction: float) -> None:
+    """Refuse a training portion the train stage cannot fit and validate on; warn, in one line, of
+    portions so small that the training or its test figures say little."""
+    if len(train) < MIN_TRAINABLE:
+        raise PipelineError(
+            f"{PARAMS_FILE}: {TEST_FRACTION}: {fraction} of {n_faces(len(train) + len(test))} leaves {len(train)} "
+            f"to train on, and the train stage needs {MIN_TRAINABLE} (one to fit, one to validate): use more faces "
+            "or a smaller fraction"
+        )
+    few = [f"{n_faces(count)} to {use} (fewer than {least})"
+           for count, use, least in ((len(train), "train on", FEW_TRAIN_FACES), (len(test), "test on", FEW_TEST_FACES))
+           if count < least]
+    if few:
+        print(f"warning: only {' and '.join(few)}: the net and its test figures will say little; use more faces or "
+              f"another {TEST_FRACTION} ({fraction})", file=sys.stderr)
 
 
 if __name__ == "__main__":

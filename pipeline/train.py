@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import signal
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,15 +26,17 @@ from pipeline.base.files import atomic_write, exclusive_lock, write_json
 from pipeline.base.model import KeypointNet
 from pipeline.base.sources import code_hash
 from pipeline.base.weights import save_model
+from pipeline.evaluation.colours import net_colour
 from pipeline.evaluation.metrics import best_valid
 from pipeline.faces.augment import flip_random_half
 from pipeline.faces.data import load_faces, loss_to_rmse_px, read_summary, split
 from pipeline.tracking.logger import MlflowLogger
-from pipeline.tracking.runs import faces_inputs, training_run
+from pipeline.tracking.runs import COLOUR_TAG, LOCK_TAG, close_dead_runs, faces_inputs, lock_tag, training_run
 from pipeline.tracking.store import TrackingError, connect
 from pipeline.training.callbacks import AdjustHyperparameter, EarlyStopping, EpochTable, KeepBest
 from pipeline.training.checkpoint import Checkpoint
-from pipeline.training.device import Ranks, process_group, resolve_device, use_deterministic_kernels
+from pipeline.training.device import (Ranks, process_group, resolve_device, use_deterministic_kernels,
+                                      use_portable_cpu_kernels)
 from pipeline.training.loop import Callback, Tensors, Trainer, fit
 from pipeline.training.memory import reuse_freed_memory
 from pipeline.training.optim import NesterovSGD
@@ -50,11 +51,12 @@ def memory_format(config: Config) -> torch.memory_format:
 
 
 def build_trainer(config: Config, net_name: str, device: torch.device, ranks: Ranks = Ranks()) -> Trainer:
-    """The seed's network and Nesterov SGD, annealed as params.yaml says; seeded throughout. It ends
-    with the weights train.keep chooses, and stops early after train.patience epochs with no new best."""
-    settings = config.train
+    """The seed's network as the net sets it (dropout, width) and Nesterov SGD, annealed as params.yaml
+    says; seeded throughout. It ends with the weights train.keep chooses, and stops early after
+    train.patience epochs with no new best (the net's own max_epochs and patience where it sets them)."""
+    settings = config.train_of(net_name)
     torch.manual_seed(settings.seed)
-    model = KeypointNet().to(device, memory_format=memory_format(config))
+    model = KeypointNet(**config.net(net_name).model_options()).to(device, memory_format=memory_format(config))
     if ranks.world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = NesterovSGD(model.parameters(), lr=settings.schedules["lr"].start,
@@ -116,19 +118,6 @@ def kept_weights(net_name: str, history: list[dict], settings: TrainConfig) -> s
     return line
 
 
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (a scheduler or `kill` stopping the job) stops training the way Ctrl-C does."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @reports_errors
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
@@ -155,6 +144,8 @@ def set_up_process(config: Config, ranks: Ranks = Ranks()) -> torch.device:
     use_deterministic_kernels(config.train.deterministic)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the CUDA work that names no device goes to the training's
+    else:
+        use_portable_cpu_kernels(config.train.portable_cpu)
     reuse_freed_memory()
     return device
 
@@ -162,7 +153,7 @@ def set_up_process(config: Config, ranks: Ranks = Ranks()) -> torch.device:
 def training_settings(config: Config, net_name: str, data_hash: str, device: torch.device, ranks: Ranks) -> dict:
     """What shapes a training's result: a checkpoint saved with other settings is not resumed."""
     return {
-        "net": net_name, "train": asdict(config.train), "net_settings": asdict(config.net(net_name)),
+        "net": net_name, "train": asdict(config.train_of(net_name)), "net_settings": config.net(net_name).to_dict(),
         "data_hash": data_hash, "device": device.type, "world_size": ranks.world_size,
         "code": code_hash("pipeline.train"),
     }
@@ -177,10 +168,10 @@ def train(config: Config, net_name: str, device: torch.device, ranks: Ranks,
         fit(started.trainer, started.training, started.validation)
         return
     print(f"train {net_name}: {len(started.training)} train + {len(started.validation)} valid faces on {device}"
-          f"{f' x {ranks.world_size} processes' if ranks.world_size > 1 else ''}, {config.train.max_epochs} epochs"
+          f"{f' x {ranks.world_size} processes' if ranks.world_size > 1 else ''}, {started.trainer.max_epochs} epochs"
           f"{f', resuming after epoch {len(started.trainer.history)}' if started.trainer.history else ''}")
-    with stops_told(net_name, started), tracked_run(config, net_name, started, device, ranks) as logger, \
-            sigterm_interrupts():
+    # SIGTERM stops it as Ctrl-C does (reports_errors); stops_told says what the checkpoint keeps.
+    with stops_told(net_name, started), tracked_run(config, net_name, started, device, ranks) as logger:
         history = fit_logged(started, logger, callbacks)
         finish(config, net_name, started, history, logger)
     # Last: until the files are written and MLflow has the run whole, a rerun resumes from it.
@@ -202,7 +193,8 @@ def restore_or_start(config: Config, net_name: str, device: torch.device, ranks:
     """Phase 1: the data on the device, the seeded trainer, and its checkpoint's state if it has one."""
     paths = config.paths
     summary = read_summary(paths.prepared_summary)
-    training, validation = split(load_faces(paths.train_faces), config.train.valid_fraction, seed=config.train.seed)
+    training, validation = split(load_faces(paths.train_faces, summary), config.train.valid_fraction,
+                                 seed=config.train.seed, key="train.valid_fraction")
     trainer = build_trainer(config, net_name, device, ranks)
     checkpoint = Checkpoint(paths.checkpoint(net_name),
                             training_settings(config, net_name, summary["data_hash"], device, ranks),
@@ -218,20 +210,29 @@ def tracked_run(config: Config, net_name: str, started: Started, device: torch.d
                 ranks: Ranks) -> Iterator[MlflowLogger]:
     """The net's MLflow run, the checkpoint's own when it resumes one, and the logger that fills it."""
     params = {
-        **flatten(config.to_dict()),
+        **flatten(trained_config(config, net_name)),
         "net": net_name,
         "flip": config.net(net_name).flip,
+        # The architecture of every net, net4's too, so that the runs table compares them.
+        "hidden": started.trainer.network.hidden,
+        "dropout": list(started.trainer.network.dropout),
         "n_train": len(started.training),
         "n_valid": len(started.validation),
         "device": str(device),
         "world_size": ranks.world_size,
+        # Which CPU kernels computed it: the bits of a training without train.portable_cpu depend on them.
+        **({"cpu_capability": torch.backends.cpu.get_cpu_capability()} if device.type == "cpu" else {}),
     }
     paths = config.paths
     generated = [paths.models, paths.metrics, paths.plots, paths.reports]
-    tags = {"data_hash": started.summary["data_hash"], "net": net_name}
+    # The net's colour in the pictures, for the UI's charts and runs table.
+    lock = paths.training_lock(net_name)  # held by main()
+    tags = {"data_hash": started.summary["data_hash"], "net": net_name,
+            COLOUR_TAG: net_colour(list(config.nets).index(net_name)), LOCK_TAG: lock_tag(lock)}
     inputs = faces_inputs(started.summary, training=len(started.training), validation=len(started.validation))
     resumed_run = started.checkpoint.extra.get(RUN_KEY)
     with training_run(net_name, params, tags, generated, resumed_run, inputs, device) as run:
+        close_dead_runs(net_name, lock, run.info)
         started.checkpoint.extra[RUN_KEY] = run.info.run_id
         yield MlflowLogger()
 
@@ -249,17 +250,24 @@ def finish(config: Config, net_name: str, started: Started, history: list[dict],
     """Phase 3: the net ends with the weights of the kept epoch (callbacks.KeepBest): those are saved,
     with the files DVC tracks, and then logged."""
     paths, network = config.paths, started.trainer.network
-    print(kept_weights(net_name, history, config.train))
+    print(kept_weights(net_name, history, config.train_of(net_name)))
     save_model(paths.model(net_name), network)
     write_json(paths.model_info(net_name), {
         "net": net_name, "data_hash": started.summary["data_hash"],
-        "kept_epoch": history[-1]["kept_epoch"], "config": config.to_dict(),
+        "kept_epoch": history[-1]["kept_epoch"], "config": trained_config(config, net_name),
     })
     write_history(paths.history(net_name), history)
     write_json(paths.train_metrics(net_name), final_figures(history))
     # After the files: a failure to write them (a full disk) leaves no logged model for the rerun to
     # log a second time.
     logger.log_model(network)
+
+
+def trained_config(config: Config, net_name: str) -> dict:
+    """The params as the net trains with them, for models/<net>.json and its MLflow run: train.* with
+    the net's own max_epochs and patience, which pipeline.predict reads back, and every net as
+    params.yaml gives it, so that net4's and net5's files are those of the code before net options."""
+    return {**config.to_dict(), "train": asdict(config.train_of(net_name))}
 
 
 @contextlib.contextmanager

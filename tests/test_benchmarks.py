@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks import device_speed, reference, train_speed
+from benchmarks import device_speed, portability, reference, train_speed
 from pipeline.base.model import KeypointNet
 from pipeline.faces.data import FaceSet
 from pipeline.training.loop import Tensors, Trainer, run_epoch
@@ -160,3 +160,23 @@ def test_the_device_benchmark_times_both_nets_alone_and_together_on_any_device(c
         assert row[6].endswith("s") and float(row[6][:-1]) >= 3000 * stage_ms / 1000 - 1, row
     together = re.search(r"net4 and net5 stages at once: ([\d.]+) s against ([\d.]+) s", lines[-1])
     assert together and float(together.group(1)) > 0 and float(together.group(2)) > 0
+
+
+@pytest.mark.slow
+def test_portability_benchmark_compares_the_bits_and_times_each_setting(checkout, capsys, monkeypatch):
+    # The AVX2 caps on two emulated CPUs with 1 and 2 threads: four trainings of one epoch, each in
+    # a process of its own, then one timing round.
+    monkeypatch.setattr(portability, "ROOT", checkout)  # where the workers run and read params.yaml
+    monkeypatch.setattr(portability, "MACHINES", portability.MACHINES[:2])
+    monkeypatch.setattr(portability, "THREADS", (1, 2))
+    portability.main(["120", "1", "1", "caps-avx2-strict"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("machine: ")
+    runs = [line.split() for line in printed.splitlines() if re.match(r"caps-avx2-strict +avx", line)]
+    assert [(run[1], run[2]) for run in runs] == [("avx512", "1"), ("avx512", "2"), ("avx2", "1"), ("avx2", "2")]
+    # The caps reached ATen in the workers, which chose the kernels they allow.
+    assert {run[5].rstrip(")") for run in runs} == {"AVX2"}
+    row = next(line.split() for line in printed.splitlines() if re.match(r"caps-avx2-strict +(same|DIFFER) ", line))
+    # thr@avx512, thr@avx2, isa avx512=avx2, everywhere, distinct: the finding of docs/benchmarks.md
+    assert row[1:6] == ["same", "same", "same", "same", "1"]
+    assert float(row[7]) > 0 and row[8] == "+0%"  # s/epoch; against itself

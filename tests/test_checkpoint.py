@@ -51,9 +51,9 @@ def strip(history):
     return [{key: value for key, value in row.items() if key != "epoch_seconds"} for row in history]
 
 
-def train_saving(path, epochs, max_epochs=4, interval_seconds=0.0, callbacks=()):
+def train_saving(path, epochs, max_epochs=4, interval_seconds=0.0, callbacks=(), dropout=None):
     """`epochs` epochs of a `max_epochs` training, with a Checkpoint as the train stage wires it."""
-    trainer = make_trainer(max_epochs, flip=True)
+    trainer = make_trainer(max_epochs, flip=True, dropout=dropout)
     checkpoint = Checkpoint(path, SETTINGS, interval_seconds)
     checkpoint.extra = {"run": "abc"}
     # Ctrl-C in the middle of the epoch after `epochs`, as a user or SIGTERM would stop it.
@@ -83,6 +83,28 @@ def test_an_interrupted_training_resumes_exactly_like_an_unbroken_one(tmp_path):
     assert strip(resumed.history) == strip(unbroken.history)
     for key, value in unbroken.network.state_dict().items():
         assert torch.equal(resumed.network.state_dict()[key], value), key
+
+
+NET6 = (0.1, 0.2, 0.3, 0.5)
+
+
+def test_a_training_with_dropout_resumes_exactly_like_an_unbroken_one(tmp_path):
+    """Dropout draws its masks from torch's global generator, which the checkpoint keeps: the resumed
+    epochs draw the masks the unbroken ones drew."""
+    path = tmp_path / "checkpoints" / "net6.pt"
+    unbroken = make_trainer(4, flip=True, dropout=NET6)
+    fit(unbroken, data(48), data(16, seed=1))
+    without_dropout = make_trainer(4, flip=True)
+    fit(without_dropout, data(48), data(16, seed=1))
+    assert unbroken.history[0]["train_loss"] != without_dropout.history[0]["train_loss"]  # the masks were drawn
+
+    train_saving(path, epochs=2, dropout=NET6)
+    torch.manual_seed(123)  # disturb the global generator: the checkpoint must set it back
+    resumed = make_trainer(4, flip=True, dropout=NET6)
+    assert Checkpoint(path, SETTINGS, 3600).resume(resumed)
+    fit(resumed, data(48), data(16, seed=1))
+    assert strip(resumed.history) == strip(unbroken.history)
+    assert_weights(resumed.network, unbroken.network.state_dict())
 
 
 class Saved(Callback):

@@ -5,6 +5,7 @@ import yaml
 
 from pipeline.base.config import flatten, load_config
 from pipeline.base.errors import PipelineError
+from pipeline.train import main as train_main
 from project import default_config, default_params
 
 
@@ -113,3 +114,70 @@ def test_broken_yaml_is_one_line(tmp_path):
 ])
 def test_bad_keep_or_patience_is_one_line(tmp_path, key, value, fragment):
     expect_error(tmp_path, lambda p: p["train"].update({key: value}), fragment)
+
+
+NET6 = {"flip": True, "dropout": [0.1, 0.2, 0.3, 0.5]}
+NET7 = {**NET6, "hidden": 1000, "max_epochs": 3000, "patience": 200}
+
+
+def with_net(name, settings):
+    return lambda params: params["nets"].update({name: settings})
+
+
+def test_the_tutorials_net6_and_net7_load_with_their_options(tmp_path):
+    config = load_config(write_params(tmp_path, lambda p: p["nets"].update(net6=NET6, net7=NET7)))
+    assert config.nets["net6"].dropout == (0.1, 0.2, 0.3, 0.5) and config.nets["net6"].hidden is None
+    assert config.nets["net6"].model_options() == {"dropout": (0.1, 0.2, 0.3, 0.5)}
+    assert config.nets["net7"].model_options() == {"dropout": (0.1, 0.2, 0.3, 0.5), "hidden": 1000}
+    # A net's own max_epochs and patience replace train's for it alone.
+    assert (config.train_of("net7").max_epochs, config.train_of("net7").patience) == (3000, 200)
+    assert config.train_of("net6") == config.train_of("net4") == config.train
+
+
+def test_nets_are_recorded_with_the_keys_they_were_given(tmp_path):
+    config = load_config(write_params(tmp_path, lambda p: p["nets"].update(net6=NET6, net7=NET7)))
+    assert config.to_dict()["nets"] == {"net4": {"flip": False}, "net5": {"flip": True}, "net6": NET6, "net7": NET7}
+    assert flatten(config.to_dict())["nets.net6.dropout"] == [0.1, 0.2, 0.3, 0.5]
+
+
+@pytest.mark.parametrize("settings, fragment", [
+    ({**NET6, "dropout": [0.1, 1.0, 0.3, 0.5]}, "nets.net6.dropout[1] must be a rate in [0, 1)"),
+    ({**NET6, "dropout": [0.1, -0.2, 0.3, 0.5]}, "nets.net6.dropout[1] must be a rate in [0, 1)"),
+    ({**NET6, "dropout": [0.1, 0.2, 0.3]}, "nets.net6.dropout must be a list of 4 values, got [0.1, 0.2, 0.3]"),
+    ({**NET6, "dropout": 0.5}, "nets.net6.dropout must be a list of 4 values, got 0.5"),
+    ({**NET6, "dropout": None}, "nets.net6.dropout must be a list of 4 values, got None"),
+    ({**NET6, "dropout": [0.1, "a", 0.3, 0.5]}, "nets.net6.dropout[1] must be a number, got 'a'"),
+    ({**NET6, "hidden": 0}, "nets.net6.hidden must be at least 1"),
+    ({**NET6, "hidden": 1000.0}, "nets.net6.hidden must be an integer"),
+    ({**NET6, "max_epochs": 0}, "nets.net6.max_epochs must be at least 1"),
+    ({**NET6, "patience": -1}, "nets.net6.patience must be 0 (no early stopping) or more"),
+    ({**NET6, "dropuot": [0.1, 0.2, 0.3, 0.5]}, "unknown key nets.net6.dropuot (did you mean nets.net6.dropout?)"),
+    ({**NET6, "batch_size": 64}, "unknown key nets.net6.batch_size"),
+    ({"dropout": [0.1, 0.2, 0.3, 0.5]}, "missing key nets.net6.flip"),
+])
+def test_bad_net_options_are_named(tmp_path, settings, fragment):
+    expect_error(tmp_path, with_net("net6", settings), fragment)
+
+
+@pytest.mark.parametrize("name", ["../../escape", "net/6", "net 6", "-net6", "nét6", ".."])
+def test_a_net_name_that_is_no_file_or_stage_name_is_refused_naming_nets(tmp_path, name):
+    expect_error(tmp_path, lambda p: p["nets"].update({name: {"flip": True}}),
+                 f"nets: {name!r} is not a net name: use ASCII letters, digits, _ and -")
+
+
+@pytest.mark.parametrize("name", ["net6", "Net_6", "6", "net-6b"])
+def test_net_names_of_letters_digits_underscores_and_dashes_load(tmp_path, name):
+    assert name in load_config(write_params(tmp_path, lambda p: p["nets"].update({name: {"flip": True}}))).nets
+
+
+def test_a_training_of_a_net_named_as_a_path_writes_nothing_outside_the_project(tmp_path, monkeypatch, capsys):
+    """The train stage refuses it before taking the net's lock, which would lie outside the project."""
+    project = tmp_path / "a" / "project"
+    project.mkdir(parents=True)
+    write_params(project, lambda p: p["nets"].update({"../../escape": {"flip": True}}))
+    monkeypatch.chdir(project)
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["../../escape"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("error: params.yaml: nets: '../../escape' is not a net name")
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["a", "params.yaml", "project"]

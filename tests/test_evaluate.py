@@ -11,7 +11,7 @@ from PIL import Image
 from pipeline import evaluate
 from pipeline.base.weights import load_model, weights_checksum
 from pipeline.evaluation.metrics import mean_shape, predict, rmse_px
-from pipeline.faces.data import load_faces
+from pipeline.faces.data import load_faces, read_summary
 from pipeline.faces.kaggle import KEYPOINTS
 from pipeline.tracking.runs import WEIGHTS_TAG
 from project import REPRODUCED_EPOCHS, copy_project, run
@@ -62,15 +62,20 @@ def test_the_metrics_files_hold_the_headline_figures_and_the_keypoints_have_thei
     assert all(list(results[label]) == ["test_rmse_px"] for label in ("net4", "net5", "baseline"))
     net4, net5 = results["net4"]["test_rmse_px"], results["net5"]["test_rmse_px"]
     assert results["net5_vs_net4"]["improvement_percent"] == pytest.approx(100 * (net4 - net5) / net4)
-    for comparison in ("net4_vs_baseline", "net5_vs_baseline", "net5_vs_net4"):
-        figures = results[comparison]
-        assert list(figures) == ["improvement_percent", "ci95_low", "ci95_high"]
-        assert figures["ci95_low"] < figures["improvement_percent"] < figures["ci95_high"]
+    assert list(results["net5_vs_net4"]) == ["improvement_percent", "ci95"]
+    low, high = results["net5_vs_net4"]["ci95"]
+    assert low <= results["net5_vs_net4"]["improvement_percent"] <= high
+    baseline = results["baseline"]["test_rmse_px"]
+    for net in ("net4", "net5"):
+        assert list(results[f"{net}_vs_baseline"]) == ["ci95"]
+        low, high = results[f"{net}_vs_baseline"]["ci95"]
+        assert low <= 100 * (baseline - results[net]["test_rmse_px"]) / baseline <= high
     # The report's first line states the interval that evaluate.json keeps.
     headline = (project / "reports" / "comparison.md").read_text().splitlines()[0]
-    interval = results["net5_vs_net4"]
-    assert "%.1f%% to %.1f%%" % ((interval["ci95_low"], interval["ci95_high"]) if interval["improvement_percent"] >= 0
-                                 else (-interval["ci95_high"], -interval["ci95_low"])) in headline
+    low, high = results["net5_vs_net4"]["ci95"]
+    if round(results["net5_vs_net4"]["improvement_percent"], 1) < 0:
+        low, high = -high, -low
+    assert f"95% interval {low:.1f}% to {high:.1f}%".replace("-0.0%", "0.0%") in headline
     assert "significant difference on these " in headline
     keypoints = pd.read_csv(project / "metrics" / "keypoint_errors.csv", index_col="keypoint")
     assert list(keypoints.index) == list(KEYPOINTS) and list(keypoints.columns) == ["net4", "net5", "baseline"]
@@ -87,7 +92,8 @@ def test_the_metrics_files_hold_the_headline_figures_and_the_keypoints_have_thei
 def test_the_errors_are_those_of_the_held_out_test_faces(evaluated):
     project, _, _ = evaluated
     results = json.loads((project / "metrics" / "evaluate.json").read_text())
-    train, test = load_faces(project / "data/prepared/train.npz"), load_faces(project / "data/prepared/test.npz")
+    summary = read_summary(project / "data/prepared/summary.json")
+    train, test = (load_faces(project / f"data/prepared/{portion}.npz", summary) for portion in ("train", "test"))
     net5 = predict(load_model(project / "models" / "net5.pt"), test.X)
     assert results["net5"]["test_rmse_px"] == pytest.approx(rmse_px(net5, test.y), rel=1e-6)
     assert results["baseline"]["test_rmse_px"] == pytest.approx(

@@ -1,6 +1,7 @@
 import concurrent.futures
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 
 from faults import full_disk, read_only, run_with
 from pipeline.base.errors import PipelineError
-from pipeline.base.files import atomic_write, exclusive_lock, write_json, write_text
+from pipeline.base.files import atomic_folder, atomic_write, exclusive_lock, write_json, write_text
 from project import ROOT
 
 
@@ -58,6 +59,91 @@ def test_a_folder_where_the_file_belongs_is_one_line(tmp_path):
     (tmp_path / "plots").write_text("a file")
     with pytest.raises(PipelineError, match=r"plots/a.png: not written: .*/plots is a file, not a folder$"):
         write_text(tmp_path / "plots" / "a.png", "picture")
+
+
+
+def publish(folder, text):
+    """Two files that are only right together, published as one unit."""
+    with atomic_folder(folder) as temporary:
+        (temporary / "a.txt").write_text(text)
+        (temporary / "b.txt").write_text(text)
+
+
+def contents(folder):
+    return {child.name: child.read_text() for child in folder.iterdir()}
+
+
+@pytest.fixture(params=["swapped", "renamed"])
+def swap(request, monkeypatch):
+    """Linux swaps the two folders in one step; elsewhere (no renameat2) two renames do it."""
+    if request.param == "renamed":
+        monkeypatch.setattr("pipeline.base.files.ctypes.CDLL", lambda *args, **kwargs: object())
+    return request.param
+
+
+def test_a_published_folder_replaces_the_old_one_whole(tmp_path, swap):
+    folder = tmp_path / "data" / "prepared"
+    publish(folder, "first")
+    (folder / "stale.txt").write_text("of an older set")
+    publish(folder, "second")
+    assert contents(folder) == {"a.txt": "second", "b.txt": "second"}
+    assert [child.name for child in folder.parent.iterdir()] == ["prepared"]
+
+
+def test_an_interrupted_publication_keeps_the_old_folder_whole(tmp_path):
+    folder = tmp_path / "prepared"
+    publish(folder, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(folder) as temporary:
+            (temporary / "a.txt").write_text("new")
+            raise RuntimeError("killed")
+    assert contents(folder) == {"a.txt": "old", "b.txt": "old"}
+    assert [child.name for child in tmp_path.iterdir()] == ["prepared"]
+
+
+KILLED_WHILE_PUBLISHING = """
+import os, signal, sys
+from pipeline.base.files import atomic_folder
+with atomic_folder(sys.argv[1]) as temporary:
+    (temporary / "a.txt").write_text("new")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_kill_9_while_publishing_keeps_the_old_folder_and_the_next_publication_cleans_up(tmp_path):
+    folder = tmp_path / "prepared"
+    publish(folder, "old")
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_PUBLISHING, str(folder)], cwd=ROOT)
+    assert killed.wait() == -signal.SIGKILL
+    assert contents(folder) == {"a.txt": "old", "b.txt": "old"}
+    [abandoned] = [child for child in tmp_path.iterdir() if child.name != "prepared"]
+    assert abandoned.name.startswith(f".prepared.{killed.pid}-") and abandoned.name.endswith(".tmp")
+    publish(folder, "new")
+    assert contents(folder) == {"a.txt": "new", "b.txt": "new"}
+    assert [child.name for child in tmp_path.iterdir()] == ["prepared"]
+
+
+PUBLISH_AND_REPORT = """
+import os
+from pipeline.base.errors import PipelineError
+from pipeline.base.files import atomic_folder
+try:
+    with atomic_folder("data/prepared") as temporary:
+        (temporary / "big.bin").write_bytes(bytes(1 << 20))
+except PipelineError as error:
+    print(error)
+print(sorted(os.listdir("data")), sorted(os.listdir("data/prepared")))
+"""
+
+
+def test_a_full_disk_while_publishing_is_one_line_naming_the_folder_and_the_old_one_stays(tmp_path):
+    (tmp_path / "data" / "prepared").mkdir(parents=True)
+    (tmp_path / "data" / "prepared" / "kept.txt").write_text("old")
+    result = run_with(tmp_path, [full_disk(tmp_path / "data")], sys.executable, "-c", PUBLISH_AND_REPORT,
+                      PYTHONPATH=str(ROOT))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["data/prepared: not written: No space left on device",
+                                          "['prepared'] ['kept.txt']"]
 
 
 WRITE_AND_REPORT = """

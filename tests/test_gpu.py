@@ -15,14 +15,18 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.base.model import KeypointNet
 from pipeline.base.weights import load_model, save_model
 from pipeline.evaluation.metrics import predict
 from pipeline.faces.augment import flip, flip_random_half
+from pipeline.faces.synthetic import render_faces
+from pipeline.predict import NamedFaces, predict_pixels
 from pipeline.training.callbacks import AdjustHyperparameter
+from pipeline.training.graphs import CapturedSteps
 from pipeline.training.loop import Tensors, Trainer, fit, run_epoch
-from project import make_project, run
+from project import make_project, run, set_params
 from loops import bright_square_faces, faces_of, stage_trainer
 from plain_loop import assert_same_training, fast_and_plain
 from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start,
@@ -33,6 +37,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 DEVICE = "cuda:0"
 # Epochs of a few milliseconds each: enough of them that a test can kill the training midway.
 EPOCHS, FACES = 400, 600
+# The tutorial's net6: net5 with dropout.
+NET6 = {"flip": True, "dropout": [0.1, 0.2, 0.3, 0.5]}
 # Lines that MLflow prints when its check of the logged model fails, or when it prints an array.
 NOISE = ("Traceback", "Failed to validate", "Got error", "[[")
 
@@ -71,47 +77,63 @@ def test_the_stages_on_cuda_log_a_model_that_predicts_on_the_cpu(project):
     assert run_.info.status == "FINISHED" and run_.data.params["device"] == DEVICE
     [model] = mlflow.search_logged_models(experiment_ids=[run_.info.experiment_id], output_format="list",
                                           filter_string=f"source_run_id = '{run_.info.run_id}'")
-    logged_net = mlflow.pytorch.load_model(model.model_uri)
-    assert all(parameter.device.type == "cpu" for parameter in logged_net.parameters())
-    faces = torch.from_numpy(bright_square_faces(6, seed=3).X)
-    saved_net = load_model(project / "models/net5.pt", "cpu")
-    with torch.no_grad():
-        torch.testing.assert_close(logged_net(faces), saved_net(faces), rtol=0, atol=1e-5)
-    # MLflow's pyfunc picks the GPU on a machine with one; the exported weights live on the CPU.
-    served = mlflow.pyfunc.load_model(model.model_uri, model_config={"device": "cpu"})
-    assert served.predict(faces.numpy()).shape == (6, 30)
+    # The logged model runs on the CPU on a machine with a GPU too, and speaks pixels as predict does.
+    served = mlflow.pyfunc.load_model(model.model_uri)
+    faces = render_faces(6, seed=3, missing_fraction=0.0)[0]
+    expected = predict_pixels(load_model(project / "models/net5.pt", "cpu"), NamedFaces([""] * 6, faces))
+    np.testing.assert_allclose(served.predict(faces).to_numpy(), expected, rtol=0, atol=1e-4)
 
 
-def test_kill_9_on_cuda_then_resume_ends_like_an_uninterrupted_training(project, tmp_path, monkeypatch):
+@pytest.mark.parametrize("net", ["net5", "net6"])
+def test_kill_9_on_cuda_then_resume_ends_like_an_uninterrupted_training(project, tmp_path, monkeypatch, net):
+    """net6's dropout draws from the device's generator, in replayed CUDA graphs: the checkpoint keeps
+    that generator's state, and the resumed epochs, eager warm-up steps and new captures included,
+    draw the masks the uninterrupted ones drew."""
+    set_params(project, {"nets.net6": NET6})
     references = []
     for name in ("first", "second"):
         copy = tmp_path / name
         shutil.copytree(project, copy)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / name}.db")
-        stage(copy, "pipeline.train", "net5")
+        stage(copy, "pipeline.train", net)
         references.append(copy)
     first, second = references
     # Reproducible: the same params and seed on the same GPU give the same training, bit for bit.
-    assert_same_weights(weights(first, "net5"), weights(second, "net5"))
-    assert history(first, "net5").equals(history(second, "net5"))
-    [reference_run] = runs("net5")
-    keys = [key for key in metric_keys(first, "net5") if key != "epoch_seconds"]
+    assert_same_weights(weights(first, net), weights(second, net))
+    assert history(first, net).equals(history(second, net))
+    [reference_run] = runs(net)
+    keys = [key for key in metric_keys(first, net) if key != "epoch_seconds"]
     expected = {key: logged(reference_run.info.run_id, key) for key in keys}
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'resumed.db'}")
-    training = start(project, sys.executable, "-m", "pipeline.train", "net5")
-    wait_for_checkpoint(project, training, net="net5")
+    training = start(project, sys.executable, "-m", "pipeline.train", net)
+    wait_for_checkpoint(project, training, net=net)
     os.killpg(training.pid, signal.SIGKILL)
     training.wait()
-    done = saved_epochs(project, "net5")
+    done = saved_epochs(project, net)
     assert 2 <= done < EPOCHS
-    resumed = stage(project, "pipeline.train", "net5")
+    resumed = stage(project, "pipeline.train", net)
     assert f"resuming after epoch {done}" in resumed.stdout
-    assert_same_weights(weights(project, "net5"), weights(first, "net5"))
-    assert history(project, "net5").equals(history(first, "net5"))
-    [resumed_run] = runs("net5")
+    assert_same_weights(weights(project, net), weights(first, net))
+    assert history(project, net).equals(history(first, net))
+    [resumed_run] = runs(net)
     for key in keys:
         assert logged(resumed_run.info.run_id, key) == expected[key], key  # every epoch once, same values
+
+
+def test_replayed_steps_draw_fresh_dropout_masks_the_ones_eager_steps_draw():
+    """PyTorch registers the device's default generator with each graph it captures: every replay
+    draws the numbers after the last step's, as an eager step does. So the masks change from step to
+    step, and a resumed training, whose first steps are eager again, draws what an unbroken one drew."""
+    ones = torch.ones(64, 256, device=DEVICE)
+    torch.manual_seed(0)
+    steps = CapturedSteps(lambda images, targets, global_rows: F.dropout(images, 0.5, training=True), lambda: None)
+    drawn = [steps(ones, ones, 64).clone() for _ in range(CapturedSteps.WARMUP_STEPS + 3)]
+    assert len(steps.graphs) == 1  # the last three were replays
+    assert not torch.equal(drawn[-1], drawn[-2])
+    torch.manual_seed(0)
+    for step, masked in enumerate(drawn):
+        assert torch.equal(masked, F.dropout(ones, 0.5, training=True)), step
 
 
 def test_flips_stay_on_the_device_and_never_wait_for_the_host():

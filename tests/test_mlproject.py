@@ -23,6 +23,9 @@ def test_overrides_become_dvc_settings_and_unknown_keys_a_guess():
     assert dvc_command("main", []) == ["dvc", "repro"]
     with pytest.raises(PipelineError, match="did you mean train.max_epochs"):
         overrides_from(["--train.max_epoch", "3"], keys)
+    # A net, or a net's option, that params.yaml lacks is added as DVC adds keys.
+    assert overrides_from(["--nets.net6.flip", "true", "--nets.net5.dropout", "[0.1, 0.2, 0.3, 0.5]"],
+                          [*keys, "nets.net5.flip"]) == ["+nets.net6.flip=true", "+nets.net5.dropout=[0.1, 0.2, 0.3, 0.5]"]
 
 
 def finished_run(client, experiment_id, name, tags=None):

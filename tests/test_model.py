@@ -1,7 +1,8 @@
+import pytest
 import torch
 from torch import nn
 
-from pipeline.base.model import KeypointNet
+from pipeline.base.model import KeypointNet, for_inference
 
 
 def test_output_shape_and_layers_follow_the_seed():
@@ -43,3 +44,60 @@ def test_channels_last_gives_the_same_outputs():
     expected = model(images)
     fast = model.to(memory_format=torch.channels_last)
     torch.testing.assert_close(fast(images.contiguous(memory_format=torch.channels_last)), expected, rtol=1e-4, atol=1e-5)
+
+
+NET6 = (0.1, 0.2, 0.3, 0.5)  # the tutorial's dropout rates
+
+
+def test_a_net_without_dropout_has_the_seeds_modules_and_no_dropout():
+    assert not any(isinstance(m, nn.Dropout) for m in KeypointNet().modules())
+    assert not any(isinstance(m, nn.Dropout) for m in KeypointNet(dropout=(0.0, 0.0, 0.0, 0.0)).modules())
+    only_dense = [m.p for m in KeypointNet(dropout=(0.0, 0.0, 0.0, 0.5)).modules() if isinstance(m, nn.Dropout)]
+    assert only_dense == [0.5]
+
+
+def test_dropout_follows_the_three_blocks_and_the_first_dense_layer():
+    model = KeypointNet(dropout=NET6)
+    rates = [[m.p for m in slot.modules() if isinstance(m, nn.Dropout)] for slot in (*model.features, *model.head)]
+    # conv pool [relu dropout] x 3, then flatten, dense [relu dropout], dense relu, dense.
+    assert rates == [[], [], [0.1], [], [], [0.2], [], [], [0.3], [], [], [0.5], [], [], []]
+
+
+def test_dropout_and_width_keep_the_seeds_weight_names_and_initial_draws():
+    torch.manual_seed(0)
+    seed = KeypointNet().state_dict()
+    torch.manual_seed(0)
+    net6 = KeypointNet(dropout=NET6).state_dict()
+    assert list(net6) == list(seed)
+    assert all(torch.equal(net6[key], seed[key]) for key in seed)
+    wide = KeypointNet(hidden=1000).state_dict()
+    assert list(wide) == list(seed)
+    assert [tuple(wide[key].shape) for key in ("head.1.weight", "head.3.weight", "head.5.weight")] == [
+        (1000, 128 * 11 * 11), (1000, 1000), (30, 1000)]
+
+
+def test_dropout_draws_new_masks_in_training_and_does_nothing_in_evaluation():
+    torch.manual_seed(0)
+    seed = KeypointNet()
+    torch.manual_seed(0)
+    net6 = KeypointNet(dropout=NET6)
+    images = torch.rand(4, 1, 96, 96)
+    assert not torch.equal(net6(images), net6(images))  # training mode, as a module starts
+    net6.eval()
+    with torch.no_grad():
+        assert torch.equal(net6(images), seed(images))
+
+
+def test_the_number_of_rates_is_checked():
+    with pytest.raises(ValueError, match=r"dropout takes 4 rates, got \[0.5\]"):
+        KeypointNet(dropout=(0.5,))
+
+
+def test_the_inference_net_of_trained_weights_has_their_width_and_no_dropout():
+    trained = KeypointNet(hidden=64, dropout=NET6)
+    model = for_inference(trained.state_dict())
+    assert model.hidden == 64 and not any(isinstance(m, nn.Dropout) for m in model.modules())
+    model.load_state_dict(trained.state_dict())
+    images = torch.rand(3, 1, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(model(images), trained.eval()(images))

@@ -7,10 +7,13 @@ import sys
 import time
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 
 from pipeline.base.weights import load_model
+from pipeline.faces.data import load_faces, read_summary
+from pipeline.faces.kaggle import read_training_csv, write_training_csv
 from pipeline.tracking.store import EXPERIMENT
 from project import REPRODUCED_EPOCHS, copy_project, make_project, run, set_params
 from trainings import start
@@ -242,3 +245,101 @@ def test_a_net_added_to_params_is_trained_evaluated_reported_and_plotted_with_no
     set_params(project, {"nets": {"net4": {"flip": False}, "net5": {"flip": True}}})
     run(project, sys.executable, "-m", "pipeline.evaluate")
     assert (project / "plots/learning_curves.png").read_bytes() != three_nets
+
+
+# Where the stages write (dvc.yaml's outs, metrics and plots), beside DVC's own .gitignore files.
+OUTPUT_FOLDERS = ("data/synthetic", "data/prepared", "models", "metrics", "plots", "reports")
+
+
+def outputs(project):
+    """Every file the stages wrote, by path: its bytes."""
+    return {str(path.relative_to(project)): path.read_bytes() for folder in OUTPUT_FOLDERS
+            for path in sorted((project / folder).rglob("*")) if path.is_file() and not path.name.startswith(".")}
+
+
+def one_row_csv(project):
+    """The user's CSV: one face of the synthetic set, which prepare cannot split into train and test."""
+    images, keypoints = read_training_csv(project / "data/synthetic/training.csv")
+    complete = int(np.flatnonzero(~np.isnan(keypoints).any(axis=1))[0])
+    row = slice(complete, complete + 1)
+    write_training_csv(project / "data/raw/training.csv", images[row], keypoints[row])
+    return {"data.source": "csv"}
+
+
+@pytest.mark.parametrize("command, refused, error", [
+    (["dvc", "repro"], lambda project: {"train.batch_size": "big"},
+     "error: params.yaml: train.batch_size must be an integer, got 'big'"),
+    (["dvc", "repro"], lambda project: {"nets": {}}, "error: params.yaml: nets must be a non-empty mapping, got {}"),
+    (["dvc", "repro"], one_row_csv, "error: params.yaml: prepare.test_fraction: 0.15 of 1 face leaves 1"),
+    (["dvc", "exp", "run"], lambda project: {"train.batch_size": "big"},
+     "error: params.yaml: train.batch_size must be an integer, got 'big'"),
+], ids=["batch_size", "no nets", "one-row csv", "exp run"])
+def test_an_input_a_stage_refuses_costs_nothing_already_produced(reproduced, tmp_path, command, refused, error):
+    """DVC deletes a stage's outputs before it runs it, unless they persist (dvc.yaml)."""
+    project = copy_project(reproduced, tmp_path / "project")  # its results committed
+    produced, params = outputs(project), (project / "params.yaml").read_text()
+    set_params(project, refused(project))
+    result = run(project, *command, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stdout + result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert line.startswith(error), line
+    assert outputs(project) == produced
+    (project / "params.yaml").write_text(params)
+    (project / "data/raw/training.csv").unlink(missing_ok=True)
+    assert run(project, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
+
+
+@pytest.mark.parametrize("array, stages", [("train.npz", ["train", "evaluate"]), ("test.npz", ["evaluate"])])
+def test_a_changed_pixel_in_the_prepared_arrays_is_refused_naming_the_file(reproduced, tmp_path, array, stages):
+    project = copy_project(reproduced, tmp_path / "project")
+    path = project / "data" / "prepared" / array
+    original = path.read_bytes()
+    with np.load(path) as stored:
+        pixels, keypoints = stored["pixels"].copy(), stored["keypoints"]
+    pixels[0, 0, 48, 48] ^= 1
+    np.savez(path, pixels=pixels, keypoints=keypoints)
+    for stage in stages:
+        result = run(project, sys.executable, "-m", f"pipeline.{stage}", *(["net4"] if stage == "train" else []),
+                     check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        # The train stage creates the store first, and MLflow says so.
+        assert [line for line in result.stderr.splitlines() if " INFO mlflow." not in line] == [
+            f"error: data/prepared/{array}: damaged: its content does not match the checksum that summary.json beside "
+            "it records; run `dvc repro prepare`"]
+    # What the line says to do: DVC sees the prepared data changed and prepares it again, the same.
+    again = run(project, "dvc", "repro").stdout
+    assert "Running stage 'prepare'" in again and "Running stage 'train" not in again
+    assert path.read_bytes() == original
+
+
+KILLED_AFTER_ONE_ARRAY = """
+import os, signal
+import numpy as np
+from pipeline.prepare import main
+savez = np.savez
+def savez_then_die(*args, **kwargs):
+    if savez_then_die.saved:
+        os.kill(os.getpid(), signal.SIGKILL)
+    savez_then_die.saved = True
+    savez(*args, **kwargs)
+savez_then_die.saved = False
+np.savez = savez_then_die
+main()
+"""
+
+
+def test_a_prepare_killed_between_its_arrays_leaves_the_old_prepared_data_whole(reproduced, tmp_path):
+    """prepare publishes its arrays and summary as one unit: a kill after the first array leaves the old set."""
+    project = copy_project(reproduced, tmp_path / "project")
+    before = outputs(project)
+    set_params(project, {"prepare.seed": 43})  # another split: other arrays
+    killed = run(project, sys.executable, "-c", KILLED_AFTER_ONE_ARRAY, check=False)
+    assert killed.returncode == -9, killed.stderr
+    assert outputs(project) == before
+    summary = read_summary(project / "data/prepared/summary.json")
+    for array in ("train.npz", "test.npz"):
+        load_faces(project / "data/prepared" / array, summary)
+    run(project, sys.executable, "-m", "pipeline.prepare")
+    assert read_summary(project / "data/prepared/summary.json")["data_hash"] != summary["data_hash"]
+    assert sorted(path.name for path in (project / "data").iterdir()) == [".gitignore", "prepared", "raw", "synthetic"]
+

@@ -1,6 +1,7 @@
 import gzip
 import io
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from pipeline.faces.kaggle import KEYPOINT_COLUMNS, LOOKUP_COLUMNS, read_table
 from pipeline.predict import (NamedFaces, main, predict_pixels, read_image, read_images,
                               submission_table)
 from pipeline.tracking.runs import WEIGHTS_TAG
+from pipeline.tracking.store import connect
 from project import make_project, run
 
 # Every 8-bit level, in a 96x96 face so that no resizing blurs the comparison.
@@ -343,6 +345,23 @@ def float_image_out_of_range(tmp_path):
     return ["face.tif"], "face.tif: a floating-point image with values in 300..300, neither 0..1 nor 0..255"
 
 
+def image_is_a_directory(tmp_path):
+    (tmp_path / "faces").mkdir()
+    return ["faces"], "faces: is a directory, expected an image file"
+
+
+def csv_input_is_a_directory(tmp_path):
+    (tmp_path / "test.csv").mkdir()
+    return ["test.csv"], "test.csv: is a directory, expected a test.csv"
+
+
+def image_name_not_utf8(tmp_path):
+    """A Latin-1 name, as an older camera or archive leaves it: its ImageId could not be written."""
+    name = os.fsdecode(b"visage-\xe9t\xe9.png")
+    Image.fromarray(random_pixels((96, 96))).save(tmp_path / name)
+    return [name], "visage-\\xe9t\\xe9.png: the file name is not UTF-8, which the ImageId column of the output cannot hold"
+
+
 def output_is_a_directory(tmp_path):
     Image.fromarray(random_pixels((96, 96))).save(tmp_path / "face.png")
     (tmp_path / "out").mkdir()
@@ -382,7 +401,8 @@ def untrained_net(tmp_path):
 @pytest.mark.parametrize("make_input", [
     bad_image, wrong_test_columns, bad_image_row, image_missing_from_test_csv, unknown_feature,
     wrong_lookup_columns, gzipped_test_csv, compressed_test_csv_name, zipped_lookup, latin1_lookup,
-    binary_test_csv, float_image_out_of_range, output_is_a_directory, output_inside_a_file,
+    binary_test_csv, float_image_out_of_range, image_is_a_directory, csv_input_is_a_directory, image_name_not_utf8,
+    output_is_a_directory, output_inside_a_file,
     submission_is_a_directory, draw_is_a_file, unknown_net, untrained_net,
 ])
 def test_bad_input_is_one_line_naming_the_file_and_row(workdir, capsys, make_input):
@@ -395,6 +415,26 @@ def test_bad_input_is_one_line_naming_the_file_and_row(workdir, capsys, make_inp
     assert message in error
     # Every input is checked before anything is written.
     assert not (workdir / "predictions.csv").exists() and not (workdir / "submission.csv").exists()
+
+
+def test_an_image_larger_than_pillow_trusts_is_one_warning_line_and_twice_that_one_error(workdir, capsys,
+                                                                                         monkeypatch, recwarn):
+    """Pillow's limits, lowered so that small images reach them: it warns above MAX_IMAGE_PIXELS (a
+    12000x12000 photograph) and refuses above twice that."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 96 * 96)
+    Image.fromarray(random_pixels((100, 96))).save(workdir / "large.png")
+    main(["large.png"])
+    assert capsys.readouterr().err == ("warning: large.png: 96x100 pixels, more than the 9216 Pillow trusts (it refuses "
+                                       "more than 18432); read all the same\n")
+    assert not [warning for warning in recwarn if issubclass(warning.category, Image.DecompressionBombWarning)]
+    assert (workdir / "predictions.csv").is_file()
+
+    Image.fromarray(random_pixels((200, 96))).save(workdir / "huge.png")
+    with pytest.raises(SystemExit):
+        main(["huge.png", "--output", "huge.csv"])
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error: huge.png: not a readable image (Image size (19200 pixels)")
+    assert not (workdir / "huge.csv").exists()
 
 
 def test_a_picture_that_cannot_be_written_is_one_line(workdir, capsys):
@@ -455,3 +495,24 @@ def test_a_missing_or_damaged_model_description_is_one_line_and_the_net_still_pr
     assert first.startswith(f"predict: net5, of an unknown training: {problem}")
     assert rest == ["predict: net5 on 1 face -> predictions.csv"] and captured.err == ""
     assert (workdir / "predictions.csv").is_file()
+
+
+@pytest.mark.parametrize("uri, store, problem", [
+    ("models:/", None, "models:/: not a models:/ URI of MLflow: models:/<name>@<alias>, models:/<name>/<version> or "
+                       "models:/<model id>"),
+    ("models:/facial-keypoints@champion", None, "models:/facial-keypoints@champion: no MLflow store at {store}"),
+    ("models:/facial-keypoints@champion", "empty", "models:/facial-keypoints@champion: not in the MLflow store {store} "
+                                                   "(Registered Model with name=facial-keypoints not found)"),
+])
+def test_a_models_uri_that_names_no_model_is_one_line(workdir, capsys, temporary_tracking_store, uri, store, problem):
+    """The served models and the registry are tested on real ones in test_registry.py."""
+    Image.fromarray(random_pixels((96, 96))).save(workdir / "face.png")
+    if store:
+        connect()
+        capsys.readouterr()  # MLflow's lines on creating the store
+    with pytest.raises(SystemExit) as exit_:
+        main(["face.png", "--net", uri])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: {problem.format(store=temporary_tracking_store)}\n"
+    assert not (workdir / "predictions.csv").exists()
+    assert Path(temporary_tracking_store.removeprefix("sqlite:///")).exists() == bool(store)  # none created

@@ -74,11 +74,11 @@ def test_the_answer_says_which_net_trails_ties_or_misses_the_baseline():
         "net5 trails net4 by 12.3% on the test faces (1.50 vs 2.00 px RMSE; 95% interval 4.5% to 20.0%): "
         "a significant difference")
     assert answer(worse, ["net4", "net5"]).endswith("; only net4 beats the mean-shape baseline (4.00 px)")
-    tied["comparison"]["net5_vs_net4"].update(compared(-0.04, [-1.0, 0.9]))  # printed as 0.0%
+    tied["comparison"]["net5_vs_net4"].update(compared(-0.04, [-0.04, 0.9]))  # printed as 0.0%, not -0.0%
     for net in ("net4", "net5"):
         tied["comparison"][f"{net}_vs_baseline"].update(compared(-1.0, [-2.0, 0.5]))
     assert answer(tied, ["net4", "net5"]) == (
-        "net5 ties with net4 on the test faces (1.50 vs 2.00 px RMSE; 95% interval -1.0% to 0.9%): "
+        "net5 ties with net4 on the test faces (1.50 vs 2.00 px RMSE; 95% interval 0.0% to 0.9%): "
         "not a significant difference on these 13 test faces; no net beats the mean-shape baseline (4.00 px)")
 
 

@@ -6,16 +6,23 @@ import sys
 import time
 import urllib.request
 
+import matplotlib
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from matplotlib.colors import to_hex
+from mlflow.exceptions import MlflowException
 
 from pipeline.base.errors import PipelineError
 from pipeline.base.model import KeypointNet
+from pipeline.evaluation.colours import NET_COLOURS, net_colour
 from pipeline.faces.kaggle import KEYPOINT_COLUMNS
+from pipeline.faces.synthetic import render_faces
+from pipeline.predict import NamedFaces, predict_pixels
 from pipeline.tracking.logger import MlflowLogger
-from pipeline.tracking.runs import faces_inputs, git_state, log_model, training_run
+from pipeline.tracking.runs import COLOUR_TAG, MODEL_SIGNATURE, faces_inputs, git_state, log_model, training_run
 from pipeline.tracking.store import EXPERIMENT, TrackingError, connect
 from pipeline.training.callbacks import AdjustHyperparameter
 from pipeline.training.loop import Callback, fit
@@ -57,19 +64,30 @@ def test_every_epoch_is_logged_at_its_step():
     assert run.data.params["train.max_epochs"] == "3"
     assert run.data.tags["data_hash"] == "abc123"
     assert {"git_commit", "git_dirty", "dvc_stage"} <= set(run.data.tags)
+    # What the UI shows as the run's "Created by" and "Source": the user and the command's file.
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.type"] == "LOCAL"
+    assert run.data.tags["mlflow.source.name"] == sys.argv[0]
 
 
-def test_the_model_is_logged_with_a_signature_and_loads():
+def test_the_model_is_logged_with_a_signature_and_a_face_as_its_example_and_speaks_pixels():
     run_id, _ = train_logged(epochs=1)
     models = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
     assert len(models) == 1
-    model_info = mlflow.models.get_model_info(models[0].model_uri)
-    assert model_info.signature is not None
-    predict = mlflow.pyfunc.load_model(models[0].model_uri)
-    assert predict.predict(np.zeros((3, 1, 96, 96), dtype=np.float32)).shape == (3, 30)
+    local = mlflow.artifacts.download_artifacts(models[0].model_uri)
+    logged = mlflow.models.Model.load(local)
+    assert logged.signature == MODEL_SIGNATURE
+    assert str(logged.signature.inputs) == "[Tensor('uint8', (-1, 96, 96))]"
+    # The example is a synthetic face, as render_faces draws them.
+    example = logged.load_input_example(local)
+    assert np.array_equal(example, render_faces(1, seed=0, missing_fraction=0.0)[0])
+    faces, _ = render_faces(3, seed=1, missing_fraction=0.0)
+    predicted = mlflow.pyfunc.load_model(models[0].model_uri).predict(faces)
+    assert list(predicted.columns) == list(KEYPOINT_COLUMNS) and predicted.shape == (3, 30)
+    with pytest.raises(MlflowException, match="Failed to enforce schema"):  # levels, not images in 0..1
+        mlflow.pyfunc.load_model(models[0].model_uri).predict(faces.astype(np.float32) / 255)
 
 
-def test_the_logged_model_is_a_host_copy_that_predicts_like_the_net_and_logs_quietly(capfd):
+def test_the_logged_model_is_a_host_copy_that_predicts_pixels_as_predict_does_and_logs_quietly(capfd):
     trainer = make_trainer(2)
     fit(trainer, data(32), data(16, seed=1))
     net = trainer.network
@@ -77,14 +95,14 @@ def test_the_logged_model_is_a_host_copy_that_predicts_like_the_net_and_logs_qui
         log_model(net)
     noise = capfd.readouterr()
     assert "Failed to validate" not in noise.err + noise.out and "[[" not in noise.err + noise.out
+    assert "Downloading artifacts" not in noise.err + noise.out and "type hints" not in noise.err + noise.out
     assert net.features[0].weight.is_contiguous(memory_format=torch.channels_last)  # the net itself untouched
     [model] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-    loaded = mlflow.pytorch.load_model(model.model_uri)
-    faces = data(5, seed=2).images
-    with torch.no_grad():
-        assert torch.allclose(loaded(faces.contiguous()), net(faces), atol=1e-6)
-    served = mlflow.pyfunc.load_model(model.model_uri, model_config={"device": "cpu"})
-    assert served.predict(faces.numpy()).shape == (5, 30)
+    faces, _ = render_faces(5, seed=2, missing_fraction=0.0)
+    served = mlflow.pyfunc.load_model(model.model_uri).predict(faces)
+    expected = predict_pixels(net, NamedFaces([""] * 5, faces))
+    assert served.to_csv(float_format="%.4f") == pd.DataFrame(expected, columns=KEYPOINT_COLUMNS).to_csv(
+        float_format="%.4f")
 
 
 class DivergeIn(Callback):
@@ -429,3 +447,19 @@ def test_without_the_packages_for_system_metrics_one_line_names_them(monkeypatch
     assert capsys.readouterr().out == ("warning: no system metrics in MLflow: nvidia-ml-py not installed "
                                        "(pip install -r requirements.txt)\n")
     assert not system_metrics(run.info.run_id)
+
+
+def test_each_nets_runs_are_drawn_in_its_colour_in_the_pictures_and_say_their_source(reproduced):
+    """The UI draws a run in its mlflow.runColor: net4 blue and net5 orange, as matplotlib draws them."""
+    default_cycle = matplotlib.rcParamsDefault["axes.prop_cycle"].by_key()["color"]
+    assert list(NET_COLOURS) == [to_hex(colour) for colour in default_cycle]
+    client = mlflow.MlflowClient(f"sqlite:///{reproduced / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    net_runs = client.search_runs([experiment.experiment_id])
+    assert sorted(run_.info.run_name for run_ in net_runs) == ["net4", "net5"]
+    for run_ in net_runs:
+        tags = run_.data.tags
+        assert tags[COLOUR_TAG] == net_colour(["net4", "net5"].index(run_.info.run_name))
+        assert tags["mlflow.source.name"].endswith("pipeline/train.py") and tags["mlflow.source.type"] == "LOCAL"
+        assert tags["mlflow.user"]
+    assert (net_colour(0), net_colour(1)) == ("#1f77b4", "#ff7f0e")

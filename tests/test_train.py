@@ -16,12 +16,16 @@ import time
 import mlflow
 import pytest
 import torch
+import torch.nn.functional as F
 
 from faults import full_disk, run_with
+from loops import callback_of, data
+from pipeline.base.config import NetConfig
 from pipeline.faces.data import loss_to_rmse_px
 from pipeline.tracking.store import EXPERIMENT
 from pipeline.train import build_trainer, kept_weights
 from pipeline.training.callbacks import EarlyStopping, KeepBest
+from pipeline.training.loop import run_epoch
 from project import default_config, free_port, make_project, run, set_params
 from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start, train,
                        wait_for_checkpoint, weights)
@@ -327,3 +331,65 @@ def test_the_code_fingerprint_of_a_checkpoint_changes_with_the_stages_own_module
         after = fingerprint()
         assert (after != before) == runs_in_training, module
         before = after
+
+
+# The tutorial's net6, with fewer epochs of its own than train.max_epochs.
+NET6 = {"flip": True, "dropout": [0.1, 0.2, 0.3, 0.5], "max_epochs": EPOCHS - 2}
+
+
+def test_kill_9_of_a_net_with_dropout_then_rerun_resumes_to_the_uninterrupted_result(project, tmp_path, monkeypatch):
+    """Dropout draws from torch's global generator, which the checkpoint keeps: the resumed epochs draw
+    the masks the uninterrupted ones drew. The net's own max_epochs is the one it trains and records."""
+    set_params(project, {"nets.net6": NET6})
+    uninterrupted = tmp_path / "uninterrupted"
+    shutil.copytree(project, uninterrupted, symlinks=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'uninterrupted.db'}")
+    train(uninterrupted, "net6")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'resumed.db'}")
+    repro = start(project, "dvc", "repro", "train@net6")
+    wait_for_checkpoint(project, repro, net="net6")
+    os.killpg(repro.pid, signal.SIGKILL)
+    repro.wait()
+    done = saved_epochs(project, "net6")
+    assert 2 <= done < NET6["max_epochs"] and not (project / "models/net6.pt").exists()
+
+    resumed = run(project, "dvc", "repro", "train@net6")
+    assert f"{NET6['max_epochs']} epochs, resuming after epoch {done}" in resumed.stdout
+    assert_same_weights(weights(project, "net6"), weights(uninterrupted, "net6"))
+    assert history(project, "net6").equals(history(uninterrupted, "net6"))
+    assert len(history(project, "net6")) == NET6["max_epochs"]
+    info = json.loads((project / "models/net6.json").read_text())
+    assert info["config"]["train"]["max_epochs"] == NET6["max_epochs"] and info["config"]["nets"]["net6"] == NET6
+    [resumed_run] = runs("net6")
+    params = resumed_run.data.params
+    assert (params["train.max_epochs"], params["hidden"], params["dropout"]) == ("8", "500", "[0.1, 0.2, 0.3, 0.5]")
+
+
+def test_dropout_is_on_in_training_steps_and_off_in_validation():
+    config = default_config()
+    net6 = NetConfig(flip=True, dropout=(0.1, 0.2, 0.3, 0.5))
+    config = dataclasses.replace(config, nets={**config.nets, "net6": net6})
+    trainer = build_trainer(config, "net6", torch.device("cpu"))
+    valid = data(32, seed=1)
+    trainer.model.train()
+    with torch.no_grad():
+        assert not torch.equal(trainer.model(valid.images), trainer.model(valid.images))
+    losses = [run_epoch(trainer, valid, train=False) for _ in range(2)]
+    assert not trainer.model.training and torch.equal(*losses)
+    torch.manual_seed(0)  # evaluation mode draws nothing: the same loss whatever the generator's state
+    with torch.no_grad():
+        expected = F.mse_loss(trainer.model(valid.images), valid.targets)
+    torch.testing.assert_close(losses[0], expected)
+
+
+def test_a_nets_own_max_epochs_and_patience_replace_trains_for_it_alone():
+    config = default_config()
+    net7 = NetConfig(flip=True, dropout=(0.1, 0.2, 0.3, 0.5), hidden=1000, max_epochs=3000, patience=200)
+    config = dataclasses.replace(config, nets={**config.nets, "net7": net7})
+    cpu = torch.device("cpu")
+    trainer = build_trainer(config, "net7", cpu)
+    assert trainer.max_epochs == 3000 and callback_of(trainer, EarlyStopping).patience == 200
+    assert trainer.network.hidden == 1000
+    seed = build_trainer(config, "net4", cpu)
+    assert seed.max_epochs == config.train.max_epochs and not any(isinstance(c, EarlyStopping) for c in seed.callbacks)

@@ -70,3 +70,26 @@ def test_a_damaged_checkpoint_is_never_resumed(tmp_path):
     damage(path)
     with pytest.raises(PipelineError, match="net4.pt: damaged: .*; delete it to train from the first epoch"):
         Checkpoint(path, {}, 60).resume(make_trainer(2))
+
+
+def test_weights_of_any_width_and_dropout_load_as_the_trained_net_in_evaluation_mode(tmp_path):
+    trained = KeypointNet(hidden=64, dropout=(0.1, 0.2, 0.3, 0.5))
+    save_model(tmp_path / "net7.pt", trained)
+    loaded = load_model(tmp_path / "net7.pt")
+    assert not loaded.training and loaded.hidden == 64
+    images = torch.rand(3, 1, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), trained.eval()(images))
+
+
+@pytest.mark.parametrize("change", [
+    lambda state: state.pop("head.1.weight"),
+    lambda state: state.update({"head.1.weight": torch.tensor(1.0)}),
+    lambda state: state.update({"head.3.weight": torch.zeros(64, 64)}),
+])
+def test_weights_that_are_no_keypoint_net_are_named(tmp_path, change):
+    state = KeypointNet().state_dict()
+    change(state)
+    save_checked(tmp_path / "net4.pt", state)
+    with pytest.raises(PipelineError, match="net4.pt: not a KeypointNet state_dict"):
+        load_model(tmp_path / "net4.pt")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,12 @@ PARAMS_FILE = Path("params.yaml")
 MAX_SEED = 2**32 - 1
 # The weights a training saves: those of the epoch with the lowest valid loss, or of the last epoch.
 KEEP = ("best", "last")
+# The options of NetConfig that are model.KeypointNet's keywords, and those that are train keys.
+MODEL_OPTIONS = ("dropout", "hidden")
+TRAIN_OVERRIDES = ("max_epochs", "patience")
+# A net's name is part of file names (models/<net>.pt, its lock), of DVC's stage and command
+# (train@<net>) and of MLflow's keys: no separator, space or dot-dot can escape or split them.
+NET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 @dataclass(frozen=True)
@@ -119,11 +127,12 @@ class TrainConfig:
     channels_last: bool
     bf16: bool
     cuda_graphs: bool
+    portable_cpu: bool
     schedules: dict[str, Schedule]
 
     def __post_init__(self):
-        _require(self.max_epochs >= 1, "train.max_epochs", "must be at least 1")
-        _require(self.patience >= 0, "train.patience", "must be 0 (no early stopping) or more")
+        _require_max_epochs(self.max_epochs, "train.max_epochs")
+        _require_patience(self.patience, "train.patience")
         _require(self.keep in KEEP, "train.keep", f"must be {' or '.join(KEEP)}")
         _require(self.batch_size >= 1, "train.batch_size", "must be at least 1")
         _require(0 < self.valid_fraction < 1, "train.valid_fraction", "must be strictly between 0 and 1")
@@ -169,7 +178,38 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class NetConfig:
+    """A net of `nets`: the seed's network, with flips or without, unless it sets the options after
+    `flip`. An option left out is None (model.KeypointNet's default, or train.*'s value), so a net
+    is recorded (`to_dict`) with the keys it was given, and net4's and net5's records stay as they were."""
+
     flip: bool
+    # The rates after the three pooling blocks and after the first dense layer (the tutorial's net6).
+    dropout: tuple[float, float, float, float] | None = None
+    # The two dense layers' width (the tutorial's net7: 1000).
+    hidden: int | None = None
+    # The train keys a net may set for itself (TRAIN_OVERRIDES): net7 trains longer and stops early.
+    max_epochs: int | None = None
+    patience: int | None = None
+
+    def check(self, key: str) -> None:
+        """Its values' rules, naming them under `key` (nets.<name>), which the net does not know itself."""
+        for index, rate in enumerate(self.dropout or ()):
+            _require(0 <= rate < 1, f"{key}.dropout[{index}]", "must be a rate in [0, 1)")
+        if self.hidden is not None:
+            _require(self.hidden >= 1, f"{key}.hidden", "must be at least 1")
+        if self.max_epochs is not None:
+            _require_max_epochs(self.max_epochs, f"{key}.max_epochs")
+        if self.patience is not None:
+            _require_patience(self.patience, f"{key}.patience")
+
+    def model_options(self) -> dict:
+        """The options of model.KeypointNet this net sets; the others are the seed's."""
+        return {name: getattr(self, name) for name in MODEL_OPTIONS if getattr(self, name) is not None}
+
+    def to_dict(self) -> dict:
+        """The keys it was given, as params.yaml spells them (the dropout rates as a list)."""
+        return {field.name: list(value) if isinstance(value, tuple) else value
+                for field in dataclasses.fields(self) if (value := getattr(self, field.name)) is not None}
 
 
 @dataclass(frozen=True)
@@ -183,6 +223,13 @@ class Config:
     evaluate: EvaluateConfig
     nets: dict[str, NetConfig]
 
+    def __post_init__(self):
+        for name in self.nets:
+            if not NET_NAME.fullmatch(name):
+                raise PipelineError(f"nets: {name!r} is not a net name: use ASCII letters, digits, _ and -, "
+                                    "starting with a letter or digit (it names files and DVC stages)")
+            self.nets[name].check(f"nets.{name}")
+
     @property
     def source_csv(self) -> Path:
         return Path(self.paths.synthetic_csv if self.data.source == "synthetic" else self.data.csv)
@@ -192,8 +239,15 @@ class Config:
             raise PipelineError(f"unknown net {name!r}: params.yaml defines {', '.join(sorted(self.nets))}")
         return self.nets[name]
 
+    def train_of(self, name: str) -> TrainConfig:
+        """train.* as net `name` trains: with its own values of the keys it may set (TRAIN_OVERRIDES)."""
+        net = self.net(name)
+        return dataclasses.replace(self.train, **{key: getattr(net, key) for key in TRAIN_OVERRIDES
+                                                  if getattr(net, key) is not None})
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The params as params.yaml spells them: each net with the keys it was given."""
+        return {**dataclasses.asdict(self), "nets": {name: net.to_dict() for name, net in self.nets.items()}}
 
 
 def load_config(path: Path = PARAMS_FILE) -> Config:
@@ -220,6 +274,14 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def _require_max_epochs(max_epochs: int, key: str) -> None:
+    _require(max_epochs >= 1, key, "must be at least 1")
+
+
+def _require_patience(patience: int, key: str) -> None:
+    _require(patience >= 0, key, "must be 0 (no early stopping) or more")
+
+
 def _require_seed(seed: int, key: str) -> None:
     _require(0 <= seed <= MAX_SEED, key, f"must be an integer in 0..{MAX_SEED}")
 
@@ -243,11 +305,21 @@ def _build(kind, value, key: str):
                 guess = difflib.get_close_matches(str(name), names, n=1)
                 hint = f" (did you mean {_join(key, guess[0])}?)" if guess else ""
                 raise PipelineError(f"unknown key {_join(key, name)}{hint}")
-        missing = [name for name in names if name not in value]
+        missing = [name for name in names if name not in value and name in _required(kind)]
         if missing:
             raise PipelineError(f"missing key {_join(key, missing[0])}")
         built = {name: _build(hints[name], value[name], _join(key, name)) for name in value}
         return kind(**built)
+    if origin is types.UnionType:
+        # An optional key (`int | None = None`): None stands for its absence, so a value given is of the other kind.
+        (given_kind,) = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        return _build(given_kind, value, key)
+    if origin is tuple:
+        item_kinds = typing.get_args(kind)
+        if not isinstance(value, list) or len(value) != len(item_kinds):
+            raise PipelineError(f"{where} must be a list of {len(item_kinds)} values, got {value!r}")
+        return tuple(_build(item_kind, item, f"{key}[{index}]")
+                     for index, (item_kind, item) in enumerate(zip(item_kinds, value)))
     if origin is dict:
         _, item_kind = typing.get_args(kind)
         if not isinstance(value, dict) or not value:
@@ -272,6 +344,12 @@ def _build(kind, value, key: str):
             raise PipelineError(f"{where} must be a non-empty string, got {value!r}")
         return value
     raise TypeError(f"no rule to build {kind} for {where}")
+
+
+def _required(kind) -> list[str]:
+    """The fields of dataclass `kind` without a default: the keys params.yaml must give."""
+    return [field.name for field in dataclasses.fields(kind)
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING]
 
 
 def _join(prefix: str, name) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 
 class PipelineError(Exception):
@@ -17,6 +20,34 @@ class Interrupted(PipelineError):
     """Stopped by Ctrl-C or SIGTERM, with what was done kept."""
 
     exit_code = 130  # the shell's code for a process ended by SIGINT
+
+
+class _Outputs:
+    """The outputs the running program has published whole (pipeline.base.files), in order, and an
+    interrupt held back while one of them takes its place."""
+
+    def __init__(self):
+        self.written: list[Path] = []
+        self.publishing = False
+        self.interrupt_held = False
+
+
+_outputs = _Outputs()
+
+
+@contextlib.contextmanager
+def publishing(path: Path) -> Iterator[None]:
+    """The step that puts an output in its place (a rename). Ctrl-C or SIGTERM within it takes effect
+    after it, once the output is recorded, so that an interrupt's line names every output published."""
+    _outputs.publishing = True
+    try:
+        yield
+        _outputs.written.append(Path(path))
+    finally:
+        _outputs.publishing = False
+        held, _outputs.interrupt_held = _outputs.interrupt_held, False
+    if held:
+        raise KeyboardInterrupt
 
 
 def describe(error: BaseException) -> str:
@@ -35,19 +66,57 @@ def os_failure(error: OSError, doing: str = "") -> PipelineError:
     return PipelineError(f"{where}: {doing + ' failed: ' if doing else ''}{describe(error)}")
 
 
+def interrupted(program: str) -> Interrupted:
+    """What an interrupted program kept: the outputs it had published (each whole, since every output
+    is written to a temporary file and renamed), and nothing else of this run."""
+    kept = list(dict.fromkeys(str(path) for path in _outputs.written if path.exists()))
+    if not kept:
+        return Interrupted(f"{program} interrupted; nothing of this run was written: run it again")
+    return Interrupted(f"{program} interrupted; of this run it kept {', '.join(kept)} (each written whole) and"
+                       " wrote nothing else: run it again for the rest")
+
+
+@contextlib.contextmanager
+def interrupts_handled() -> Iterator[None]:
+    """Ctrl-C, and SIGTERM (a scheduler, `kill` or DVC stopping the job) the same way, raise
+    KeyboardInterrupt in the block, except while an output is taking its place (publishing)."""
+    def interrupt(signum, frame):
+        if _outputs.publishing:
+            _outputs.interrupt_held = True
+        else:
+            raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def reports_errors(main: Callable[..., None]) -> Callable[..., None]:
-    """A PipelineError or an OSError (a full disk, a read-only directory, ...) escaping a stage's
-    main() becomes one line on stderr and a non-zero exit."""
+    """A PipelineError or an OSError (a full disk, a read-only directory, ...) escaping a program's
+    main() becomes one line on stderr and a non-zero exit; Ctrl-C and SIGTERM become one line saying
+    what the run kept, and exit 130 (a program may say it more precisely with its own Interrupted).
+
+    The imports before main() (torch, MLflow: a few seconds) are not covered: an interrupt there
+    writes Python's traceback, or nothing for SIGTERM, but nothing of the run has been written yet.
+    """
+    program = Path(main.__code__.co_filename).stem  # its module's name, also where it runs as __main__
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        _outputs.written.clear()
         try:
-            return main(*args, **kwargs)
+            with interrupts_handled():
+                return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            failure = interrupted(program)
         except PipelineError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(error.exit_code)
+            failure = error
         except OSError as error:
-            print(f"error: {os_failure(error)}", file=sys.stderr)
-            sys.exit(PipelineError.exit_code)
+            failure = os_failure(error)
+        print(f"error: {failure}", file=sys.stderr)
+        sys.exit(failure.exit_code)
 
     return wrapper

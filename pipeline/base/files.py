@@ -1,23 +1,29 @@
-"""Files a crash, a full disk or a second process cannot leave half-written, and the lock that
-keeps two trainings of one net apart."""
+"""Files a crash, a full disk or a second process cannot leave half-written, folders of files
+published as one unit, and the lock that keeps two trainings of one net apart."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import glob
 import json
 import os
 import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator
 
 from filelock import FileLock, Timeout
 
-from pipeline.base.errors import PipelineError, describe, os_failure
+from pipeline.base.errors import PipelineError, describe, os_failure, publishing
 
 TEMPORARY_SUFFIX = ".tmp"
+# renameat2()'s flag that swaps two paths in one step (linux/fs.h), and its "relative to the working
+# directory" (AT_FDCWD).
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
 
 
 @contextlib.contextmanager
@@ -30,19 +36,79 @@ def atomic_write(path: Path) -> Iterator[Path]:
     belongs) becomes one line naming `path`, and the old file stays.
     """
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMPORARY_SUFFIX}")
+    temporary = _temporary_beside(path)
     try:
         make_folder(path.parent)
         _remove_abandoned_temporaries(path)
         yield temporary
         _flush_to_disk(temporary)
-        temporary.replace(path)
+        with publishing(path):
+            temporary.replace(path)
         _flush_to_disk(path.parent)
     except OSError as error:
         raise PipelineError(f"{path}: not written: {describe(error)}") from None
     finally:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside the folder `path`; it replaces `path` whole, on disk,
+    only if the block completes.
+
+    For files that are only right together (arrays and the summary that vouches for them): a reader
+    sees the old set or the new one, never new files beside old ones, and a kill or a full disk
+    leaves the old set whole. The block writes plain files: they are flushed here, and an OSError is
+    one line naming `path`, not the temporary folder. Temporary folders left by a `kill -9` are
+    removed by the next publication of `path`.
+    """
+    path = Path(path)
+    temporary = _temporary_beside(path)
+    try:
+        make_folder(path.parent)
+        _remove_abandoned_temporaries(path)
+        temporary.mkdir()
+        yield temporary
+        for child in temporary.iterdir():
+            _flush_to_disk(child)
+        _flush_to_disk(temporary)
+        with publishing(path):
+            _swap_in(temporary, path)
+        _flush_to_disk(path.parent)
+    except OSError as error:
+        raise PipelineError(f"{path}: not written: {describe(error)}") from None
+    finally:
+        # After the swap, the temporary name holds the old set.
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _temporary_beside(path: Path) -> Path:
+    """A name of this process's own beside `path`, so that two writers of one path never share it."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMPORARY_SUFFIX}")
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Put the folder `new` in the place of `path`, in one step where `path` exists: the two names
+    swap (Linux's renameat2), so that no moment lacks `path`; `new`'s name then holds the old folder.
+
+    Where the system cannot swap (not Linux, some overlay and network file systems), two renames:
+    for an instant `path` is missing, which a reader reports as missing, never as a mix.
+    """
+    if not path.exists():
+        new.rename(path)
+        return
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None and renameat2(AT_FDCWD, os.fsencode(new), AT_FDCWD, os.fsencode(path),
+                                           RENAME_EXCHANGE) == 0:
+        return
+    code = ctypes.get_errno() if renameat2 is not None else errno.ENOSYS
+    if code not in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.ENOTSUP):
+        raise OSError(code, os.strerror(code), str(path))
+    aside = _temporary_beside(path)
+    path.rename(aside)
+    new.rename(path)
+    aside.rename(new)
 
 
 def make_folder(folder: Path) -> None:
@@ -63,11 +129,15 @@ def _flush_to_disk(path: Path) -> None:
 
 
 def _remove_abandoned_temporaries(path: Path) -> None:
-    """Delete the temporary files of `path` left by processes that died (kill -9) while writing it."""
+    """Delete the temporary files and folders of `path` left by processes that died (kill -9) while
+    writing it."""
     for temporary in path.parent.glob(f".{glob.escape(path.name)}.*{TEMPORARY_SUFFIX}"):
         writer = temporary.name.removeprefix(f".{path.name}.").partition("-")[0]
         if writer.isdigit() and not process_is_alive(int(writer)):
-            temporary.unlink(missing_ok=True)
+            if temporary.is_dir() and not temporary.is_symlink():
+                shutil.rmtree(temporary)
+            else:
+                temporary.unlink(missing_ok=True)
 
 
 def process_is_alive(pid: int) -> bool:
@@ -91,7 +161,12 @@ def write_bytes(path: Path, content: bytes | memoryview) -> None:
 
 
 def write_json(path: Path, content: dict) -> None:
-    write_text(path, json.dumps(content, indent=2) + "\n")
+    write_text(path, json_text(content))
+
+
+def json_text(content: dict) -> str:
+    """The layout of every JSON file the pipeline writes."""
+    return json.dumps(content, indent=2) + "\n"
 
 
 def read_json(path: Path, remedy: str) -> dict:

@@ -15,7 +15,7 @@ import torch.utils.serialization
 
 from pipeline.base.errors import PipelineError, describe
 from pipeline.base.files import write_bytes
-from pipeline.base.model import KeypointNet
+from pipeline.base.model import KeypointNet, for_inference
 
 MODEL_REMEDY = "restore it with `dvc checkout` or train the net again with `dvc repro`"
 
@@ -63,15 +63,16 @@ def weights_checksum(model: torch.nn.Module) -> str:
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> KeypointNet:
-    """The trained net in evaluation mode, on `device`."""
+    """The trained net in evaluation mode, on `device`, whatever its width and dropout
+    (model.for_inference: the weights say all that inference needs)."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: no such model file (train it first with `dvc repro`)")
     state = load_checked(path, MODEL_REMEDY)
-    model = KeypointNet()
     try:
+        model = for_inference(state)
         model.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as error:
+    except (RuntimeError, KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
         raise PipelineError(f"{path}: not a KeypointNet state_dict ({describe(error)})") from None
     return model.to(device).eval()
 

@@ -6,17 +6,50 @@ display is, and a Figure saved to a file needs neither.
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
-import matplotlib
-import numpy as np
-import pandas as pd
-from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
-from PIL import Image, ImageDraw
+
+def _writable_matplotlib_folder() -> None:
+    """Give matplotlib a folder it can write (MPLCONFIGDIR), where its default ones cannot be written
+    (HOME read-only or missing): it would otherwise warn in every process that draws, and build its
+    font cache again each time. A folder the user chose is kept.
+
+    Run on import, before matplotlib's, which reads the variable once: this module is the only one
+    that imports matplotlib.
+    """
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    home = Path(os.environ.get("HOME") or "/")
+    defaults = [Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "matplotlib",
+                Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "matplotlib"]
+    if not all(_writable(folder) for folder in defaults):
+        os.environ["MPLCONFIGDIR"] = str(Path(tempfile.gettempdir()) / f"matplotlib-{os.getuid()}")
+
+
+def _writable(folder: Path) -> bool:
+    """Matplotlib's own test of its folders: made if missing, then writable."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+_writable_matplotlib_folder()
+
+import numpy as np  # noqa: E402 - after MPLCONFIGDIR is set
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 from pipeline.base.files import atomic_write
+from pipeline.evaluation.colours import net_colour
 from pipeline.faces.kaggle import KEYPOINTS
 
 DRAWN_FACE_ZOOM = 4  # a 96-pixel face is too small to see its points on a screen
@@ -120,8 +153,9 @@ def _legend_above(axis, title: str, columns: int) -> None:
     axis.set_title(title, pad=12 + 18 * rows)  # points: room for the legend's rows
 
 
-def _colours() -> list[str]:
-    return matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+def _colours() -> Iterator[str]:
+    """The lines' and bars' colours in the nets' order, as MLflow's UI draws their runs."""
+    return map(net_colour, itertools.count())
 
 
 def _widths(n_lines: int) -> np.ndarray:

@@ -180,7 +180,8 @@ def _interval(figures: dict) -> str:
     if interval is None:
         return "undefined"
     low, high = interval if improvement is None or round(improvement, 1) >= 0 else (-interval[1], -interval[0])
-    return f"{low:.1f}% to {high:.1f}%"
+    # + 0.0 turns the -0.0 of a bound rounded to zero into 0.0.
+    return f"{round(low, 1) + 0.0:.1f}% to {round(high, 1) + 0.0:.1f}%"
 
 
 def _faces(count: int) -> str:

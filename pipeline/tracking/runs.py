@@ -6,25 +6,34 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import json
 import os
+import socket
 import subprocess
+import tempfile
+import time
+from pathlib import Path
 from typing import Iterator
 
 import mlflow
-import mlflow.pytorch
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import DatasetInput, InputTag, Metric
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
-from mlflow.types import ColSpec, DataType, Schema
+from mlflow.models import ModelSignature
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.time import get_current_time_millis
 
 from pipeline.base.weights import weights_checksum
+from pipeline.faces.data import unscale_keypoints
 from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS
+from pipeline.faces.synthetic import render_faces
+from pipeline.tracking import pyfunc_model
 from pipeline.tracking.store import (EXPERIMENT, PREFLIGHT_TIMEOUT, TrackingError, environment_set, set_experiment,
                                      store_calls)
 
@@ -33,9 +42,21 @@ from pipeline.tracking.store import (EXPERIMENT, PREFLIGHT_TIMEOUT, TrackingErro
 WEIGHTS_TAG = "weights_sha256"
 # The portions of the prepared faces a run uses, by the context MLflow shows them under.
 PORTIONS = {"training": "train", "validation": "valid", "test": "test"}
+# The lock a run's training held, as host:absolute path (lock_tag): a run still RUNNING under the lock
+# that a new training of its net holds was left by a process that died (close_dead_runs).
+LOCK_TAG = "training_lock"
+# The run's description in MLflow's UI.
+NOTE_TAG = "mlflow.note.content"
 # Where the faces come from: a CSV in the layout of Kaggle's training.csv, keypoints in pixels, some missing.
 CSV_SCHEMA = Schema([*(ColSpec(DataType.double, column, required=False) for column in KEYPOINT_COLUMNS),
                      ColSpec(DataType.string, "Image")])
+# The logged model's: faces of 8-bit gray levels (uint8: every value 0..255 is one) in, keypoints in pixels out.
+MODEL_SIGNATURE = ModelSignature(
+    inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, IMAGE_SIZE, IMAGE_SIZE))]),
+    outputs=Schema([ColSpec(DataType.float, column) for column in KEYPOINT_COLUMNS]),
+)
+# The run tag MLflow's UI draws a run in (charts, runs table), a CSS colour: a net's runs keep its colour.
+COLOUR_TAG = "mlflow.runColor"
 
 # The Python packages MLflow's system metrics need on a GPU machine, by the module they import.
 SYSTEM_METRICS_PACKAGES = {"psutil": "psutil", "pynvml": "nvidia-ml-py"}
@@ -95,6 +116,43 @@ def training_run(net_name: str, params: dict, tags: dict, generated: list[str],
         yield active
 
 
+
+def lock_tag(lock: Path) -> str:
+    """LOCK_TAG's value for a training that holds `lock`: one lock file on one machine."""
+    return f"{socket.gethostname()}:{Path(lock).resolve()}"
+
+
+def close_dead_runs(net_name: str, lock: Path, live: mlflow.entities.RunInfo) -> list[str]:
+    """Mark KILLED, with a note saying why, the other runs of `net_name` still RUNNING that a training
+    holding `lock` started; returns their ids. The caller, whose run is `live`, holds `lock`, so their
+    processes no longer do: they died (kill -9, a lost machine) without ending their runs, and no
+    checkpoint continues them (the live run would be theirs). The UI then shows one live run per net.
+
+    Runs of other nets, and those of trainings under another lock (another project, a queued
+    experiment's copy, another machine), whose processes may be alive, are left as they are.
+    """
+    client = mlflow.MlflowClient()
+    with store_calls(f"the dead runs of {net_name} were not marked killed"):
+        running = client.search_runs([live.experiment_id],
+                                     filter_string=f"tags.net = '{net_name}' AND attributes.status = 'RUNNING'")
+        dead = [run for run in running
+                if run.data.tags.get(LOCK_TAG) == lock_tag(lock) and run.info.run_id != live.run_id]
+        for run in dead:
+            client.set_tag(run.info.run_id, NOTE_TAG, (
+                f"KILLED: the process of this training of {net_name} ended without ending its run (a kill -9 or a "
+                f"lost machine), and no checkpoint continued it. Marked so on {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                f"by the next training of {net_name}, run {live.run_id}, on taking the lock {lock} this one held."))
+            client.set_terminated(run.info.run_id, "KILLED", end_time=_last_logged(client, run))
+    return [run.info.run_id for run in dead]
+
+
+def _last_logged(client: mlflow.MlflowClient, run: mlflow.entities.Run) -> int:
+    """When a dead run last logged a figure (its start if none): its end, so that the UI shows how long
+    it lived rather than until it was found dead."""
+    return max([run.info.start_time, *(point.timestamp for key in run.data.metrics
+                                       for point in client.get_metric_history(run.info.run_id, key))])
+
+
 def faces_inputs(summary: dict, **faces: int) -> list[DatasetInput]:
     """The portions of the prepared faces a run uses, by context (training=1632, ...), as MLflow dataset
     inputs: the CSV they came from, the prepared data's hash (prepare's summary), the CSV's columns.
@@ -127,11 +185,16 @@ def _system_metrics(device: torch.device | None) -> bool:
 
 def _new_run(client: mlflow.MlflowClient, net_name: str, tags: dict, generated: list[str]) -> str:
     """`mlflow run` hands its own run to the command through MLFLOW_RUN_ID; a plain start_run()
-    would resume and overwrite that run, so the training becomes its child instead."""
+    would resume and overwrite that run, so the training becomes its child instead.
+
+    create_run adds none of the tags start_run would: MLflow's own (resolve_tags) give the user and
+    the command's file, which the UI shows as the run's "Created by" and "Source".
+    """
     parent_run_id = os.environ.get("MLFLOW_RUN_ID")
     experiment_id = set_experiment()
     commit, dirty = git_state(generated)
     run_tags = {
+        **resolve_tags(),
         "mlflow.source.git.commit": commit,
         "git_commit": commit,
         "git_dirty": str(dirty).lower(),
@@ -184,25 +247,51 @@ def _end_after_error(status: str) -> None:
 
 
 def log_model(model: torch.nn.Module) -> None:
-    """Log the net to the active run as an MLflow PyTorch model that loads on any machine.
+    """Log the net to the active run as an MLflow model that speaks pixels and loads on any machine.
 
-    MLflow stores it with torch.export, which fixes the device of the weights: the copy exported
-    is on the CPU, wherever the net trained, and MLflow's own check of the input example runs it
-    there too (its default on a GPU machine would be the GPU, which the exported weights refuse).
+    The model (pyfunc_model.py, MLflow's "model from code") takes 96x96 faces of 8-bit gray levels
+    and returns the 30 keypoints in pixels under Kaggle's column names. The net is exported with
+    its conversions from levels and to pixels (PixelNet), so that the served model converts as the
+    pipeline does and needs no code of the project; torch.export fixes the device of the weights,
+    so the copy exported is on the CPU, wherever the net trained.
     """
-    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
-    # Two faces, not one: torch.export would otherwise specialise the batch dimension to 1.
-    example = np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    with environment_set(MLFLOW_DEFAULT_PREDICTION_DEVICE="cpu"):
-        mlflow.pytorch.log_model(
-            model,
+    faces, _ = render_faces(2, seed=0, missing_fraction=0.0)
+    # MLflow checks the input example by loading the model back: no progress bars among the epochs' lines.
+    with tempfile.TemporaryDirectory() as folder, environment_set(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+        mlflow.pyfunc.log_model(
             name="model",
-            signature=infer_signature(example, output),
-            input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+            python_model=pyfunc_model.__file__,
+            artifacts=_model_artifacts(model, faces, Path(folder)),
+            signature=MODEL_SIGNATURE,
+            input_example=faces[:1],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
+                              f"pandas=={pd.__version__}"],
         )
+
+
+class PixelNet(torch.nn.Module):
+    """The net from uint8 faces (n, 96, 96) to keypoints in pixels: the conversions of images_of and
+    unscale_keypoints around it, in float32 as pipeline.predict computes them."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, faces: torch.Tensor) -> torch.Tensor:
+        return unscale_keypoints(self.net((faces.to(torch.float32) / 255).unsqueeze(1)))
+
+
+def _model_artifacts(model: torch.nn.Module, faces: np.ndarray, folder: Path) -> dict[str, str]:
+    """The exported PixelNet and the output columns' names, as files in `folder`, by artifact name.
+
+    Exported from two faces with a dynamic batch dimension: from one, torch.export would fix the batch to 1.
+    """
+    net = PixelNet(copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval())
+    exported = torch.export.export(net, (torch.from_numpy(faces),), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    paths = {pyfunc_model.NET_ARTIFACT: folder / "net.pt2", pyfunc_model.COLUMNS_ARTIFACT: folder / "columns.json"}
+    torch.export.save(exported, paths[pyfunc_model.NET_ARTIFACT])
+    paths[pyfunc_model.COLUMNS_ARTIFACT].write_text(json.dumps(list(KEYPOINT_COLUMNS)))
+    return {name: str(path) for name, path in paths.items()}
 
 
 def run_of_weights(net_name: str, model: torch.nn.Module) -> mlflow.entities.Run | None:

@@ -4,14 +4,18 @@ errors of a store that fails."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Iterator
 
 import mlflow
 from filelock import FileLock
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.exceptions import MlflowException
+from mlflow.utils.uri import is_local_uri
 
 from pipeline.base.errors import PipelineError
 
@@ -24,6 +28,10 @@ KIND = "custom_model_development"
 # MLflow's own default store, but always in the project's root (see tracking_uri).
 DEFAULT_STORE = "mlflow.db"
 SQLITE_PREFIX = "sqlite:///"
+
+# The logger that writes a traceback for every SQLite error before MLflow raises it as an exception,
+# which the stages report in one line.
+SQL_ERRORS_LOGGER = "mlflow.store.db.utils"
 
 # Seconds the preflight waits for a tracking server, instead of minutes of retries.
 PREFLIGHT_TIMEOUT = 10
@@ -101,29 +109,100 @@ def environment_set(**values: str) -> Iterator[None]:
 def connect() -> str:
     """Point MLflow at the project's store and check that it answers, before any work is done.
 
-    Returns the tracking URI. A store that cannot be reached fails here, in seconds, rather than
-    after hours of training; every later request of the stage waits as HTTP_SETTINGS say.
+    Returns the tracking URI. A store that cannot be reached, read or written fails here, in seconds,
+    rather than after hours of training; every later request of the stage waits as HTTP_SETTINGS say.
     """
     uri = tracking_uri()
+    refuse_file_store(uri)
     mlflow.set_tracking_uri(uri)
     for name, value in HTTP_SETTINGS.items():
         os.environ.setdefault(name, value)
+    logging.getLogger(SQL_ERRORS_LOGGER).addFilter(_without_tracebacks)
     try:
         # MLflow retries HTTP requests for minutes; a preflight should fail in seconds instead.
         with store_lock(uri), environment_set(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
                                               MLFLOW_HTTP_REQUEST_TIMEOUT=str(PREFLIGHT_TIMEOUT)):
-            set_experiment()
+            experiment = mlflow.get_experiment(set_experiment())
+            # A write, so that a store that reads but cannot write (a read-only mlflow.db) fails here
+            # too: the kind tag (set_experiment), written again as it is.
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, KIND_TAG, experiment.tags[KIND_TAG])
     except Exception as error:  # noqa: BLE001 - whatever the store's client raises, the store is unusable
-        raise TrackingError(f"MLflow tracking store {uri} is not usable: {reason(error)}") from None
+        cause = reason(error)
+        raise TrackingError(f"MLflow tracking store {uri} is not usable: {cause}{remedy(uri, cause)}") from None
+    check_artifact_folder(uri, experiment.artifact_location)
     return uri
 
 
+def refuse_file_store(uri: str) -> None:
+    """A path (`/tmp/store`, `mlflow.db`, `file:///tmp/store`) names MLflow's file store, which MLflow 3
+    refuses in a paragraph: one line saying what to set instead, unless the user allowed the file store."""
+    if not is_local_uri(uri) or MLFLOW_ALLOW_FILE_STORE.get():
+        return
+    path = Path(urllib.parse.urlparse(uri).path)
+    database = path if path.suffix == ".db" or path.is_file() else path / DEFAULT_STORE
+    raise TrackingError(
+        f"MLFLOW_TRACKING_URI={uri} is a path, which MLflow 3 takes for its file store and refuses: set "
+        f"MLFLOW_TRACKING_URI={SQLITE_PREFIX}{database} for a SQLite store (or http://host:port for a server)")
+
+
+def remedy(uri: str, cause: str) -> str:
+    """What to do about a SQLite store that fails in the preflight, after a semicolon ("" if unknown)."""
+    database = sqlite_file(uri)
+    if database is None:
+        return ""
+    if "not a database" in cause or "malformed" in cause:
+        return (f"; {database} is damaged or not an MLflow store: move it aside (`mv {database} {database}.damaged`) "
+                "to start a new store, or restore it from a backup")
+    if any(words in cause for words in ("readonly", "unable to open", "Read-only file system", "Permission denied")):
+        return f"; make {database} and its folder writable, or set MLFLOW_TRACKING_URI to a store you can write"
+    return ""
+
+
+def check_artifact_folder(uri: str, location: str) -> None:
+    """Refuse, before any work, a local artifact folder the runs could not use.
+
+    A SQLite store records its experiment's artifact folder as an absolute path (_artifact_location):
+    in a project moved elsewhere, the models would go to the old folder, made again where it is
+    gone, or fail there after the whole training where it cannot be written.
+    """
+    database, folder = sqlite_file(uri), _local_folder(location)
+    if database is None or folder is None:
+        return
+    start_afresh = f"move {database} aside (`mv {database} {database}.old`) to start a new store beside it"
+    if not folder.exists() and not folder.is_relative_to(database.parent):
+        raise TrackingError(f"MLflow tracking store {uri} keeps its artifacts in {folder}, which is gone (the store "
+                            f"records absolute paths: was the project moved?); put that folder back, or {start_afresh}")
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrackingError(f"MLflow tracking store {uri} keeps its artifacts in {folder}, which cannot be written "
+                            f"(was the project moved?); make {existing} writable, or {start_afresh}")
+
+
+def _local_folder(location: str) -> Path | None:
+    """The folder of a local artifact location (a path or a file: URI); None for any other."""
+    parsed = urllib.parse.urlparse(location)
+    return Path(urllib.parse.unquote(parsed.path)).absolute() if parsed.scheme in ("", "file") else None
+
+
+def _without_tracebacks(record: logging.LogRecord) -> bool:
+    """Drop the log records that carry an exception: MLflow raises it too, and the stage reports it."""
+    return record.exc_info is None
+
+
 def reason(error: Exception) -> str:
-    """The operating system's words when it has some ("Connection refused"), the HTTP client's for a
-    server that does not answer ("Read timed out. (read timeout=30)"), else the first 200 characters."""
+    """The operating system's words when it has some ("Connection refused"), SQLite's ("attempt to write
+    a readonly database"), the HTTP client's for a server that does not answer ("Read timed out.
+    (read timeout=30)"), else the first 200 characters or so, cut between words."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
     text = " ".join(str(error).split())
+    sqlite = re.search(r"\(sqlite3\.\w+\) ([^\[]+)", text)
+    if sqlite:
+        return sqlite.group(1).strip()
     cause = re.search(r"\[Errno -?\d+\] [^'\")\]]+|[^:'\"(]*timed out\. \(\w+ timeout=[\d.]+\)", text)
-    return cause.group(0).strip() if cause else text[:200] or type(error).__name__
+    if cause:
+        return cause.group(0).strip()
+    return (text if len(text) <= 200 else text[:200].rpartition(" ")[0] + " ...") or type(error).__name__
 
 
 def set_experiment() -> str:

@@ -27,10 +27,27 @@ def fingerprint(settings: dict) -> str:
 
 
 def generator_states(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every generator the training draws from. Dropout draws from torch's global generator of the
+    training device: the CPU's, or on a GPU the device's own (which CUDA graphs replay from, see
+    graphs.py); the CPU's is kept on a GPU too, as the weights' initialisation left it."""
     states = {"torch": torch.get_rng_state(), "shuffle": trainer.generator.get_state()}
+    device = trainer.generator.device
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
     if trainer.augment_generator is not None:
         states["augment"] = trainer.augment_generator.get_state()
     return states
+
+
+def restore_generators(trainer: Trainer, states: dict[str, torch.Tensor]) -> None:
+    """generator_states' generators set back as they were saved."""
+    torch.set_rng_state(states["torch"])
+    trainer.generator.set_state(states["shuffle"])
+    device = trainer.generator.device
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+    if trainer.augment_generator is not None:
+        trainer.augment_generator.set_state(states["augment"])
 
 
 def stateful_callbacks(trainer: Trainer) -> dict[str, Callback]:
@@ -98,11 +115,7 @@ class Checkpoint(Callback):
             return False
         trainer.network.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
-        generators = state["generators"]
-        torch.set_rng_state(generators["torch"])
-        trainer.generator.set_state(generators["shuffle"])
-        if trainer.augment_generator is not None:
-            trainer.augment_generator.set_state(generators["augment"])
+        restore_generators(trainer, state["generators"])
         saved = state["callbacks"]
         for name, callback in stateful_callbacks(trainer).items():
             if name not in saved:

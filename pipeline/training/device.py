@@ -67,6 +67,31 @@ def use_deterministic_kernels(deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+# One instruction set for ATen's, oneDNN's and MKL's CPU kernels, and MKL's sums split the same way
+# whatever the thread count: the same bits on every x86-64 CPU with AVX2, for 1, 2 or 4 threads
+# (docs/benchmarks.md, "The same bits on any CPU"). Each library reads its variable at its first
+# computation, so they take effect if set before any tensor work of the process.
+PORTABLE_CPU_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"}
+
+
+def use_portable_cpu_kernels(portable: bool) -> dict[str, str]:
+    """The CPU kernels' settings in effect (`train.portable_cpu`), for the run and the checkpoint.
+
+    Portable kernels cost 27-48% of an epoch's time on a 2-core AVX-512 CPU, hence not the default.
+    Call before any tensor work: ATen, the one library that says which kernels it took, is checked.
+    """
+    if portable:
+        os.environ.update(PORTABLE_CPU_KERNELS)
+        capability = torch.backends.cpu.get_cpu_capability()
+        if capability != "AVX2":
+            raise PipelineError(
+                f"train.portable_cpu is true, but torch's CPU kernels are {capability}, not AVX2: "
+                "this CPU lacks AVX2, or this process computed before the setting (run the stage in a process "
+                "of its own)")
+    return {"portable": str(portable).lower(), "capability": torch.backends.cpu.get_cpu_capability(),
+            **({name: os.environ[name] for name in PORTABLE_CPU_KERNELS} if portable else {})}
+
+
 @contextlib.contextmanager
 def process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
     if ranks.world_size == 1:

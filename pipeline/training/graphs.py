@@ -30,6 +30,12 @@ class CapturedSteps:
     (optim.NesterovSGD), and `before_replay` brings them up to date, since a replay runs no Python.
 
     The returned loss of a replay is the graph's own output buffer: read it before the next call.
+
+    Random numbers (dropout's masks) come from the device's default generator, which PyTorch
+    registers with every graph captured on the current device: each replay draws the numbers after
+    those of the step before, as an eager step would (the same Philox offsets, so the same masks),
+    and advances the generator's state, which the checkpoint saves. So the capture runs on the
+    training device, and its steps draw from no generator of their own.
     """
 
     WARMUP_STEPS = 3  # PyTorch's documented minimum before capturing a whole network's step
@@ -70,6 +76,6 @@ class CapturedSteps:
         graph = torch.cuda.CUDAGraph()
         # Only this thread's calls are checked: the checkpoint's writer thread may be copying an
         # earlier epoch's state to the host meanwhile, on a stream of its own.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.device(images.device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
             loss = self.step(static_images, static_targets, global_rows)
         return _Captured(graph, static_images, static_targets, loss)

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from pipeline.base.config import Schedule
+from pipeline.base.config import NetConfig, Schedule
 from pipeline.faces.data import FaceSet
 from pipeline.train import build_trainer
 from pipeline.training.callbacks import AdjustHyperparameter
@@ -26,18 +26,21 @@ def bright_square_faces(n, seed):
     return FaceSet(X, y)
 
 
-def stage_trainer(net, device, **train_settings):
-    """The train stage's own trainer (build_trainer) for the default params, with some train.* changed."""
+def stage_trainer(net, device, declared: NetConfig | None = None, **train_settings):
+    """The train stage's own trainer (build_trainer) for the default params, with some train.* changed
+    and `net` declared as `declared` where given (a net with dropout, say)."""
     config = default_config()
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **train_settings))
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **train_settings),
+                                 nets={**config.nets, **({net: declared} if declared else {})})
     return build_trainer(config, net, torch.device(device)), config.train.schedules
 
 
-def make_trainer(max_epochs, callbacks=(), flip=False, lr=0.01, momentum=0.9, keep="last", patience=0):
-    """The stage's trainer of net5 (flips) or net4 on the CPU: batches of 16, seed 0, a constant learning
-    rate and momentum (a callback may anneal them), train.keep and train.patience as given;
-    `callbacks` come after the stage's own."""
-    trainer, _ = stage_trainer("net5" if flip else "net4", "cpu", max_epochs=max_epochs, batch_size=16, seed=0,
+def make_trainer(max_epochs, callbacks=(), flip=False, lr=0.01, momentum=0.9, keep="last", patience=0, dropout=None):
+    """The stage's trainer of net5 (flips) or net4 on the CPU, or of net6 (flips and these `dropout`
+    rates): batches of 16, seed 0, a constant learning rate and momentum (a callback may anneal them),
+    train.keep and train.patience as given; `callbacks` come after the stage's own."""
+    net, declared = ("net6", NetConfig(flip=flip, dropout=dropout)) if dropout else ("net5" if flip else "net4", None)
+    trainer, _ = stage_trainer(net, "cpu", declared, max_epochs=max_epochs, batch_size=16, seed=0,
                                keep=keep, patience=patience,
                                schedules={"lr": Schedule(lr, lr), "momentum": Schedule(momentum, momentum)})
     trainer.callbacks += callbacks
