@@ -165,7 +165,12 @@ def test_a_net_name_that_is_no_file_or_stage_name_is_refused_naming_nets(tmp_pat
                  f"nets: {name!r} is not a net name: use ASCII letters, digits, _ and -")
 
 
-@pytest.mark.parametrize("name", ["net6", "Net_6", "6", "net-6b"])
+@pytest.mark.parametrize("name", ["baseline", "champion", "Latest", "v2"])
+def test_a_net_name_the_evaluation_or_the_registry_means_otherwise_is_refused(tmp_path, name):
+    expect_error(tmp_path, lambda p: p["nets"].update({name: {"flip": True}}), f"nets: {name!r} is taken")
+
+
+@pytest.mark.parametrize("name", ["net6", "Net_6", "6", "net-6b", "v2b", "baselines"])
 def test_net_names_of_letters_digits_underscores_and_dashes_load(tmp_path, name):
     assert name in load_config(write_params(tmp_path, lambda p: p["nets"].update({name: {"flip": True}}))).nets
 

@@ -9,7 +9,6 @@ import urllib.request
 import matplotlib
 import mlflow
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from matplotlib.colors import to_hex
@@ -101,8 +100,9 @@ def test_the_logged_model_is_a_host_copy_that_predicts_pixels_as_predict_does_an
     faces, _ = render_faces(5, seed=2, missing_fraction=0.0)
     served = mlflow.pyfunc.load_model(model.model_uri).predict(faces)
     expected = predict_pixels(net, NamedFaces([""] * 5, faces))
-    assert served.to_csv(float_format="%.4f") == pd.DataFrame(expected, columns=KEYPOINT_COLUMNS).to_csv(
-        float_format="%.4f")
+    # The same to the 4 decimals predict prints: the exported net's kernels may differ in the 6th digit.
+    assert list(served.columns) == list(KEYPOINT_COLUMNS)
+    np.testing.assert_allclose(served.to_numpy(), expected, rtol=0, atol=5e-5)
 
 
 class DivergeIn(Callback):

@@ -27,6 +27,9 @@ TRAIN_OVERRIDES = ("max_epochs", "patience")
 # A net's name is part of file names (models/<net>.pt, its lock), of DVC's stage and command
 # (train@<net>) and of MLflow's keys: no separator, space or dot-dot can escape or split them.
 NET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+# Names taken elsewhere: evaluation's name of the mean-shape baseline, and aliases that the Model
+# Registry gives another meaning (the best net's alias; MLflow's own latest and v<N>).
+RESERVED_NET_NAMES = re.compile(r"baseline|champion|latest|v\d+", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,8 @@ class PathsConfig:
         return Path(self.reports) / "comparison.md"
 
     def checkpoint(self, net: str) -> Path:
-        """The state of an unfinished training; outside every stage's outputs, which DVC deletes."""
+        """The state of an unfinished training. Not a stage output: a finished training deletes it,
+        and as an output DVC would cache each one (96 MB)."""
         return Path(self.checkpoints) / f"{net}.pt"
 
     def training_lock(self, net: str) -> Path:
@@ -228,6 +232,9 @@ class Config:
             if not NET_NAME.fullmatch(name):
                 raise PipelineError(f"nets: {name!r} is not a net name: use ASCII letters, digits, _ and -, "
                                     "starting with a letter or digit (it names files and DVC stages)")
+            if RESERVED_NET_NAMES.fullmatch(name):
+                raise PipelineError(f"nets: {name!r} is taken: the evaluation or the Model Registry uses that name "
+                                    "for something else (baseline, champion, latest, v<N>)")
             self.nets[name].check(f"nets.{name}")
 
     @property

@@ -1,4 +1,5 @@
-"""Where a training runs: the device, this process's place in a torchrun job, and the kernels' determinism."""
+"""Where a training runs: the device, this process's place in a torchrun job, the kernels' determinism and
+the portable CPU kernels (`train.portable_cpu`)."""
 
 from __future__ import annotations
 
