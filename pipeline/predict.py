@@ -41,7 +41,7 @@ import torch
 from PIL import Image, ImageCms
 
 from pipeline.base.config import Config, load_config
-from pipeline.base.errors import PipelineError, reports_errors
+from pipeline.base.errors import PipelineError, counted, reports_errors
 from pipeline.base.files import atomic_write, read_json, write_text
 from pipeline.base.weights import load_model
 from pipeline.evaluation.metrics import predict
@@ -274,10 +274,6 @@ def training_run(net: str, model: torch.nn.Module) -> str:
     except TrackingError as error:
         return f"MLflow run not known: {error}"
     return f"MLflow run {run.info.run_id}" if run else f"trained by no run of {tracking_uri()}"
-
-
-def counted(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def load_predictor(config: Config, net: str) -> tuple[Callable[[NamedFaces], np.ndarray], Callable[[], str]]:

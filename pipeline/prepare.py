@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 from pipeline.base.config import PARAMS_FILE, load_config
-from pipeline.base.errors import PipelineError, reports_errors
+from pipeline.base.errors import PipelineError, counted, reports_errors
 from pipeline.evaluation.plots import face_grid
-from pipeline.faces.data import (FaceSet, LoadReport, content_hash, load, n_faces, pixels_of, save_prepared, split,
+from pipeline.faces.data import (FaceSet, LoadReport, content_hash, load, pixels_of, save_prepared, split,
                                  unscale_keypoints)
 
 N_SAMPLE_FACES = 16
@@ -68,11 +68,11 @@ def check_portions(train: FaceSet, test: FaceSet, fraction: float) -> None:
     portions so small that the training or its test figures say little."""
     if len(train) < MIN_TRAINABLE:
         raise PipelineError(
-            f"{PARAMS_FILE}: {TEST_FRACTION}: {fraction} of {n_faces(len(train) + len(test))} leaves {len(train)} "
+            f"{PARAMS_FILE}: {TEST_FRACTION}: {fraction} of {counted(len(train) + len(test), 'face')} leaves {len(train)} "
             f"to train on, and the train stage needs {MIN_TRAINABLE} (one to fit, one to validate): use more faces "
             "or a smaller fraction"
         )
-    few = [f"{n_faces(count)} to {use} (fewer than {least})"
+    few = [f"{counted(count, 'face')} to {use} (fewer than {least})"
            for count, use, least in ((len(train), "train on", FEW_TRAIN_FACES), (len(test), "test on", FEW_TEST_FACES))
            if count < least]
     if few:

@@ -50,6 +50,11 @@ def publishing(path: Path) -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def counted(count: int, noun: str) -> str:
+    """A count and its noun for a message: "1 face", "4 faces"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def describe(error: BaseException) -> str:
     """The cause in a few words: the system's own for an OSError ("No space left on device"),
     else the first line of the message, else the error's type."""

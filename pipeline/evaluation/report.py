@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.base.errors import counted
 from pipeline.faces.kaggle import KEYPOINTS
 
 BASELINE_LABEL = "mean-shape baseline"
@@ -62,7 +63,7 @@ def comparison_lines(results: dict, nets: list[str]) -> list[str]:
     ]
     return lines + [
         f"Intervals: 95%, of {comparison['bootstrap_resamples']} paired bootstrap resamples of the "
-        f"{_faces(comparison['test_faces'])} (both models scored on the same resampled faces); a difference is "
+        f"{counted(comparison['test_faces'], 'test face')} (both models scored on the same resampled faces); a difference is "
         "significant where its interval excludes 0. They cover the choice of test faces, not the training's "
         "own randomness (its seed): see docs/evaluation.md for combining several seeds.",
     ]
@@ -141,7 +142,7 @@ def _against(net: str, reference: str, results: dict) -> str:
                 else f"ties with {reference}")
     verdict = "a significant difference" if figures["significant"] else "not a significant difference"
     return (f"{net} {relation} on the test faces ({pixels}; 95% interval {_interval(figures)}): "
-            f"{verdict} on these {_faces(comparison['test_faces'])}")
+            f"{verdict} on these {counted(comparison['test_faces'], 'test face')}")
 
 
 def _against_baseline(results: dict, nets: list[str]) -> str:
@@ -182,10 +183,6 @@ def _interval(figures: dict) -> str:
     low, high = interval if improvement is None or round(improvement, 1) >= 0 else (-interval[1], -interval[0])
     # + 0.0 turns the -0.0 of a bound rounded to zero into 0.0.
     return f"{round(low, 1) + 0.0:.1f}% to {round(high, 1) + 0.0:.1f}%"
-
-
-def _faces(count: int) -> str:
-    return f"{count} test face{'' if count == 1 else 's'}"
 
 
 def _epoch(epoch: int | None) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.base.config import PARAMS_FILE
-from pipeline.base.errors import PipelineError, describe
+from pipeline.base.errors import PipelineError, counted, describe
 from pipeline.base.files import atomic_folder, json_text, read_json
 from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, read_training_csv
 
@@ -102,18 +102,13 @@ def first_copies(images: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, dict
     return rows[is_first], repeated
 
 
-def n_faces(count: int) -> str:
-    """A count of faces for a message: "1 face", "4 faces"."""
-    return f"{count} face{'' if count == 1 else 's'}"
-
-
 def split(faces: FaceSet, fraction: float, seed: int, key: str) -> tuple[FaceSet, FaceSet]:
     """Split off a seeded random `fraction` of the faces: returns (rest, held_out). `key` is the
     params.yaml key that gave `fraction`, which an error names."""
     n_held_out = round(len(faces) * fraction)
     if n_held_out < 1 or n_held_out >= len(faces):
         raise PipelineError(
-            f"{PARAMS_FILE}: {key}: {fraction} of {n_faces(len(faces))} leaves {len(faces) - n_held_out} and holds out "
+            f"{PARAMS_FILE}: {key}: {fraction} of {counted(len(faces), 'face')} leaves {len(faces) - n_held_out} and holds out "
             f"{n_held_out}, and each part needs a face at least: use more faces or another fraction"
         )
     order = np.random.default_rng(seed).permutation(len(faces))
