@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,8 +36,8 @@ from pipeline.tracking.runs import COLOUR_TAG, LOCK_TAG, close_dead_runs, faces_
 from pipeline.tracking.store import TrackingError, connect
 from pipeline.training.callbacks import AdjustHyperparameter, EarlyStopping, EpochTable, KeepBest
 from pipeline.training.checkpoint import Checkpoint
-from pipeline.training.device import (Ranks, process_group, resolve_device, use_deterministic_kernels,
-                                      use_portable_cpu_kernels)
+from pipeline.training.device import (Ranks, place_model, process_group, resolve_device, use_deterministic_kernels,
+                                      use_float32_precision, use_portable_cpu_kernels)
 from pipeline.training.loop import Callback, Tensors, Trainer, fit
 from pipeline.training.memory import reuse_freed_memory
 from pipeline.training.optim import NesterovSGD
@@ -56,7 +57,7 @@ def build_trainer(config: Config, net_name: str, device: torch.device, ranks: Ra
     train.patience epochs with no new best (the net's own max_epochs and patience where it sets them)."""
     settings = config.train_of(net_name)
     torch.manual_seed(settings.seed)
-    model = KeypointNet(**config.net(net_name).model_options()).to(device, memory_format=memory_format(config))
+    model = place_model(KeypointNet(**config.net(net_name).model_options()), device, memory_format(config))
     if ranks.world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = NesterovSGD(model.parameters(), lr=settings.schedules["lr"].start,
@@ -142,6 +143,7 @@ def set_up_process(config: Config, ranks: Ranks = Ranks()) -> torch.device:
     """The training's device, made this process's, with the kernels and allocator the stage trains with."""
     device = resolve_device(config.train.device, ranks)
     use_deterministic_kernels(config.train.deterministic)
+    use_float32_precision(config.train.tf32)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the CUDA work that names no device goes to the training's
     else:
@@ -156,6 +158,8 @@ def training_settings(config: Config, net_name: str, data_hash: str, device: tor
         "net": net_name, "train": asdict(config.train_of(net_name)), "net_settings": config.net(net_name).to_dict(),
         "data_hash": data_hash, "device": device.type, "world_size": ranks.world_size,
         "code": code_hash("pipeline.train"),
+        # How cuBLAS sums on a GPU (device.use_deterministic_kernels), which the params do not say.
+        "cublas_workspace": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
     }
 
 

@@ -16,11 +16,29 @@ import torch  # noqa: E402
 from project import reproduce_once  # noqa: E402
 
 
+def cuda_unusable() -> str | None:
+    """Why CUDA cannot run a kernel here (None when it can), in a few words with the build's CUDA version."""
+    build = f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none: a CPU-only build'}"
+    try:
+        if not torch.cuda.is_available():
+            return f"{build}; torch.cuda.is_available() is False"
+        (torch.ones(1, device="cuda") + 1).cpu()  # a kernel, run: the build supports this GPU
+    except Exception as error:  # noqa: BLE001 - any failure is the reason
+        return f"{build}; {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests run where CUDA is, and are skipped with the reason elsewhere (as on CI)."""
-    if torch.cuda.is_available():
+    """`gpu` tests run where CUDA is, and are skipped with the reason elsewhere (as on CI). With
+    REQUIRE_GPU=1 (the GPU machine's check) they cannot pass by skipping: the run stops, failed, in one line."""
+    if not any("gpu" in item.keywords for item in items):
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device, and this machine has none")
+    reason = cuda_unusable()
+    if reason is None:
+        return
+    if os.environ.get("REQUIRE_GPU") == "1":
+        raise pytest.UsageError(f"REQUIRE_GPU=1, but CUDA is not usable ({reason})")
+    skip = pytest.mark.skip(reason=f"needs a CUDA device ({reason})")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -127,8 +127,9 @@ def test_replayed_steps_draw_fresh_dropout_masks_the_ones_eager_steps_draw():
     step, and a resumed training, whose first steps are eager again, draws what an unbroken one drew."""
     ones = torch.ones(64, 256, device=DEVICE)
     torch.manual_seed(0)
-    steps = CapturedSteps(lambda images, targets, global_rows: F.dropout(images, 0.5, training=True), lambda: None)
-    drawn = [steps(ones, ones, 64).clone() for _ in range(CapturedSteps.WARMUP_STEPS + 3)]
+    steps = CapturedSteps(before_replay=lambda: None)
+    drawn = [steps(lambda images, targets, global_rows: F.dropout(images, 0.5, training=True), ones, ones, 64).clone()
+             for _ in range(CapturedSteps.WARMUP_STEPS + 3)]
     assert len(steps.graphs) == 1  # the last three were replays
     assert not torch.equal(drawn[-1], drawn[-2])
     torch.manual_seed(0)

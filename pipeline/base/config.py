@@ -130,6 +130,7 @@ class TrainConfig:
     deterministic: bool
     channels_last: bool
     bf16: bool
+    tf32: bool
     cuda_graphs: bool
     portable_cpu: bool
     schedules: dict[str, Schedule]

@@ -143,18 +143,22 @@ def load_checked(path: Path, remedy: str):
     return saved["content"]
 
 
-def copy_into(target, value):
+def copy_into(target, value, host: bool = False):
     """A copy of `value`'s tensors, written into `target`'s tensors of the same shape where it has them.
 
     Reusing the buffers keeps the copy of an epoch's state to one pass over memory, with no
-    allocation; on a GPU it stays on the device and the training does not wait for it.
+    allocation; on a GPU it stays on the device and the training does not wait for it. With `host`,
+    the copy goes into host memory, pinned where the tensor is on a GPU, and is queued without
+    waiting (non_blocking): the caller marks its end with an event and waits for that before reading.
     """
     def copy(tensor, old):
         if not isinstance(tensor, torch.Tensor):
             return tensor
-        if (isinstance(old, torch.Tensor) and old.shape == tensor.shape and old.dtype == tensor.dtype
-                and old.device == tensor.device and old.stride() == tensor.stride()):
-            return old.copy_(tensor)
-        return tensor.detach().clone()
+        device = torch.device("cpu") if host else tensor.device
+        if not (isinstance(old, torch.Tensor) and old.shape == tensor.shape and old.dtype == tensor.dtype
+                and old.device == device and old.stride() == tensor.stride()):
+            old = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device,
+                                      pin_memory=host and tensor.is_cuda)
+        return old.copy_(tensor.detach(), non_blocking=host and tensor.is_cuda)
 
     return map_tensors(copy, value, like=target)

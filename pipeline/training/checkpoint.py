@@ -93,13 +93,18 @@ class Checkpoint(Callback):
         self.fingerprint = fingerprint(settings)
         self.extra: dict = {}
         self.saved_epochs = 0
-        self._trainer: Trainer | None = None
+        # The training's history, not the trainer: a trainer kept here would be in a cycle (trainer ->
+        # callbacks -> checkpoint -> trainer), which holds a GPU training's graphs until gc runs.
+        self._history: list[dict] = []
         # Two copies of finished epochs' states on the training device, taking turns, so that a
         # stop during one copy still finds the previous epoch whole in the other.
         self._epoch_states: list[dict | None] = [None, None]
         self._epochs = [0, 0]  # which epoch each copy holds (0: none)
         self._latest = 0  # the copy of the last finished epoch
-        self._writer_state: dict | None = None  # the copy a writer thread is writing
+        self._writer_state: dict | None = None  # the copy a writer thread is writing, in host memory
+        self._writer_source: int | None = None  # which epoch copy the device may still be reading for it
+        self._writer_copied: torch.cuda.Event | None = None  # on a GPU: the host copy's end
+        self._copy_stream: torch.cuda.Stream | None = None  # on a GPU: the host copies' stream
         self._writer: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._last_write = 0.0
@@ -127,7 +132,9 @@ class Checkpoint(Callback):
         return True
 
     def on_train_begin(self, trainer: Trainer) -> None:
-        self._trainer = trainer
+        self._history = trainer.history
+        if self.saves and next(trainer.network.parameters()).is_cuda and self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream()
         self.saved_epochs = len(trainer.history)  # a resumed training's earlier epochs are in the file
         self._last_write = time.monotonic()
 
@@ -136,6 +143,10 @@ class Checkpoint(Callback):
             return
         spare = 1 - self._latest
         self._epochs[spare] = 0  # until the copy is whole
+        if self._writer_copied is not None and self._writer_source == spare:
+            # The device still reads that copy for the host's: it waits for it (on the device; the
+            # host goes on), which on a GPU is done long before, an epoch later.
+            torch.cuda.current_stream().wait_event(self._writer_copied)
         self._epoch_states[spare] = copy_into(self._epoch_states[spare], {
             "model": trainer.network.state_dict(),
             "optimizer": trainer.optimizer.state_dict(),
@@ -160,21 +171,39 @@ class Checkpoint(Callback):
             "format": STATE_FORMAT,
             "fingerprint": self.fingerprint,
             "extra": dict(self.extra),
-            "history": [dict(row) for row in self._trainer.history[:epochs]],
+            "history": [dict(row) for row in self._history[:epochs]],
             **tensors,
         }
 
     def _write_in_background(self) -> None:
-        # A copy of its own, since the next epochs overwrite the others while the thread writes.
-        self._writer_state = copy_into(self._writer_state, self._epoch_states[self._latest])
+        self._copy_to_host(self._latest)
         state = self._state(self._writer_state, self._epochs[self._latest])
         self._last_write = time.monotonic()
-        self._writer = threading.Thread(target=self._write, args=(state,), name="checkpoint writer", daemon=True)
+        self._writer = threading.Thread(target=self._write, args=(state, self._writer_copied),
+                                        name="checkpoint writer", daemon=True)
         self._writer.start()
 
-    def _write(self, state: dict) -> None:
+    def _copy_to_host(self, source: int) -> None:
+        """A copy of an epoch's state of its own, in host memory, since the next epochs overwrite the
+        device's copies while the thread writes. On a GPU it goes into pinned buffers on a stream of
+        its own, queued after the epoch's work, so that neither the host nor the training's stream
+        waits for it; its event tells the writer thread when it is there."""
+        state = self._epoch_states[source]
+        if self._copy_stream is None:
+            self._writer_state = copy_into(self._writer_state, state)
+            return
+        self._copy_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._copy_stream):
+            self._writer_state = copy_into(self._writer_state, state, host=True)
+            self._writer_copied = torch.cuda.Event()
+            self._writer_copied.record()
+        self._writer_source = source
+
+    def _write(self, state: dict, copied: torch.cuda.Event | None) -> None:
         """In the writer thread: a failure is kept for the training's thread to report."""
         try:
+            if copied is not None:
+                copied.synchronize()
             self._save(state)
         except BaseException as error:  # noqa: BLE001 - reported in the training's thread
             self._failure = error

@@ -11,12 +11,14 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 import torch.utils.deterministic
+from torch import nn
 
 from pipeline.base.errors import PipelineError
 
 # cuBLAS splits a matrix product's reductions by the workspace it is given; a fixed workspace makes
-# its results repeatable (NVIDIA's documented setting). Read when cuBLAS first starts in a process.
-CUBLAS_WORKSPACE = ":4096:8"
+# its results repeatable (NVIDIA's documented settings, the first the default here). Read when cuBLAS
+# first starts in a process.
+DETERMINISTIC_CUBLAS_WORKSPACES = (":4096:8", ":16:8")
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,60 @@ def resolve_device(name: str, ranks: Ranks = Ranks()) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise PipelineError(f"train.device is {name!r}, but no CUDA device is available")
+    return training_device(name, ranks, torch.cuda.device_count() if name.startswith("cuda") else 0)
+
+
+def training_device(name: str, ranks: Ranks, cuda_devices: int) -> torch.device:
+    """The device `name` means for this process, checked before any work: a torchrun job trains on one
+    GPU per process, so its processes must not outnumber the GPUs nor share one named `cuda:N`."""
     if name == "cuda":
+        if ranks.local_rank >= cuda_devices:
+            raise PipelineError(
+                f"this is process LOCAL_RANK={ranks.local_rank} of a torchrun job, but this machine has "
+                f"{cuda_devices} CUDA device(s), one per process: start at most {cuda_devices} per machine "
+                "(torchrun --nproc_per_node)")
         return torch.device("cuda", ranks.local_rank)  # one GPU per process of a torchrun job
     device = torch.device(name)
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise PipelineError(f"train.device is {name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type != "cuda":
+        return device
+    if ranks.world_size > 1:
+        raise PipelineError(
+            f"train.device is {name!r}, one GPU for all {ranks.world_size} processes of the torchrun job: "
+            "set train.device to cuda (or auto), and each process trains on a GPU of its own")
+    if device.index is not None and device.index >= cuda_devices:
+        raise PipelineError(f"train.device is {name!r}, but this machine has {cuda_devices} CUDA device(s)")
     return device
+
+
+def use_float32_precision(tf32: bool) -> str:
+    """float32 arithmetic in IEEE float32, unless `train.tf32` asks for TF32: cuDNN's convolutions would
+    otherwise round their inputs to TF32's 10-bit mantissa on Ampere and later GPUs (torch's default
+    for them), far from the seed's float32. Returns the precision set, for the run's record."""
+    precision = "tf32" if tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+    return precision
+
+
+def place_model(model: nn.Module, device: torch.device, memory_format: torch.memory_format) -> nn.Module:
+    """The model on its training device, in `memory_format`, but for a GPU's one-channel convolutions.
+
+    A weight with one input channel counts as channels_last too, so cuDNN would run the first
+    convolution as NHWC with one channel, for which its deterministic mode may find no engine
+    ("unable to find an engine"). There it keeps the default layout (its output is then NCHW, which
+    the next convolution converts). Not on a CPU, where oneDNN's NHWC kernel for it is deterministic
+    and a step is about 1.5 times faster with it.
+    """
+    model = model.to(device, memory_format=memory_format)
+    if device.type == "cuda":
+        keep_default_layout_of_single_channel_convolutions(model)
+    return model
+
+
+def keep_default_layout_of_single_channel_convolutions(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 1:
+            module.weight.data = module.weight.data.clone(memory_format=torch.contiguous_format)
 
 
 def use_deterministic_kernels(deterministic: bool) -> None:
@@ -58,7 +108,13 @@ def use_deterministic_kernels(deterministic: bool) -> None:
     sums run in different orders, and a few kernels add with atomics. Call before any CUDA work.
     """
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        preset = os.environ.get("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS_WORKSPACES[0])
+        if preset not in DETERMINISTIC_CUBLAS_WORKSPACES:
+            raise PipelineError(
+                f"CUBLAS_WORKSPACE_CONFIG is {preset!r}, with which cuBLAS is not deterministic, as "
+                f"train.deterministic asks: unset it (the stage sets {DETERMINISTIC_CUBLAS_WORKSPACES[0]}) or set one "
+                f"of {', '.join(DETERMINISTIC_CUBLAS_WORKSPACES)}")
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = preset
     torch.use_deterministic_algorithms(deterministic)
     # Deterministic mode also fills every new tensor with NaN, to expose reads of uninitialised
     # memory; no kernel here reads any, and the fill would cost a pass over every activation.

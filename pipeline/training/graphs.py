@@ -19,7 +19,8 @@ class _Captured:
 
 
 class CapturedSteps:
-    """Call it as the step itself: step(images, targets, global_rows) -> the batch's loss.
+    """Call it with the step: captured(step, images, targets, global_rows) -> the batch's loss, as
+    step(images, targets, global_rows) would return it.
 
     A step of batch 128 launches about a hundred small kernels, and on a fast GPU the host's time
     to launch them is most of the step. So each batch shape is stepped eagerly a few times (cuDNN,
@@ -30,6 +31,9 @@ class CapturedSteps:
     (optim.NesterovSGD), and `before_replay` brings them up to date, since a replay runs no Python.
 
     The returned loss of a replay is the graph's own output buffer: read it before the next call.
+    The step comes with each call rather than being kept: a step bound to its trainer, kept here,
+    would make a cycle (trainer -> captured steps -> step -> trainer) that holds the graphs' device
+    memory until the garbage collector runs, instead of freeing it with the trainer.
 
     Random numbers (dropout's masks) come from the device's default generator, which PyTorch
     registers with every graph captured on the current device: each replay draws the numbers after
@@ -40,20 +44,20 @@ class CapturedSteps:
 
     WARMUP_STEPS = 3  # PyTorch's documented minimum before capturing a whole network's step
 
-    def __init__(self, step: Step, before_replay: Callable[[], None]):
-        self.step, self.before_replay = step, before_replay
+    def __init__(self, before_replay: Callable[[], None]):
+        self.before_replay = before_replay
         self.graphs: dict[tuple, _Captured] = {}
         self.eager_steps: dict[tuple, int] = {}
         self.side_stream = torch.cuda.Stream()
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, global_rows: int) -> torch.Tensor:
+    def __call__(self, step: Step, images: torch.Tensor, targets: torch.Tensor, global_rows: int) -> torch.Tensor:
         key = (tuple(images.shape), images.stride(), tuple(targets.shape), global_rows)
         captured = self.graphs.get(key)
         if captured is None:
             if self.eager_steps.get(key, 0) < self.WARMUP_STEPS:
                 self.eager_steps[key] = self.eager_steps.get(key, 0) + 1
-                return self._on_side_stream(lambda: self.step(images, targets, global_rows))
-            captured = self.graphs[key] = self._capture(images, targets, global_rows)
+                return self._on_side_stream(lambda: step(images, targets, global_rows))
+            captured = self.graphs[key] = self._capture(step, images, targets, global_rows)
         captured.images.copy_(images)
         captured.targets.copy_(targets)
         self.before_replay()
@@ -69,7 +73,7 @@ class CapturedSteps:
         torch.cuda.current_stream().wait_stream(self.side_stream)
         return result
 
-    def _capture(self, images: torch.Tensor, targets: torch.Tensor, global_rows: int) -> _Captured:
+    def _capture(self, step: Step, images: torch.Tensor, targets: torch.Tensor, global_rows: int) -> _Captured:
         """Record the step on fixed buffers; nothing runs until the graph is replayed. (The capture
         itself waits for the device once: a cost per batch shape, not per step.)"""
         static_images, static_targets = images.clone(), targets.clone()
@@ -77,5 +81,5 @@ class CapturedSteps:
         # Only this thread's calls are checked: the checkpoint's writer thread may be copying an
         # earlier epoch's state to the host meanwhile, on a stream of its own.
         with torch.cuda.device(images.device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            loss = self.step(static_images, static_targets, global_rows)
+            loss = step(static_images, static_targets, global_rows)
         return _Captured(graph, static_images, static_targets, loss)

@@ -102,8 +102,8 @@ class Trainer:
         if not self.cuda_graphs:
             return train_step(self, images, targets, global_rows)
         if self._captured_steps is None:
-            self._captured_steps = CapturedSteps(functools.partial(train_step, self), self.optimizer.sync)
-        return self._captured_steps(images, targets, global_rows)
+            self._captured_steps = CapturedSteps(self.optimizer.sync)
+        return self._captured_steps(functools.partial(train_step, self), images, targets, global_rows)
 
 
 def batches(trainer: Trainer, data: Tensors, batch_size: int,
