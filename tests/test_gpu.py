@@ -17,17 +17,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.base.config import NetConfig
 from pipeline.base.model import KeypointNet
 from pipeline.base.weights import load_model, save_model
 from pipeline.evaluation.metrics import predict
 from pipeline.faces.augment import flip, flip_random_half
 from pipeline.faces.synthetic import render_faces
 from pipeline.predict import NamedFaces, predict_pixels
+from pipeline.training import checkpoint as checkpoints
 from pipeline.training.callbacks import AdjustHyperparameter
+from pipeline.training.checkpoint import Checkpoint
 from pipeline.training.graphs import CapturedSteps
 from pipeline.training.loop import Tensors, Trainer, fit, run_epoch
 from project import make_project, run, set_params
-from loops import bright_square_faces, faces_of, stage_trainer
+from loops import EpochWeights, bright_square_faces, faces_of, stage_trainer
 from plain_loop import assert_same_training, fast_and_plain
 from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start,
                        wait_for_checkpoint, weights)
@@ -211,8 +214,10 @@ def test_steps_replayed_from_cuda_graphs_compute_the_plain_eager_loop(net, dtype
     assert_same_training(trainer, *results, tolerance=tolerance)
 
 
-def test_an_epoch_of_replayed_steps_never_waits_for_the_host():
-    trainer, _ = stage_trainer("net5", DEVICE, max_epochs=8, batch_size=16)
+@pytest.mark.parametrize("net", ["net5", "net6"])
+def test_an_epoch_of_replayed_steps_never_waits_for_the_host(net):
+    """net6's dropout draws its masks on the device too."""
+    trainer, _ = stage_trainer(net, DEVICE, NetConfig(**NET6) if net == "net6" else None, max_epochs=8, batch_size=16)
     train, valid = faces_of("float32", 36, 0, DEVICE), faces_of("float32", 20, 1, DEVICE)
     fit(trainer, train, valid)  # warm-up steps and captures done
     torch.cuda.synchronize()
@@ -222,3 +227,65 @@ def test_an_epoch_of_replayed_steps_never_waits_for_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(loss) for loss in losses)
+
+
+def test_the_first_convolution_keeps_the_default_layout_on_cuda_and_the_others_channels_last():
+    """cuDNN's deterministic mode may find no engine for a one-channel NHWC convolution."""
+    trainer, _ = stage_trainer("net4", DEVICE, max_epochs=1, batch_size=16)
+    assert trainer.network.features[0].weight.stride() == (9, 9, 3, 1)
+    assert trainer.network.features[3].weight.is_contiguous(memory_format=torch.channels_last)
+    fit(trainer, faces_of("float32", 36, 0, DEVICE), faces_of("float32", 20, 1, DEVICE))
+    assert torch.isfinite(torch.tensor(trainer.history[-1]["train_loss"]))
+
+
+@pytest.mark.parametrize("changes", [{"train.bf16": True}, {"train.deterministic": False}],
+                         ids=["bf16-deterministic", "not-deterministic"])
+def test_the_stage_trains_with_graphs_in_bf16_and_without_deterministic_kernels(project, tmp_path, monkeypatch, changes):
+    """bf16 under deterministic kernels is still repeatable; without them, cuDNN benchmarks its kernels."""
+    set_params(project, {**changes, "train.max_epochs": 30})
+    trained = []
+    for name in ("first", "second"):
+        copy = tmp_path / name
+        shutil.copytree(project, copy)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / name}.db")
+        stage(copy, "pipeline.train", "net5")
+        trained.append(copy)
+        assert np.isfinite(history(copy, "net5")[["train_loss", "valid_loss"]].to_numpy()).all()
+    if changes.get("train.deterministic", True):
+        assert_same_weights(weights(trained[0], "net5"), weights(trained[1], "net5"))
+
+
+def test_a_dropout_net_trained_on_cuda_logs_a_model_that_predicts_on_the_cpu(project):
+    set_params(project, {"nets.net6": NET6, "train.max_epochs": 30})
+    stage(project, "pipeline.train", "net6")
+    [run_] = runs("net6")
+    [model] = mlflow.search_logged_models(experiment_ids=[run_.info.experiment_id], output_format="list",
+                                          filter_string=f"source_run_id = '{run_.info.run_id}'")
+    faces = render_faces(6, seed=3, missing_fraction=0.0)[0]
+    expected = predict_pixels(load_model(project / "models/net6.pt", "cpu"), NamedFaces([""] * 6, faces))
+    np.testing.assert_allclose(mlflow.pyfunc.load_model(model.model_uri).predict(faces).to_numpy(), expected,
+                               rtol=0, atol=1e-4)
+
+
+def test_checkpoints_written_while_steps_are_captured_hold_their_epochs_weights(tmp_path, monkeypatch):
+    """One step an epoch: the capture comes in epoch 4, while the writer thread still writes epoch 3's
+    state, copied to pinned host memory on a stream of its own. Every state written holds the weights of
+    the epoch it says, as the training had them."""
+    written = []
+
+    def keep_written(path, state):
+        written.append({key: value.clone() for key, value in state["model"].items()} | {"epochs": len(state["history"])})
+        write(path, state)
+
+    write = checkpoints.write_training_state
+    monkeypatch.setattr(checkpoints, "write_training_state", keep_written)
+    trainer, _ = stage_trainer("net6", DEVICE, NetConfig(**NET6), max_epochs=12, batch_size=16, keep="last")
+    epochs = EpochWeights()
+    trainer.callbacks += [Checkpoint(tmp_path / "net6.pt", {"net": "net6"}, interval_seconds=0), epochs]
+    with trainer.callbacks[-2]:
+        fit(trainer, faces_of("float32", 16, 0, DEVICE), faces_of("float32", 16, 1, DEVICE))
+    assert len(trainer._captured_steps.graphs) == 1 and len(written) >= 3
+    for state in written:
+        expected = epochs.weights[state.pop("epochs") - 1]
+        for key, value in state.items():
+            assert torch.equal(value, expected[key].cpu()), key

@@ -3,7 +3,7 @@ import torch
 
 from pipeline.base.errors import PipelineError
 from pipeline.base.model import KeypointNet
-from pipeline.base.weights import load_checked, load_model, save_checked, save_model
+from pipeline.base.weights import copy_into, load_checked, load_model, save_checked, save_model
 from pipeline.training.checkpoint import STATE_FORMAT, Checkpoint, read_training_state, write_training_state
 from loops import make_trainer
 
@@ -93,3 +93,17 @@ def test_weights_that_are_no_keypoint_net_are_named(tmp_path, change):
     save_checked(tmp_path / "net4.pt", state)
     with pytest.raises(PipelineError, match="net4.pt: not a KeypointNet state_dict"):
         load_model(tmp_path / "net4.pt")
+
+
+@pytest.mark.parametrize("host", [False, True])
+def test_a_copy_of_a_state_is_its_own_and_reuses_its_buffers(host):
+    """The checkpoint's copies: on the training device, or (host) into host memory, pinned from a GPU."""
+    state = {"model": {"w": torch.arange(6.0).reshape(2, 3).t()}, "step": 3, "rng": [torch.tensor([1, 2], dtype=torch.uint8)]}
+    copy = copy_into(None, state, host=host)
+    assert copy["step"] == 3 and copy["model"]["w"].stride() == state["model"]["w"].stride()
+    assert torch.equal(copy["model"]["w"], state["model"]["w"]) and torch.equal(copy["rng"][0], state["rng"][0])
+    buffer = copy["model"]["w"]
+    state["model"]["w"].add_(1)
+    assert not torch.equal(buffer, state["model"]["w"])  # not the same memory
+    again = copy_into(copy, state, host=host)
+    assert again["model"]["w"] is buffer and torch.equal(buffer, state["model"]["w"])
