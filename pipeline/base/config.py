@@ -11,7 +11,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.error import MarkedYAMLError
 
 from pipeline.base.errors import PipelineError
 
@@ -30,6 +31,9 @@ NET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 # Names taken elsewhere: evaluation's name of the mean-shape baseline, and aliases that the Model
 # Registry gives another meaning (the best net's alias; MLflow's own latest and v<N>).
 RESERVED_NET_NAMES = re.compile(r"baseline|champion|latest|v\d+", re.IGNORECASE)
+# The values params.yaml may hold once its anchors' aliases are expanded: the file has about 70, and a
+# few aliases of a net's settings stay far below; a "billion laughs" of nested aliases goes far above.
+MAX_EXPANDED_VALUES = 10_000
 
 
 @dataclass(frozen=True)
@@ -259,15 +263,58 @@ class Config:
 
 def load_config(path: Path = PARAMS_FILE) -> Config:
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = read_params(Path(path).read_text())
+        _require_small_expansion(raw)
+        return _build(Config, raw, "")
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found (run from the project root)") from None
-    except yaml.YAMLError as error:
-        raise PipelineError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
-    try:
-        return _build(Config, raw, "")
+    except YAMLError as error:
+        raise PipelineError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
     except PipelineError as error:
         raise PipelineError(f"{path}: {error}") from None
+
+
+def read_params(text: str):
+    """YAML as DVC reads params.yaml (dvc.utils.serialize.parse_yaml: ruamel.yaml, YAML 1.2), so that the
+    stages train with the values dvc.lock and `dvc exp show` record: `010` is ten, `1:30` and `on` are
+    strings, where YAML 1.1 (PyYAML) reads eight, ninety and true."""
+    return YAML(typ="safe").load(text)
+
+
+def _yaml_problem(error: YAMLError) -> str:
+    """The parser's problem and where, in one line; its own message quotes the file over many."""
+    if not isinstance(error, MarkedYAMLError) or not error.problem:
+        return " ".join(str(error).split())
+    mark = error.problem_mark
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    return f"{' '.join(error.problem.split())}{where}"
+
+
+def _require_small_expansion(raw) -> None:
+    """Refuse anchors and aliases that expand to more than MAX_EXPANDED_VALUES values, or into themselves.
+
+    The parser shares an aliased node rather than copying it, so the file loads at once; but every
+    walk of its values (building the config, flattening it for MLflow, DVC's own params commands) would
+    visit each alias's expansion again: a few lines can stand for billions of values."""
+    sizes: dict[int, int] = {}
+    walking: set[int] = set()
+
+    def size(node) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in walking:
+            raise PipelineError("an alias refers to the anchor it is within, an endless value: write the values out")
+        walking.add(id(node))
+        children = node.values() if isinstance(node, dict) else node
+        sizes[id(node)] = min(1 + sum(size(child) for child in children), MAX_EXPANDED_VALUES + 1)
+        walking.discard(id(node))
+        return sizes[id(node)]
+
+    if size(raw) > MAX_EXPANDED_VALUES:
+        raise PipelineError(f"its anchors and aliases expand to more than {MAX_EXPANDED_VALUES} values (nested "
+                            "aliases of aliases): write the values out, or alias fewer")
 
 
 def flatten(mapping: dict, prefix: str = "") -> dict[str, object]:
