@@ -28,6 +28,8 @@ TRAIN_OVERRIDES = ("max_epochs", "patience")
 # A net's name is part of file names (models/<net>.pt, its lock), of DVC's stage and command
 # (train@<net>) and of MLflow's keys: no separator, space or dot-dot can escape or split them.
 NET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+# A registered model's name: a models:/<name>@<alias> URI must split it from what follows.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Names taken elsewhere: evaluation's name of the mean-shape baseline, and aliases that the Model
 # Registry gives another meaning (the best net's alias; MLflow's own latest and v<N>).
 RESERVED_NET_NAMES = re.compile(r"baseline|champion|latest|v\d+", re.IGNORECASE)
@@ -62,6 +64,11 @@ class PathsConfig:
     def comparison_report(self) -> Path:
         return Path(self.reports) / "comparison.md"
 
+    @property
+    def test_figures(self) -> Path:
+        """evaluate.json: each net's test RMSE, which the champion is chosen by (pipeline.promote too)."""
+        return Path(self.metrics) / "evaluate.json"
+
     def checkpoint(self, net: str) -> Path:
         """The state of an unfinished training. Not a stage output: a finished training deletes it,
         and as an output DVC would cache each one (96 MB)."""
@@ -75,7 +82,8 @@ class PathsConfig:
         return Path(self.models) / f"{net}.pt"
 
     def model_info(self, net: str) -> Path:
-        """The resolved config, the data hash and the kept epoch, saved beside the weights."""
+        """What trained the weights beside it: the params (Config.training_params), the data hash, the
+        kept epoch, the MLflow run and the weights' checksum."""
         return Path(self.models) / f"{net}.json"
 
     def history(self, net: str) -> Path:
@@ -185,6 +193,18 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    """The project's registered model in MLflow's Model Registry (pipeline.tracking.registry)."""
+
+    # Each project sharing a tracking store needs its own: the aliases on it follow one workspace.
+    model_name: str
+
+    def __post_init__(self):
+        _require(MODEL_NAME.fullmatch(self.model_name) is not None, "registry.model_name",
+                 "must be ASCII letters, digits, _, - and ., starting with a letter or digit (it is part of models:/ URIs)")
+
+
+@dataclass(frozen=True)
 class NetConfig:
     """A net of `nets`: the seed's network, with flips or without, unless it sets the options after
     `flip`. An option left out is None (model.KeypointNet's default, or train.*'s value), so a net
@@ -229,6 +249,7 @@ class Config:
     train: TrainConfig
     checkpoint: CheckpointConfig
     evaluate: EvaluateConfig
+    registry: RegistryConfig
     nets: dict[str, NetConfig]
 
     def __post_init__(self):
@@ -255,6 +276,11 @@ class Config:
         net = self.net(name)
         return dataclasses.replace(self.train, **{key: getattr(net, key) for key in TRAIN_OVERRIDES
                                                   if getattr(net, key) is not None})
+
+    def training_params(self, name: str) -> dict:
+        """What train reads that shapes net `name`'s weights, as params.yaml spells it: train.* with the
+        net's own values (train_of) and nets.<name>. models/<net>.json records it; evaluate checks it."""
+        return {"train": dataclasses.asdict(self.train_of(name)), "nets": {name: self.net(name).to_dict()}}
 
     def to_dict(self) -> dict:
         """The params as params.yaml spells them: each net with the keys it was given."""
