@@ -31,7 +31,7 @@ from pipeline.evaluation.report import (BASELINE_LABEL, SUMMARY_HEADER, answer, 
                              summary_rows, text_table)
 from pipeline.faces.data import FaceSet, load_faces, pixels_of, read_summary, unscale_keypoints
 from pipeline.faces.kaggle import read_table
-from pipeline.tracking.registry import EXPERIMENT_TAG, Trained, in_workspace, promote, register
+from pipeline.tracking.registry import EXPERIMENT_TAG, Trained, in_workspace, promote, register, trained_run
 from pipeline.tracking.runs import TRAINING_RUN_KEY, WEIGHTS_TAG, faces_inputs, log_evaluation
 from pipeline.tracking.store import EXPERIMENT, TrackingError, connect
 from pipeline.training.device import use_portable_cpu_kernels
@@ -154,6 +154,7 @@ def log_to_run(model_name: str, trained: Trained, metrics: dict[str, float], art
     dataset, then register the run's model with its test RMSE; the model's version. Without that
     run, or with a store that fails, warn and carry on, since the files are written."""
     try:
+        trained_run(trained)
         log_evaluation(trained.run_id, metrics, artifacts, inputs)
     except TrackingError as error:
         print(f"warning: {trained.net}: test figures not logged to MLflow ({error})", file=sys.stderr)

@@ -34,7 +34,8 @@ from mlflow.store.artifact.utils.models import _parse_model_uri, get_model_name_
 from pipeline.base.errors import PipelineError
 from pipeline.tracking import pyfunc_model
 from pipeline.tracking.runs import MODEL_SIGNATURE, WEIGHTS_TAG
-from pipeline.tracking.store import TrackingError, connect, store_calls, store_exists, store_failure, tracking_uri
+from pipeline.tracking.store import (TrackingError, connect, sqlite_file, store_calls, store_exists, store_failure,
+                                     tracking_uri)
 
 CHAMPION = "champion"
 MODELS_URI = "models:/"
@@ -65,10 +66,21 @@ class Trained:
     weights: str
 
 
+def project_root() -> Path:
+    """The project's root, the original one for a queued experiment (DVC_ROOT)."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
 def project() -> str:
-    """This project as OWNER_TAG names it: the machine and the root, the original one for a queued
-    experiment (DVC_ROOT), so that its evaluations are the project's."""
-    return f"{socket.gethostname()}:{Path(os.environ.get('DVC_ROOT') or Path.cwd()).resolve()}"
+    """This project as OWNER_TAG names it: the machine and the root."""
+    return f"{socket.gethostname()}:{project_root()}"
+
+
+def shared_store() -> bool:
+    """Whether other projects may use the tracking store: any but a SQLite file inside the project
+    (the default, mlflow.db), which goes wherever the project is copied or moved."""
+    database = sqlite_file(tracking_uri())
+    return database is None or not database.resolve().is_relative_to(project_root())
 
 
 def in_workspace() -> bool:
@@ -85,9 +97,9 @@ def register(model_name: str, trained: Trained, test_rmse_px: float) -> ModelVer
     version deleted by hand is registered again. Refused in one line: a run the store lacks or whose
     weights are not these, and a registered model of another project (claim).
     """
+    run = trained_run(trained)
     client = mlflow.MlflowClient()
     with store_calls(f"{trained.net}'s model was not registered as {model_name}"):
-        run = _training_run(client, trained)
         claim(client, model_name)
         version = _version_of(client, model_name, trained) or _new_version(client, model_name, run)
         tested = repr(float(test_rmse_px))  # all its digits, as evaluate.json has them
@@ -118,7 +130,8 @@ def promote(model_name: str, versions: dict[str, ModelVersion]) -> ModelVersion:
 
 def claim(client: mlflow.MlflowClient, model_name: str) -> None:
     """The registered model, created for this project if new (an older one without an owner is taken
-    over); refused in one line if another project sharing the store owns it."""
+    over); refused in one line if another project sharing the store owns it. A project's own SQLite
+    store, copied or moved with it, is the copy's."""
     try:
         model = client.get_registered_model(model_name)
     except MlflowException as error:
@@ -134,22 +147,29 @@ def claim(client: mlflow.MlflowClient, model_name: str) -> None:
     owner = model.tags.get(OWNER_TAG)
     if owner is None:
         client.set_registered_model_tag(model_name, OWNER_TAG, project())
-    elif owner != project():
+    elif owner != project() and shared_store():
         raise TrackingError(f"the registered model {model_name} of {tracking_uri()} belongs to the project at {owner}: "
-                            "give this project a name of its own in params.yaml (registry.model_name)")
+                            f"give this project a name of its own in params.yaml (registry.model_name), or, if "
+                            f"that project moved here, delete the model's tag {OWNER_TAG}")
 
 
-def _training_run(client: mlflow.MlflowClient, trained: Trained) -> mlflow.entities.Run:
-    try:
-        run = client.get_run(trained.run_id)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        raise TrackingError(f"{tracking_uri()} has no run {trained.run_id}, which trained {trained.net} "
-                            "(trained against another store?)") from None
+def trained_run(trained: Trained) -> mlflow.entities.Run:
+    """The run models/<net>.json names, refused in one line if the store lacks it, deleted it, or has it
+    tagged with another net or other weights."""
+    client = mlflow.MlflowClient()
+    with store_calls(f"run {trained.run_id}, which trained {trained.net}, was not read"):
+        try:
+            run = client.get_run(trained.run_id)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise TrackingError(f"{tracking_uri()} has no run {trained.run_id}, which trained {trained.net} "
+                                "(trained against another store?)") from None
+    if run.info.lifecycle_stage != "active":
+        raise TrackingError(f"run {trained.run_id}, which trained {trained.net}, is deleted")
     tags = run.data.tags
     if (tags.get(NET_TAG), tags.get(WEIGHTS_TAG)) != (trained.net, trained.weights):
-        raise TrackingError(f"run {trained.run_id} did not train these weights of {trained.net} (it has net "
+        raise TrackingError(f"run {trained.run_id} did not train these weights of {trained.net} (it is tagged net "
                             f"{tags.get(NET_TAG)}, weights {tags.get(WEIGHTS_TAG)})")
     return run
 
