@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipeline.base.weights import load_model
 from pipeline.faces.kaggle import KEYPOINT_COLUMNS
+from pipeline.predict import NamedFaces, predict_pixels
 from project import copy_project, make_project, run, set_params
 from test_tracking import tracking_server  # noqa: F401 - a fixture: a real `mlflow server`
 
@@ -52,7 +54,8 @@ def test_a_temporary_experiment_moves_no_alias_and_promote_points_them_at_the_ap
     face = tmp_path / "face.png"
     with np.load(project / "data/prepared/test.npz") as prepared:
         Image.fromarray(prepared["pixels"][0, 0]).save(face)
-    workspace, _ = predicted(project, face, "net5")
+    image = np.asarray(Image.open(face))[None]
+    workspace = predict_pixels(load_model(project / "models/net5.pt"), NamedFaces([str(face)], image))[0]
     _, warnings = predicted(project, face, f"models:/{MODEL}@net5")
     assert warnings == [f"warning: models:/{MODEL}@net5 is version {before['net5']}, whose weights are not this "
                         "workspace's model of net5: run `python -m pipeline.promote` to point the aliases at the "

@@ -14,7 +14,7 @@ from pipeline.evaluation.metrics import mean_shape, predict, rmse_px
 from pipeline.faces.data import load_faces, read_summary
 from pipeline.faces.kaggle import KEYPOINTS
 from pipeline.tracking.runs import WEIGHTS_TAG
-from project import REPRODUCED_EPOCHS, copy_project, run
+from project import REPRODUCED_EPOCHS, copy_project, default_config, run, set_params
 
 # Every test reads a project that trained both nets through `dvc repro`.
 pytestmark = pytest.mark.slow
@@ -208,6 +208,18 @@ def test_a_net_trained_on_other_data_is_refused(copy_of, capsys):
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith("error: models/net5.json: the net was trained on data 0123456789abcdef")
+    assert not (copy_of / "metrics" / "evaluate.json").exists()
+
+
+def test_a_net_trained_with_other_params_than_params_yaml_says_is_refused_naming_the_key(copy_of, capsys):
+    # As when params.yaml is edited while `dvc repro` runs: dvc.lock records what DVC read at the start.
+    set_params(copy_of, {"train.max_epochs": REPRODUCED_EPOCHS + 5})
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: models/net4.json: net4 was trained with train.max_epochs {REPRODUCED_EPOCHS}, but params.yaml says "
+        f"{REPRODUCED_EPOCHS + 5}: train it again (`dvc repro train@net4`)\n")
     assert not (copy_of / "metrics" / "evaluate.json").exists()
 
 

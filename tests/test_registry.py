@@ -171,9 +171,12 @@ def test_the_served_champion_answers_a_posted_face_as_predict_does(registered, t
             except OSError:
                 assert time.monotonic() < deadline, "the served model did not answer within 2 minutes"
                 time.sleep(0.5)
+        # A face of values in 0..1, not gray levels: the server makes it all black, and its log says so.
+        post(f"http://127.0.0.1:{port}/invocations", {"inputs": [(face / 255).tolist()]})
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+    assert "1 of 1 faces have no gray level above 1, all black" in (project / "serve.log").read_text()
     [keypoints] = answer["predictions"]
     assert list(keypoints) == list(KEYPOINT_COLUMNS)
     expected = pd.read_csv(tmp_path / "predicted.csv").iloc[0]
