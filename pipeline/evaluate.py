@@ -74,7 +74,8 @@ def read_model_info(path: Path, net: str, config: Config, data_hash: str) -> dic
     if missing or not isinstance(info["config"], dict):
         raise PipelineError(f"{path}: records no {(missing or ['config'])[0]} (written by an older training): {retrain}")
     trained, current = flatten(info["config"]), flatten(config.training_params(net))
-    for key in dict.fromkeys([*current, *trained]):
+    # The net's own keys first: one of them (nets.<net>.max_epochs) also sets its train.* value.
+    for key in sorted(dict.fromkeys([*current, *trained]), key=lambda key: not key.startswith("nets.")):
         if trained.get(key, NOT_SET) != current.get(key, NOT_SET):
             raise PipelineError(f"{path}: {net} was trained with {key} {trained.get(key, NOT_SET)}, but params.yaml "
                                 f"says {current.get(key, NOT_SET)}: {retrain}")

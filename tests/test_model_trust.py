@@ -33,6 +33,7 @@ def face(tmp_path):
     return path
 
 
+@pytest.mark.slow  # a store created and a model logged: 10-20 s
 def test_a_registered_model_with_code_of_its_own_is_refused_before_the_code_runs(tmp_path, face, capsys):
     marker = tmp_path / "ran.txt"
     code = tmp_path / "evil.py"

@@ -33,7 +33,7 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Names taken elsewhere: evaluation's name of the mean-shape baseline, and aliases that the Model
 # Registry gives another meaning (the best net's alias; MLflow's own latest and v<N>).
 RESERVED_NET_NAMES = re.compile(r"baseline|champion|latest|v\d+", re.IGNORECASE)
-# The values params.yaml may hold once its anchors' aliases are expanded: the file has about 70, and a
+# The values params.yaml may hold once its anchors' aliases are expanded: the file has about 40, and a
 # few aliases of a net's settings stay far below; a "billion laughs" of nested aliases goes far above.
 MAX_EXPANDED_VALUES = 10_000
 
@@ -320,8 +320,8 @@ def _require_small_expansion(raw) -> None:
     """Refuse anchors and aliases that expand to more than MAX_EXPANDED_VALUES values, or into themselves.
 
     The parser shares an aliased node rather than copying it, so the file loads at once; but every
-    walk of its values (building the config, flattening it for MLflow, DVC's own params commands) would
-    visit each alias's expansion again: a few lines can stand for billions of values."""
+    walk of its values (building the config, flattening it for MLflow, DVC's templating context of
+    dvc.yaml) visits each alias's expansion again: a few lines can stand for billions of values."""
     sizes: dict[int, int] = {}
     walking: set[int] = set()
 
