@@ -72,7 +72,8 @@ def read_model_info(path: Path, net: str, config: Config, data_hash: str) -> dic
         )
     missing = [key for key in ("config", TRAINING_RUN_KEY, WEIGHTS_TAG) if key not in info]
     if missing or not isinstance(info["config"], dict):
-        raise PipelineError(f"{path}: records no {(missing or ['config'])[0]} (written by an older training): {retrain}")
+        raise PipelineError(f"{path}: records no {(missing or ['config'])[0]} (written by an older training): "
+                            f"{retrain}")
     trained, current = flatten(info["config"]), flatten(config.training_params(net))
     # The net's own keys first: one of them (nets.<net>.max_epochs) also sets its train.* value.
     for key in sorted(dict.fromkeys([*current, *trained]), key=lambda key: not key.startswith("nets.")):

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
                                 f"(`dvc repro train@{net}`)")
         if not isinstance(figures.get(net), dict) or "test_rmse_px" not in figures[net]:
             raise PipelineError(f"{paths.test_figures}: no test_rmse_px of {net}: evaluate it first (`dvc repro`)")
-        trained[net], tested[net] = Trained(net, info[TRAINING_RUN_KEY], info[WEIGHTS_TAG]), figures[net]["test_rmse_px"]
+        trained[net] = Trained(net, info[TRAINING_RUN_KEY], info[WEIGHTS_TAG])
+        tested[net] = figures[net]["test_rmse_px"]
     connect()
     versions = {net: register(model_name, trained[net], tested[net]) for net in config.nets}
     champion = promote(model_name, versions)

@@ -47,7 +47,8 @@ def test_a_temporary_experiment_moves_no_alias_and_promote_points_them_at_the_ap
     assert aliases(client) == before
     swept = {version.tags["net"]: version for version in client.search_model_versions(f"name = '{MODEL}'")
              if version.tags.get("dvc_experiment") == "sweep"}
-    assert swept.keys() == {"net4", "net5"} and not {int(version.version) for version in swept.values()} & {*before.values()}
+    assert swept.keys() == {"net4", "net5"}
+    assert not {int(version.version) for version in swept.values()} & {*before.values()}
 
     run(project, "dvc", "exp", "apply", "sweep")
     assert "up to date" in run(project, "dvc", "repro").stdout  # evaluate does not run again

@@ -201,7 +201,8 @@ class RegistryConfig:
 
     def __post_init__(self):
         _require(MODEL_NAME.fullmatch(self.model_name) is not None, "registry.model_name",
-                 "must be ASCII letters, digits, _, - and ., starting with a letter or digit (it is part of models:/ URIs)")
+                 "must be ASCII letters, digits, _, - and ., starting with a letter or digit "
+                 "(it is part of models:/ URIs)")
 
 
 @dataclass(frozen=True)

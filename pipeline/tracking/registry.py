@@ -176,9 +176,9 @@ def trained_run(trained: Trained) -> mlflow.entities.Run:
 
 def _version_of(client: mlflow.MlflowClient, model_name: str, trained: Trained) -> ModelVersion | None:
     """The version of the run's model, if registered: the first, should two evaluations have raced."""
-    found = [version for version in client.search_model_versions(f"name = '{model_name}' AND run_id = '{trained.run_id}'",
-                                                                  order_by=["version_number ASC"])
-             if version.tags.get(WEIGHTS_TAG) == trained.weights]
+    versions = client.search_model_versions(f"name = '{model_name}' AND run_id = '{trained.run_id}'",
+                                            order_by=["version_number ASC"])
+    found = [version for version in versions if version.tags.get(WEIGHTS_TAG) == trained.weights]
     return found[0] if found else None
 
 
