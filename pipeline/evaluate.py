@@ -2,27 +2,28 @@
 
 Writes <paths.metrics>/evaluate.json (the headline test figures, DVC metrics),
 <paths.metrics>/keypoint_errors.csv, four pictures under paths.plots and reports/comparison.md, and
-adds each net's test figures and the pictures to that net's own training run in MLflow, whose model
-it registers as a version of `facial-keypoints`, with the champion alias on the best net.
+adds each net's test figures and the pictures to that net's own training run in MLflow (the run
+models/<net>.json names), whose model it registers as a version of registry.model_name; in the
+workspace, it points the nets' aliases and the champion alias at them (pipeline.tracking.registry).
 
 Usage: python -m pipeline.evaluate
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import torch
 from mlflow.entities import DatasetInput
 from mlflow.entities.model_registry import ModelVersion
 
-from pipeline.base.config import load_config
+from pipeline.base.config import Config, flatten, load_config
 from pipeline.base.errors import PipelineError, reports_errors
 from pipeline.base.files import read_json, write_json, write_text
-from pipeline.base.weights import load_model
+from pipeline.base.weights import load_model, weights_checksum
 from pipeline.evaluation import plots
 from pipeline.evaluation.metrics import (comparisons, face_squared_errors_px, mean_shape, predict, rmse_curves,
                                          score, summarize)
@@ -30,12 +31,11 @@ from pipeline.evaluation.report import (BASELINE_LABEL, SUMMARY_HEADER, answer, 
                              summary_rows, text_table)
 from pipeline.faces.data import FaceSet, load_faces, pixels_of, read_summary, unscale_keypoints
 from pipeline.faces.kaggle import read_table
-from pipeline.tracking.registry import CHAMPION, crown, register
-from pipeline.tracking.runs import faces_inputs, log_evaluation, run_of_weights
+from pipeline.tracking.registry import EXPERIMENT_TAG, Trained, in_workspace, promote, register, trained_run
+from pipeline.tracking.runs import TRAINING_RUN_KEY, WEIGHTS_TAG, faces_inputs, log_evaluation
 from pipeline.tracking.store import EXPERIMENT, TrackingError, connect
 from pipeline.training.device import use_portable_cpu_kernels
 
-EVALUATION = "evaluate.json"
 KEYPOINT_ERRORS = "keypoint_errors.csv"
 PICTURE_TITLES = {
     "learning_curves.png": "Learning curves",
@@ -45,6 +45,8 @@ PICTURE_TITLES = {
 }
 HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "learning_rate", "momentum")
 N_PICTURED_FACES = 16
+# A key that params.yaml or models/<net>.json lacks, as the refusal names it.
+NOT_SET = "(not set)"
 
 
 def read_history(path: Path) -> pd.DataFrame:
@@ -53,20 +55,39 @@ def read_history(path: Path) -> pd.DataFrame:
     return read_table(path, HISTORY_COLUMNS)
 
 
-def read_model_info(path: Path, data_hash: str) -> dict:
-    """models/<net>.json (the kept epoch), after checking that the net was trained
-    on the prepared data.
+def read_model_info(path: Path, net: str, config: Config, data_hash: str) -> dict:
+    """models/<net>.json (the kept epoch, the training's run), after checking that the net was trained
+    on the prepared data with the params params.yaml now gives it.
 
     A net trained on an earlier preparation may have seen today's test faces while training, so
-    its test error would flatter it.
+    its test error would flatter it; one trained with other params (params.yaml edited while `dvc
+    repro` ran, say) is not the net dvc.lock and the report describe.
     """
+    retrain = f"train it again (`dvc repro train@{net}`)"
     info = read_json(path, "train the nets first with `dvc repro`")
     if info.get("data_hash") != data_hash:
         raise PipelineError(
             f"{path}: the net was trained on data {info.get('data_hash')}, but the prepared data is "
-            f"{data_hash}: train it again (`dvc repro`)"
+            f"{data_hash}: {retrain}"
         )
+    missing = [key for key in ("config", TRAINING_RUN_KEY, WEIGHTS_TAG) if key not in info]
+    if missing or not isinstance(info["config"], dict):
+        raise PipelineError(f"{path}: records no {(missing or ['config'])[0]} (written by an older training): "
+                            f"{retrain}")
+    trained, current = flatten(info["config"]), flatten(config.training_params(net))
+    # The net's own keys first: one of them (nets.<net>.max_epochs) also sets its train.* value.
+    for key in sorted(dict.fromkeys([*current, *trained]), key=lambda key: not key.startswith("nets.")):
+        if trained.get(key, NOT_SET) != current.get(key, NOT_SET):
+            raise PipelineError(f"{path}: {net} was trained with {key} {trained.get(key, NOT_SET)}, but params.yaml "
+                                f"says {current.get(key, NOT_SET)}: {retrain}")
     return info
+
+
+def check_weights(path: Path, info: dict, model: torch.nn.Module, info_path: Path) -> None:
+    """The weights are those models/<net>.json describes: DVC restores the two together."""
+    if weights_checksum(model) != info[WEIGHTS_TAG]:
+        raise PipelineError(f"{path}: not the weights {info_path} records ({info[WEIGHTS_TAG][:12]}...): restore both "
+                            "with `dvc checkout`, or train the net again with `dvc repro`")
 
 
 def mlflow_metrics(results: dict, net: str) -> dict[str, float]:
@@ -129,40 +150,43 @@ def draw_pictures(folder: Path, results: dict, histories: dict[str, pd.DataFrame
     return {title: path[name] for name, title in PICTURE_TITLES.items()}
 
 
-def log_to_run(net: str, model: torch.nn.Module, metrics: dict[str, float], artifacts: list[Path],
+def log_to_run(model_name: str, trained: Trained, metrics: dict[str, float], artifacts: list[Path],
                inputs: list[DatasetInput]) -> ModelVersion | None:
-    """Log into the run that trained the net's weights, the test faces as its "test" dataset, then
-    register the run's model with its test RMSE; the model's version. Without a run, or with a
-    store that fails, warn and carry on, since the files are written."""
+    """Log into the run that models/<net>.json says trained the net, the test faces as its "test"
+    dataset, then register the run's model with its test RMSE; the model's version. Without that
+    run, or with a store that fails, warn and carry on, since the files are written."""
     try:
-        run = run_of_weights(net, model)
-        if run is None:
-            print(f"warning: {net}: no MLflow run in {mlflow.get_tracking_uri()} trained these weights: "
-                  "its test figures are not logged to MLflow", file=sys.stderr)
-            return None
-        log_evaluation(run.info.run_id, metrics, artifacts, inputs)
+        trained_run(trained)
+        log_evaluation(trained.run_id, metrics, artifacts, inputs)
     except TrackingError as error:
-        print(f"warning: {net}: test figures not logged to MLflow ({error})", file=sys.stderr)
+        print(f"warning: {trained.net}: test figures not logged to MLflow ({error})", file=sys.stderr)
         return None
     try:
-        return register(run, metrics["test_rmse_px"])
+        return register(model_name, trained, metrics["test_rmse_px"])
     except TrackingError as error:
-        print(f"warning: {net}: model not registered in MLflow ({error})", file=sys.stderr)
+        print(f"warning: {trained.net}: model not registered in MLflow ({error})", file=sys.stderr)
         return None
 
 
-def name_champion(versions: dict[str, ModelVersion | None]) -> None:
-    """The champion alias on the best net's version, once every net evaluated has one: the best of
-    some nets is not the best of all. With none registered, their own warnings have said why."""
+def point_aliases(model_name: str, versions: dict[str, ModelVersion | None]) -> None:
+    """In the workspace, the aliases on the versions of its nets (registry.promote), once every net
+    evaluated has one: the best of some nets is not the best of all. In a queued or temporary
+    experiment, none: its weights are not the workspace's. With none registered, their own warnings
+    have said why."""
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if not in_workspace():
+        print(f"evaluate: experiment {experiment}'s versions are tagged {EXPERIMENT_TAG}={experiment}; the aliases "
+              "stay on the workspace's (`dvc exp apply` and `python -m pipeline.promote` move them here)")
+        return
     unregistered = [net for net, version in versions.items() if version is None]
     if len(unregistered) == len(versions):
         return
     try:
         if unregistered:
             raise TrackingError(f"{', '.join(unregistered)} not registered")
-        crown(versions)
+        promote(model_name, versions)
     except TrackingError as error:
-        print(f"warning: the {CHAMPION} alias was not moved in MLflow ({error})", file=sys.stderr)
+        print(f"warning: the aliases of {model_name} were not moved in MLflow ({error})", file=sys.stderr)
 
 
 @reports_errors
@@ -174,12 +198,14 @@ def main() -> None:
     nets = list(config.nets)
     summary = read_summary(paths.prepared_summary)
     data_hash = summary["data_hash"]
-    infos = {net: read_model_info(paths.model_info(net), data_hash) for net in nets}
+    infos = {net: read_model_info(paths.model_info(net), net, config, data_hash) for net in nets}
     histories = {net: read_history(paths.history(net)) for net in nets}
     train, test = load_faces(paths.train_faces, summary), load_faces(paths.test_faces, summary)
     # On the CPU whatever the training device: the test set is small, and CPU kernels give the
     # same evaluate.json on every machine.
     models = {net: load_model(paths.model(net), "cpu") for net in nets}
+    for net in nets:
+        check_weights(paths.model(net), infos[net], models[net], paths.model_info(net))
     predictions = {net: predict(models[net], test.X) for net in nets}
     baseline = mean_shape(train.y, len(test))
     face_errors = {**{net: face_squared_errors_px(predictions[net], test.y) for net in nets},
@@ -188,7 +214,7 @@ def main() -> None:
                         face_errors, config.evaluate.bootstrap_resamples, config.evaluate.seed)
     for net in nets:  # the epoch whose weights were tested, for the report (report.kept_weights)
         results[net]["kept_epoch"] = infos[net].get("kept_epoch")
-    write_json(Path(paths.metrics) / EVALUATION, dvc_metrics(results, nets))
+    write_json(paths.test_figures, dvc_metrics(results, nets))
     write_text(Path(paths.metrics) / KEYPOINT_ERRORS, keypoint_errors_csv(results, [*nets, "baseline"]))
     pictures = draw_pictures(Path(paths.plots), results, histories, test, predictions, nets)
     report = paths.comparison_report
@@ -199,10 +225,13 @@ def main() -> None:
         # The files above are the stage's results; the store only mirrors them.
         print(f"warning: test figures not logged to MLflow ({error})", file=sys.stderr)
     else:
-        name_champion({net: log_to_run(net, models[net], mlflow_metrics(results, net),
-                                       [*pictures.values(), report, Path(paths.metrics) / KEYPOINT_ERRORS],
-                                       faces_inputs(summary, test=len(test)))
-                       for net in nets})
+        model_name = config.registry.model_name
+        point_aliases(model_name, {
+            net: log_to_run(model_name, Trained(net, infos[net][TRAINING_RUN_KEY], infos[net][WEIGHTS_TAG]),
+                            mlflow_metrics(results, net),
+                            [*pictures.values(), report, Path(paths.metrics) / KEYPOINT_ERRORS],
+                            faces_inputs(summary, test=len(test)))
+            for net in nets})
     print(f"evaluate: {len(test)} test faces, data hash {data_hash}")
     print(text_table(SUMMARY_HEADER, summary_rows(results, nets)))
     print("\n".join(comparison_lines(results, nets)))

@@ -28,6 +28,7 @@ A file that is not an image, or one refused above, stops the command with one li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -51,7 +52,7 @@ from pipeline.faces.data import images_of, pixels_of, unscale_keypoints
 from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, LOOKUP_COLUMNS, check_rows, integer_column, read_table
 from pipeline.tracking import registry
 from pipeline.tracking.registry import is_model_uri
-from pipeline.tracking.runs import run_of_weights
+from pipeline.tracking.runs import WEIGHTS_TAG, run_of_weights
 from pipeline.tracking.store import TrackingError, connect, store_exists, tracking_uri
 
 # A test.csv compressed as such (test.csv.gz) is still meant as a CSV: its check says how to decompress it.
@@ -276,17 +277,29 @@ def training_run(net: str, model: torch.nn.Module) -> str:
     return f"MLflow run {run.info.run_id}" if run else f"trained by no run of {tracking_uri()}"
 
 
+def workspace_weights(config: Config) -> dict[str, str]:
+    """The checksum of each net's weights in models/, as models/<net>.json records it (nets without one
+    left out: nothing to compare an alias with)."""
+    recorded = {}
+    for net in config.nets:
+        with contextlib.suppress(PipelineError):
+            recorded[net] = read_json(config.paths.model_info(net), "").get(WEIGHTS_TAG)
+    return {net: weights for net, weights in recorded.items() if weights}
+
+
 def load_predictor(config: Config, net: str) -> tuple[Callable[[NamedFaces], np.ndarray], Callable[[], str]]:
     """The keypoints in pixels of faces by `net`, a net of params.yaml (models/<net>.pt) or an MLflow
     models:/ URI, and the line saying which training it comes from, looked up once the inputs are read.
 
-    A models:/ URI loads the MLflow model (registry.load), which takes the same uint8 faces and gives
-    the same pixels as the net of its weights does here.
+    A models:/ URI loads the MLflow model once its files are checked (registry.load), which takes the
+    same uint8 faces and gives the same pixels as the net of its weights does here; an alias whose
+    weights are not the workspace's model of its net is said in one line.
     """
     if is_model_uri(net):
-        model, training = registry.load(net)
-        return (lambda faces: model.predict(faces.images)[list(KEYPOINT_COLUMNS)].to_numpy(),
-                lambda: f"{net} ({training})")
+        loaded = registry.load(net)
+        registry.warn_if_not_workspace(net, loaded, workspace_weights(config))
+        return (lambda faces: loaded.model.predict(faces.images)[list(KEYPOINT_COLUMNS)].to_numpy(),
+                lambda: f"{net} ({loaded.described()})")
     config.net(net)
     weights = load_model(config.paths.model(net), "cpu")
     return (lambda faces: predict_pixels(weights, faces),

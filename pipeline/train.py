@@ -26,13 +26,14 @@ from pipeline.base.errors import Interrupted, PipelineError, reports_errors
 from pipeline.base.files import atomic_write, exclusive_lock, write_json
 from pipeline.base.model import KeypointNet
 from pipeline.base.sources import code_hash
-from pipeline.base.weights import save_model
+from pipeline.base.weights import save_model, weights_checksum
 from pipeline.evaluation.colours import net_colour
 from pipeline.evaluation.metrics import best_valid
 from pipeline.faces.augment import flip_random_half
 from pipeline.faces.data import load_faces, loss_to_rmse_px, read_summary, split
 from pipeline.tracking.logger import MlflowLogger
-from pipeline.tracking.runs import COLOUR_TAG, LOCK_TAG, close_dead_runs, faces_inputs, lock_tag, training_run
+from pipeline.tracking.runs import (COLOUR_TAG, LOCK_TAG, TRAINING_RUN_KEY, WEIGHTS_TAG, close_dead_runs, faces_inputs,
+                                    lock_tag, training_run)
 from pipeline.tracking.store import TrackingError, connect
 from pipeline.training.callbacks import AdjustHyperparameter, EarlyStopping, EpochTable, KeepBest
 from pipeline.training.checkpoint import Checkpoint
@@ -256,9 +257,12 @@ def finish(config: Config, net_name: str, started: Started, history: list[dict],
     paths, network = config.paths, started.trainer.network
     print(kept_weights(net_name, history, config.train_of(net_name)))
     save_model(paths.model(net_name), network)
+    # The run and the checksum let evaluate register this training's own model, and no run planted
+    # in a shared store with the same tags.
     write_json(paths.model_info(net_name), {
         "net": net_name, "data_hash": started.summary["data_hash"],
-        "kept_epoch": history[-1]["kept_epoch"], "config": trained_config(config, net_name),
+        "kept_epoch": history[-1]["kept_epoch"], "config": config.training_params(net_name),
+        TRAINING_RUN_KEY: logger.run_id, WEIGHTS_TAG: weights_checksum(network),
     })
     write_history(paths.history(net_name), history)
     write_json(paths.train_metrics(net_name), final_figures(history))
@@ -268,9 +272,9 @@ def finish(config: Config, net_name: str, started: Started, history: list[dict],
 
 
 def trained_config(config: Config, net_name: str) -> dict:
-    """The params as the net trains with them, for models/<net>.json and its MLflow run: train.* with
-    the net's own max_epochs and patience, which pipeline.predict reads back, and every net as
-    params.yaml gives it, so that net4's and net5's files are those of the code before net options."""
+    """The params as the net trains with them, for its MLflow run: train.* with the net's own max_epochs
+    and patience, and every net as params.yaml gives it, so that net4's and net5's runs have the params
+    of the code before net options."""
     return {**config.to_dict(), "train": asdict(config.train_of(net_name))}
 
 

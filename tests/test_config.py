@@ -1,12 +1,16 @@
+import time
+
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from pipeline.base.config import flatten, load_config
+from dvc.utils.serialize import parse_yaml
+
+from pipeline.base.config import MAX_EXPANDED_VALUES, flatten, load_config
 from pipeline.base.errors import PipelineError
 from pipeline.train import main as train_main
-from project import default_config, default_params
+from project import DEFAULT_PARAMS, default_config, default_params
 
 
 def write_params(tmp_path, change):
@@ -104,6 +108,66 @@ def test_broken_yaml_is_one_line(tmp_path):
     with pytest.raises(PipelineError, match="not valid YAML") as caught:
         load_config(path)
     assert "\n" not in str(caught.value)
+
+
+def test_the_yaml_error_says_the_problem_and_its_line_in_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(PipelineError) as caught:
+        load_config(path)
+    assert str(caught.value) == (f'{path}: not valid YAML: found duplicate key "seed" with value "2" '
+                                 '(original value: "1") (line 3, column 3)')
+
+
+# Scalars that YAML 1.1 (PyYAML) and YAML 1.2 (DVC's ruamel.yaml) read differently.
+DIALECT_SCALARS = {"train.seed": "010", "train.max_epochs": "0o3", "data.csv": "1:30", "train.deterministic": "on"}
+
+
+def params_with_scalars(scalars: dict[str, str]) -> str:
+    """DEFAULT_PARAMS with each dotted key's value written as the bare scalar given, and a net named on."""
+    params = default_params()
+    for dotted, scalar in scalars.items():
+        section, key = dotted.split(".")
+        params[section][key] = f"<{dotted}>"
+    text = yaml.safe_dump(params, sort_keys=False) + "  on:\n    flip: true\n"
+    for dotted, scalar in scalars.items():
+        text = text.replace(f"<{dotted}>", scalar)
+    return text
+
+
+def test_params_are_read_as_dvc_reads_them_whatever_yaml_11_says(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(params_with_scalars(DIALECT_SCALARS))
+    # true to YAML 1.1, the string "on" to DVC: refused, rather than trained as deterministic.
+    with pytest.raises(PipelineError, match="train.deterministic must be true or false, got 'on'"):
+        load_config(path)
+    scalars = {key: value for key, value in DIALECT_SCALARS.items() if key != "train.deterministic"}
+    text = params_with_scalars(scalars)
+    path.write_text(text)
+    assert yaml.safe_load(text)["train"]["seed"] == 8 and True in yaml.safe_load(text)["nets"]  # YAML 1.1's reading
+    dvc, config = flatten(parse_yaml(text, str(path))), load_config(path)
+    loaded = flatten(config.to_dict())
+    assert {key: loaded[key] for key in scalars} == {key: dvc[key] for key in scalars} == {
+        "train.seed": 10, "train.max_epochs": 3, "data.csv": "1:30"}
+    assert "on" in config.nets and dvc["nets.on.flip"] is True
+
+
+def test_a_few_aliases_load_and_aliases_of_aliases_beyond_the_limit_are_refused_at_once(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(DEFAULT_PARAMS.replace("  net5:\n", "  net6: &net6\n    flip: true\n  net7: *net6\n  net5:\n"))
+    assert load_config(path).nets["net7"] == load_config(path).nets["net6"]
+    laughs = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 10)}]" for level in range(1, 10)]
+    path.write_text(DEFAULT_PARAMS + "\n".join(laughs) + "\n")  # 10**10 values
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as caught:
+        load_config(path)
+    assert time.monotonic() - started < 1
+    assert str(caught.value) == (f"{path}: its anchors and aliases expand to more than {MAX_EXPANDED_VALUES} values "
+                                 "(nested aliases of aliases): write the values out, or alias fewer")
+    path.write_text(DEFAULT_PARAMS + "loop: &loop [1, *loop]\n")
+    with pytest.raises(PipelineError, match="an alias refers to the anchor it is within"):
+        load_config(path)
 
 
 @pytest.mark.parametrize("key, value, fragment", [

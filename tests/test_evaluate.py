@@ -14,7 +14,7 @@ from pipeline.evaluation.metrics import mean_shape, predict, rmse_px
 from pipeline.faces.data import load_faces, read_summary
 from pipeline.faces.kaggle import KEYPOINTS
 from pipeline.tracking.runs import WEIGHTS_TAG
-from project import REPRODUCED_EPOCHS, copy_project, run
+from project import REPRODUCED_EPOCHS, copy_project, default_config, run, set_params
 
 # Every test reads a project that trained both nets through `dvc repro`.
 pytestmark = pytest.mark.slow
@@ -170,20 +170,35 @@ def edit_model_info(project, net, **changes):
     path.write_text(json.dumps({key: value for key, value in info.items() if value is not None}))
 
 
-def test_without_a_run_the_files_are_written_with_a_warning(copy_of, capsys, monkeypatch):
+def test_without_the_run_models_names_the_files_are_written_with_a_warning(copy_of, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(copy_of))
     client, runs = all_runs(copy_of)
-    for run_ in runs:  # untagged, or deleted: the store has no run of these weights
-        if run_.data.tags["net"] == "net4":
-            client.delete_tag(run_.info.run_id, WEIGHTS_TAG)
-        else:
-            client.delete_run(run_.info.run_id)
+    run_ids = {run_.data.tags["net"]: run_.info.run_id for run_ in runs}
+    # net4's run retagged (as a planted run would be), net5's deleted: neither is the net's training.
+    client.set_tag(run_ids["net4"], WEIGHTS_TAG, "0" * 64)
+    client.delete_run(run_ids["net5"])
     evaluate.main()
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
-    assert warnings == [f"warning: {net}: no MLflow run in {tracking_uri(copy_of)} trained these weights: "
-                        "its test figures are not logged to MLflow" for net in ("net4", "net5")]
+    assert warnings == [
+        f"warning: net4: test figures not logged to MLflow (run {run_ids['net4']} did not train these weights of net4 "
+        f"(it is tagged net net4, weights {'0' * 64}))",
+        f"warning: net5: test figures not logged to MLflow (run {run_ids['net5']}, which trained net5, is deleted)"]
     for output in ("metrics/evaluate.json", "reports/comparison.md", "plots/learning_curves.png"):
         assert (copy_of / output).is_file()
+
+
+def test_a_planted_run_with_the_nets_tags_and_checksum_is_not_taken_for_its_training(copy_of, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(copy_of))
+    client, runs = all_runs(copy_of)
+    own = next(run_ for run_ in runs if run_.data.tags["net"] == "net5")
+    planted = client.create_run(own.info.experiment_id, run_name="net5", tags=own.data.tags).info.run_id
+    client.set_terminated(planted)
+    evaluate.main()
+    assert "warning" not in capsys.readouterr().err
+    assert not client.get_run(planted).data.metrics  # the test figures went to the net's own run
+    model_name = default_config().registry.model_name
+    version = client.get_model_version_by_alias(model_name, "net5")
+    assert version.run_id == own.info.run_id == json.loads((copy_of / "models/net5.json").read_text())["mlflow_run_id"]
 
 
 def test_a_net_trained_on_other_data_is_refused(copy_of, capsys):
@@ -193,6 +208,18 @@ def test_a_net_trained_on_other_data_is_refused(copy_of, capsys):
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith("error: models/net5.json: the net was trained on data 0123456789abcdef")
+    assert not (copy_of / "metrics" / "evaluate.json").exists()
+
+
+def test_a_net_trained_with_other_params_than_params_yaml_says_is_refused_naming_the_key(copy_of, capsys):
+    # As when params.yaml is edited while `dvc repro` runs: dvc.lock records what DVC read at the start.
+    set_params(copy_of, {"train.max_epochs": REPRODUCED_EPOCHS + 5})
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: models/net4.json: net4 was trained with train.max_epochs {REPRODUCED_EPOCHS}, but params.yaml says "
+        f"{REPRODUCED_EPOCHS + 5}: train it again (`dvc repro train@net4`)\n")
     assert not (copy_of / "metrics" / "evaluate.json").exists()
 
 

@@ -5,7 +5,7 @@ import ast
 from pipeline.base.sources import ROOT, imports_of, modules, module_file
 
 # Each wing may import its own modules and those of lower wings; training and evaluation are peers,
-# so neither imports the other. The programs (the stages, predict, mlproject) sit above them all.
+# so neither imports the other. The programs (the stages, predict, promote, mlproject) sit above them all.
 WING_LEVELS = {"base": 0, "faces": 1, "training": 2, "evaluation": 2, "tracking": 3}
 PROGRAMS = 4
 
@@ -24,7 +24,7 @@ def test_every_module_lies_in_a_known_wing_or_is_a_program():
     assert {wing(module) for module in modules()} == {*WING_LEVELS, None}
     assert {module for module in modules() if wing(module) is None} == {
         "pipeline.synthesize", "pipeline.prepare", "pipeline.train", "pipeline.evaluate", "pipeline.predict",
-        "pipeline.mlproject"}
+        "pipeline.mlproject", "pipeline.promote"}
 
 
 def test_no_module_imports_a_program_or_a_wing_above_or_beside_its_own():

@@ -20,14 +20,15 @@ from pipeline.base.weights import load_model, weights_checksum
 from pipeline.faces.kaggle import KEYPOINT_COLUMNS
 from pipeline.predict import NamedFaces, predict_pixels
 from pipeline.tracking.logger import MlflowLogger
-from pipeline.tracking.registry import REGISTERED_MODEL, crown, register
-from pipeline.tracking.runs import MODEL_SIGNATURE, training_run
-from project import copy_project, free_port, run, tool_env
+from pipeline.tracking.registry import Trained, promote, register
+from pipeline.tracking.runs import MODEL_SIGNATURE, WEIGHTS_TAG, training_run
+from project import copy_project, default_config, free_port, run, tool_env
 
 # Real trainings, evaluations and servers.
 pytestmark = pytest.mark.slow
 
 NETS = ("net4", "net5")
+REGISTERED_MODEL = default_config().registry.model_name
 
 
 @pytest.fixture(scope="module")
@@ -103,22 +104,36 @@ def logged_run(net, seed):
     with training_run(net, {}, {"net": net, "data_hash": "0123456789abcdef"}, []) as active:
         torch.manual_seed(seed)
         MlflowLogger().log_model(KeypointNet())
-    return mlflow.MlflowClient().get_run(active.info.run_id)
+    run_id = active.info.run_id
+    return Trained(net, run_id, mlflow.MlflowClient().get_run(run_id).data.tags[WEIGHTS_TAG])
 
 
-def test_new_weights_are_a_new_version_with_the_nets_alias_and_weights_brought_back_take_it_back():
+def aliases(client):
+    return {alias: int(version) for alias, version in client.get_registered_model(REGISTERED_MODEL).aliases.items()}
+
+
+def test_registering_moves_no_alias_promoting_does_and_a_version_deleted_by_hand_is_registered_again():
     first_net4, net5, second_net4 = logged_run("net4", 1), logged_run("net5", 2), logged_run("net4", 3)
     client = mlflow.MlflowClient()
-    one, two = register(first_net4, 5.0), register(net5, 4.0)
-    assert crown({"net4": one, "net5": two}).version == two.version == 2
-    three = register(second_net4, 3.0)
-    assert three.version == 3 and client.get_model_version_by_alias(REGISTERED_MODEL, "net4").version == 3
-    assert crown({"net4": three, "net5": two}).version == 3
+    one, two = register(REGISTERED_MODEL, first_net4, 5.0), register(REGISTERED_MODEL, net5, 4.0)
+    assert aliases(client) == {}
+    assert promote(REGISTERED_MODEL, {"net4": one, "net5": two}).version == two.version == 2
+    three = register(REGISTERED_MODEL, second_net4, 3.0)
+    assert three.version == 3 and aliases(client) == {"net4": 1, "net5": 2, "champion": 2}
+    assert promote(REGISTERED_MODEL, {"net4": three, "net5": two}).version == 3
     # `dvc checkout` of the first net4, evaluated again (by other code: another figure): the same version.
-    again = register(first_net4, 5.5)
+    again = register(REGISTERED_MODEL, first_net4, 5.5)
     assert again.version == 1 and again.tags["test_rmse_px"] == "5.5"
-    assert client.get_model_version_by_alias(REGISTERED_MODEL, "net4").version == 1
     assert len(versions(client)) == 3
+    # net5's version deleted by hand: the next evaluation registers it again and the aliases follow.
+    client.delete_model_version(REGISTERED_MODEL, "2")
+    four = register(REGISTERED_MODEL, net5, 4.0)
+    assert four.version == 4
+    promote(REGISTERED_MODEL, {"net4": again, "net5": four})
+    assert aliases(client) == {"net4": 1, "net5": 4, "champion": 4}
+    # A net the workspace no longer has loses its alias; the champion stays on the workspace's best.
+    promote(REGISTERED_MODEL, {"net4": again})
+    assert aliases(client) == {"net4": 1, "champion": 1}
 
 
 def serve(project, port):
@@ -156,9 +171,12 @@ def test_the_served_champion_answers_a_posted_face_as_predict_does(registered, t
             except OSError:
                 assert time.monotonic() < deadline, "the served model did not answer within 2 minutes"
                 time.sleep(0.5)
+        # A face of values in 0..1, not gray levels: the server makes it all black, and its log says so.
+        post(f"http://127.0.0.1:{port}/invocations", {"inputs": [(face / 255).tolist()]})
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+    assert "1 of 1 faces have no gray level above 1, all black" in (project / "serve.log").read_text()
     [keypoints] = answer["predictions"]
     assert list(keypoints) == list(KEYPOINT_COLUMNS)
     expected = pd.read_csv(tmp_path / "predicted.csv").iloc[0]

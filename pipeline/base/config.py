@@ -11,7 +11,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.error import MarkedYAMLError
 
 from pipeline.base.errors import PipelineError
 
@@ -27,9 +28,14 @@ TRAIN_OVERRIDES = ("max_epochs", "patience")
 # A net's name is part of file names (models/<net>.pt, its lock), of DVC's stage and command
 # (train@<net>) and of MLflow's keys: no separator, space or dot-dot can escape or split them.
 NET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+# A registered model's name: a models:/<name>@<alias> URI must split it from what follows.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Names taken elsewhere: evaluation's name of the mean-shape baseline, and aliases that the Model
 # Registry gives another meaning (the best net's alias; MLflow's own latest and v<N>).
 RESERVED_NET_NAMES = re.compile(r"baseline|champion|latest|v\d+", re.IGNORECASE)
+# The values params.yaml may hold once its anchors' aliases are expanded: the file has about 40, and a
+# few aliases of a net's settings stay far below; a "billion laughs" of nested aliases goes far above.
+MAX_EXPANDED_VALUES = 10_000
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,11 @@ class PathsConfig:
     def comparison_report(self) -> Path:
         return Path(self.reports) / "comparison.md"
 
+    @property
+    def test_figures(self) -> Path:
+        """evaluate.json: each net's test RMSE, which the champion is chosen by (pipeline.promote too)."""
+        return Path(self.metrics) / "evaluate.json"
+
     def checkpoint(self, net: str) -> Path:
         """The state of an unfinished training. Not a stage output: a finished training deletes it,
         and as an output DVC would cache each one (96 MB)."""
@@ -71,7 +82,8 @@ class PathsConfig:
         return Path(self.models) / f"{net}.pt"
 
     def model_info(self, net: str) -> Path:
-        """The resolved config, the data hash and the kept epoch, saved beside the weights."""
+        """What trained the weights beside it: the params (Config.training_params), the data hash, the
+        kept epoch, the MLflow run and the weights' checksum."""
         return Path(self.models) / f"{net}.json"
 
     def history(self, net: str) -> Path:
@@ -182,6 +194,19 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    """The project's registered model in MLflow's Model Registry (pipeline.tracking.registry)."""
+
+    # Each project sharing a tracking store needs its own: the aliases on it follow one workspace.
+    model_name: str
+
+    def __post_init__(self):
+        _require(MODEL_NAME.fullmatch(self.model_name) is not None, "registry.model_name",
+                 "must be ASCII letters, digits, _, - and ., starting with a letter or digit "
+                 "(it is part of models:/ URIs)")
+
+
+@dataclass(frozen=True)
 class NetConfig:
     """A net of `nets`: the seed's network, with flips or without, unless it sets the options after
     `flip`. An option left out is None (model.KeypointNet's default, or train.*'s value), so a net
@@ -226,6 +251,7 @@ class Config:
     train: TrainConfig
     checkpoint: CheckpointConfig
     evaluate: EvaluateConfig
+    registry: RegistryConfig
     nets: dict[str, NetConfig]
 
     def __post_init__(self):
@@ -253,6 +279,11 @@ class Config:
         return dataclasses.replace(self.train, **{key: getattr(net, key) for key in TRAIN_OVERRIDES
                                                   if getattr(net, key) is not None})
 
+    def training_params(self, name: str) -> dict:
+        """What train reads that shapes net `name`'s weights, as params.yaml spells it: train.* with the
+        net's own values (train_of) and nets.<name>. models/<net>.json records it; evaluate checks it."""
+        return {"train": dataclasses.asdict(self.train_of(name)), "nets": {name: self.net(name).to_dict()}}
+
     def to_dict(self) -> dict:
         """The params as params.yaml spells them: each net with the keys it was given."""
         return {**dataclasses.asdict(self), "nets": {name: net.to_dict() for name, net in self.nets.items()}}
@@ -260,15 +291,58 @@ class Config:
 
 def load_config(path: Path = PARAMS_FILE) -> Config:
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = read_params(Path(path).read_text())
+        _require_small_expansion(raw)
+        return _build(Config, raw, "")
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found (run from the project root)") from None
-    except yaml.YAMLError as error:
-        raise PipelineError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
-    try:
-        return _build(Config, raw, "")
+    except YAMLError as error:
+        raise PipelineError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
     except PipelineError as error:
         raise PipelineError(f"{path}: {error}") from None
+
+
+def read_params(text: str):
+    """YAML as DVC reads params.yaml (dvc.utils.serialize.parse_yaml: ruamel.yaml, YAML 1.2), so that the
+    stages train with the values dvc.lock and `dvc exp show` record: `010` is ten, `1:30` and `on` are
+    strings, where YAML 1.1 (PyYAML) reads eight, ninety and true."""
+    return YAML(typ="safe").load(text)
+
+
+def _yaml_problem(error: YAMLError) -> str:
+    """The parser's problem and where, in one line; its own message quotes the file over many."""
+    if not isinstance(error, MarkedYAMLError) or not error.problem:
+        return " ".join(str(error).split())
+    mark = error.problem_mark
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    return f"{' '.join(error.problem.split())}{where}"
+
+
+def _require_small_expansion(raw) -> None:
+    """Refuse anchors and aliases that expand to more than MAX_EXPANDED_VALUES values, or into themselves.
+
+    The parser shares an aliased node rather than copying it, so the file loads at once; but every
+    walk of its values (building the config, flattening it for MLflow, DVC's templating context of
+    dvc.yaml) visits each alias's expansion again: a few lines can stand for billions of values."""
+    sizes: dict[int, int] = {}
+    walking: set[int] = set()
+
+    def size(node) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in walking:
+            raise PipelineError("an alias refers to the anchor it is within, an endless value: write the values out")
+        walking.add(id(node))
+        children = node.values() if isinstance(node, dict) else node
+        sizes[id(node)] = min(1 + sum(size(child) for child in children), MAX_EXPANDED_VALUES + 1)
+        walking.discard(id(node))
+        return sizes[id(node)]
+
+    if size(raw) > MAX_EXPANDED_VALUES:
+        raise PipelineError(f"its anchors and aliases expand to more than {MAX_EXPANDED_VALUES} values (nested "
+                            "aliases of aliases): write the values out, or alias fewer")
 
 
 def flatten(mapping: dict, prefix: str = "") -> dict[str, object]:

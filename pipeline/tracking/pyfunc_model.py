@@ -11,6 +11,7 @@ its 30 outputs.
 from __future__ import annotations
 
 import json
+import logging
 
 import mlflow
 import numpy as np
@@ -22,6 +23,10 @@ NET_ARTIFACT = "net"
 COLUMNS_ARTIFACT = "columns"
 # Faces at a time, as the pipeline predicts them: Kaggle's 1783 test faces at once would take 2 GB.
 BATCH = 256
+# The brightest level of a face that is surely not one of gray levels 0..255: a face scaled to 0..1,
+# which the server's conversion to uint8 turns into levels 0 and 1.
+DARKEST_FACE = 1
+LOG = logging.getLogger("facial_keypoints")
 
 
 class FacialKeypoints(mlflow.pyfunc.PythonModel):
@@ -37,6 +42,10 @@ class FacialKeypoints(mlflow.pyfunc.PythonModel):
         # MLflow has checked the input against the signature (uint8, 96x96); the type hint only quiets
         # its advice to add one, since an array's hint infers no signature.
         faces = torch.from_numpy(np.ascontiguousarray(model_input))
+        dark = int((faces.flatten(1).amax(1) <= DARKEST_FACE).sum())
+        if dark:
+            LOG.warning("%d of %d faces have no gray level above %d, all black: the model takes gray levels 0..255, "
+                        "and faces scaled to 0..1 reach it as levels 0 and 1", dark, len(faces), DARKEST_FACE)
         with torch.inference_mode():
             pixels = [self.net(batch).numpy() for batch in faces.split(BATCH)]
         return pd.DataFrame(np.concatenate(pixels), columns=self.columns)

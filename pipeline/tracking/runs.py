@@ -37,9 +37,10 @@ from pipeline.tracking import pyfunc_model
 from pipeline.tracking.store import (EXPERIMENT, PREFLIGHT_TIMEOUT, TrackingError, environment_set, set_experiment,
                                      store_calls)
 
-# The checksum of the weights a run trained (weights.weights_checksum): how a model file finds its
-# run. models/ records no run id, so that training the same code again leaves it byte-identical.
+# The checksum of the weights a run trained (weights.weights_checksum), a tag of the run and a key of
+# models/<net>.json, which names the run under TRAINING_RUN_KEY: evaluate registers that run's model.
 WEIGHTS_TAG = "weights_sha256"
+TRAINING_RUN_KEY = "mlflow_run_id"
 # The portions of the prepared faces a run uses, by the context MLflow shows them under.
 PORTIONS = {"training": "train", "validation": "valid", "test": "test"}
 # The lock a run's training held, as host:absolute path (lock_tag): a run still RUNNING under the lock
