@@ -165,7 +165,7 @@ def name_champion(versions: dict[str, ModelVersion | None]) -> None:
         print(f"warning: the {CHAMPION} alias was not moved in MLflow ({error})", file=sys.stderr)
 
 
-@reports_errors
+@reports_errors(memory_knobs="lower evaluate.bootstrap_resamples or a net's hidden, or use fewer test faces")
 def main() -> None:
     config = load_config()
     # The nets' forward passes too give the same bits on any CPU where their training did.

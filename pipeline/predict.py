@@ -313,7 +313,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@reports_errors
+@reports_errors(memory_knobs="lower --batch-size")
 def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     is_test_csv = [is_csv_name(path) for path in args.inputs]

@@ -20,7 +20,7 @@ FEW_TRAIN_FACES = 50
 FEW_TEST_FACES = 10
 
 
-@reports_errors
+@reports_errors(memory_knobs="use fewer faces (a smaller data.csv, or synthetic.n_faces)")
 def main() -> None:
     config = load_config()
     source = config.source_csv
