@@ -140,7 +140,15 @@ def test_face_grid_with_predictions(tmp_path, drawn):
 def test_drawn_keypoints_land_on_their_pixels():
     keypoints = np.tile([10.0, 20.0], 15)  # every point on pixel (x=10, y=20)
     picture = plots.draw_keypoints(np.zeros((96, 96), dtype=np.uint8), keypoints)
-    zoom = plots.DRAWN_FACE_ZOOM
+    zoom = 4  # a 96-pixel face, enlarged to 384
     assert picture.size == (96 * zoom, 96 * zoom) and picture.mode == "RGB"
     assert picture.getpixel((10 * zoom + zoom // 2, 20 * zoom + zoom // 2)) == (255, 0, 0)
     assert picture.getpixel((40 * zoom, 40 * zoom)) == (0, 0, 0)
+
+
+def test_a_large_image_is_drawn_at_its_own_size_with_dots_that_show():
+    keypoints = np.tile([500.0, 300.0], 15)
+    picture = plots.draw_keypoints(np.zeros((768, 1024), dtype=np.uint8), keypoints)
+    assert picture.size == (1024, 768)
+    assert picture.getpixel((500, 300)) == picture.getpixel((508, 300)) == (255, 0, 0)  # 10.7 pixels of radius
+    assert picture.getpixel((520, 300)) == (0, 0, 0)

@@ -17,8 +17,7 @@ from pipeline.base.errors import PipelineError
 from pipeline.base.model import KeypointNet
 from pipeline.base.weights import load_model, save_model, weights_checksum
 from pipeline.faces.kaggle import KEYPOINT_COLUMNS, LOOKUP_COLUMNS, read_table
-from pipeline.predict import (NamedFaces, main, predict_pixels, read_image, read_images,
-                              submission_table)
+from pipeline.predict import Frame, NamedFaces, main, predict_pixels, read_face, submission_table
 from pipeline.tracking.runs import WEIGHTS_TAG
 from pipeline.tracking.store import connect
 from project import make_project, run
@@ -45,6 +44,11 @@ def workdir(project, tmp_path, monkeypatch):
     shutil.copytree(project / "models", tmp_path / "models")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def read_image(path):
+    """The net's 96x96 face of an image file."""
+    return read_face(path)[0]
 
 
 def random_pixels(shape, seed=0):
@@ -75,10 +79,12 @@ def test_the_command_predicts_a_png_and_draws_it(project, tmp_path):
     table = pd.read_csv(tmp_path / "keypoints.csv")
     assert list(table.columns) == ["ImageId", *KEYPOINT_COLUMNS]
     assert table["ImageId"].tolist() == [str(tmp_path / "face.png")]
-    expected = predict_pixels(load_model(project / "models" / "net5.pt"), read_images([tmp_path / "face.png"]))
+    face, frame = read_face(tmp_path / "face.png")
+    assert frame == Frame(side=120, left=10, top=0)  # 100 wide, 120 high: padded on both sides
+    expected = frame.to_image(predict_pixels(load_model(project / "models" / "net5.pt"), NamedFaces(["face"], face[None])))
     np.testing.assert_allclose(table[list(KEYPOINT_COLUMNS)].to_numpy(), expected, atol=1e-3)
     with Image.open(tmp_path / "drawn" / "face.png") as drawn:
-        assert drawn.size == (384, 384)
+        assert drawn.size == (300, 360)  # the image itself, enlarged 3 times
 
 
 def test_images_become_96_pixel_grayscale(tmp_path):
@@ -210,7 +216,7 @@ def test_images_of_every_mode_become_8_bit_gray_in_their_real_range(tmp_path, wr
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "P"])
 def test_8_bit_gray_colour_and_palette_images_decode_as_before(tmp_path, mode):
-    image = Image.fromarray(random_pixels((120, 100, 3))).convert(mode)
+    image = Image.fromarray(random_pixels((120, 120, 3))).convert(mode)
     path = saved(image, tmp_path / "face.png")
     with Image.open(path) as reopened:
         before = reopened.convert("L").resize((96, 96), Image.Resampling.LANCZOS)
@@ -261,12 +267,11 @@ def test_a_kaggle_submission(workdir):
 
 
 def test_submission_locations_are_clipped_to_the_image(tmp_path):
-    faces = NamedFaces(["1"], random_pixels((1, 96, 96)))
     keypoints = np.full((1, 30), 50.0)
     keypoints[0, :2] = [-5.0, 100.0]
     lookup = pd.DataFrame({"RowId": ["1", "2", "3"], "ImageId": ["1", "1", "1"],
                            "FeatureName": ["left_eye_center_x", "left_eye_center_y", "nose_tip_x"]})
-    submission = submission_table(tmp_path / "lookup.csv", lookup, tmp_path / "test.csv", faces, keypoints)
+    submission = submission_table(tmp_path / "lookup.csv", lookup, tmp_path / "test.csv", ["1"], keypoints)
     assert submission["Location"].tolist() == [0.0, 96.0, 50.0]
 
 

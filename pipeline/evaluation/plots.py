@@ -52,7 +52,9 @@ from pipeline.base.files import atomic_write
 from pipeline.evaluation.colours import net_colour
 from pipeline.faces.kaggle import KEYPOINTS
 
-DRAWN_FACE_ZOOM = 4  # a 96-pixel face is too small to see its points on a screen
+# A picture drawn smaller than this (a 96-pixel face) is enlarged by a whole factor: its points would
+# be too small to see on a screen.
+DRAWN_MIN_SIZE = 384
 MAX_TICKS = 10  # labels on a log axis, beyond which they crowd
 
 
@@ -131,13 +133,16 @@ def keypoint_errors(path: Path, per_keypoint_rmse_px: dict[str, dict[str, float]
 
 
 def draw_keypoints(image: np.ndarray, keypoints: np.ndarray) -> Image.Image:
-    """A 96x96 uint8 face, enlarged, with its keypoints (30 pixels, x then y) as red dots."""
-    zoom = DRAWN_FACE_ZOOM
-    picture = Image.fromarray(image).convert("RGB").resize((image.shape[1] * zoom, image.shape[0] * zoom))
+    """A uint8 gray image of any size, a small one enlarged, with its keypoints (30 pixels of it, x then
+    y) as red dots of a size that shows at the picture's size: 4 pixels across a 384-pixel picture."""
+    height, width = image.shape
+    zoom = max(1, DRAWN_MIN_SIZE // max(height, width))
+    picture = Image.fromarray(image).convert("RGB").resize((width * zoom, height * zoom))
+    radius = max(height, width) * zoom * 4 / DRAWN_MIN_SIZE
     pen = ImageDraw.Draw(picture)
     # +0.5: a keypoint at x lies on the centre of pixel x, as imshow draws it in face_grid.
     for x, y in (keypoints.reshape(-1, 2) + 0.5) * zoom:
-        pen.ellipse((x - zoom, y - zoom, x + zoom, y + zoom), fill=(255, 0, 0))
+        pen.ellipse((x - radius, y - radius, x + radius, y + radius), fill=(255, 0, 0))
     return picture
 
 
