@@ -11,7 +11,9 @@ Usage: python -m pipeline.evaluate
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 import pandas as pd
@@ -45,6 +47,9 @@ PICTURE_TITLES = {
 }
 HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "learning_rate", "momentum")
 N_PICTURED_FACES = 16
+# A bootstrap running longer than this (evaluate.bootstrap_resamples in the hundreds of thousands)
+# says how far it has got.
+PROGRESS_SECONDS = 5
 
 
 def read_history(path: Path) -> pd.DataFrame:
@@ -67,6 +72,19 @@ def read_model_info(path: Path, data_hash: str) -> dict:
             f"{data_hash}: train it again (`dvc repro`)"
         )
     return info
+
+
+def bootstrap_progress(resamples: int, seconds: Callable[[], float] = time.monotonic) -> Callable[[int, int], None]:
+    """A line on stderr after each comparison, once the bootstrap has run PROGRESS_SECONDS."""
+    started = seconds()
+
+    def said(done: int, total: int) -> None:
+        elapsed = seconds() - started
+        if elapsed >= PROGRESS_SECONDS:
+            print(f"evaluate: bootstrap: {done} of {total} comparisons done ({resamples} resamples each, "
+                  f"{elapsed:.0f} s)", file=sys.stderr, flush=True)
+
+    return said
 
 
 def mlflow_metrics(results: dict, net: str) -> dict[str, float]:
@@ -184,8 +202,9 @@ def main() -> None:
     baseline = mean_shape(train.y, len(test))
     face_errors = {**{net: face_squared_errors_px(predictions[net], test.y) for net in nets},
                    "baseline": face_squared_errors_px(baseline, test.y)}
+    resamples = config.evaluate.bootstrap_resamples
     results = summarize({net: score(predictions[net], test.y) for net in nets}, score(baseline, test.y), histories,
-                        face_errors, config.evaluate.bootstrap_resamples, config.evaluate.seed)
+                        face_errors, resamples, config.evaluate.seed, bootstrap_progress(resamples))
     for net in nets:  # the epoch whose weights were tested, for the report (report.kept_weights)
         results[net]["kept_epoch"] = infos[net].get("kept_epoch")
     write_json(Path(paths.metrics) / EVALUATION, dvc_metrics(results, nets))

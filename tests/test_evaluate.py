@@ -231,3 +231,13 @@ def test_evaluating_again_logs_no_figure_twice_and_a_changed_one_as_the_latest(c
                           else [run_.data.metrics["test_rmse_px"]])
         assert run_.data.metrics["test_rmse_px"] == values[-1]
         assert sorted(map(context_of, run_.inputs.dataset_inputs)) == ["test", "training", "validation"]
+
+
+def test_a_long_bootstrap_says_how_far_it_has_got(capsys):
+    """A billion resamples ran silently for hours; a bootstrap past PROGRESS_SECONDS says where it is."""
+    clock = iter([0.0, 1.0, evaluate.PROGRESS_SECONDS + 2.0])
+    said = evaluate.bootstrap_progress(300_000, seconds=lambda: next(clock))
+    said(1, 3)
+    assert capsys.readouterr().err == ""
+    said(2, 3)
+    assert capsys.readouterr().err == "evaluate: bootstrap: 2 of 3 comparisons done (300000 resamples each, 7 s)\n"
