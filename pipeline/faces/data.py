@@ -117,7 +117,6 @@ def load_split(path: Path, seed: int, fraction: float, key: str) -> tuple[Stored
             portion.pixels[rows, 0] = pixels[source[rows] - start]
             portion.keypoints[rows] = scale_keypoints(keypoints[source[rows] - start])
         start = end
-        del pixels, keypoints
     rest, held_out = portions
     return rest, held_out, report
 
@@ -131,12 +130,12 @@ def first_copies(path: Path) -> tuple[list[tuple[np.ndarray, np.ndarray]], LoadR
     on what the net learnt by heart (or in the train stage's validation part, and choose the kept
     epoch). Dropping the copies keeps every image on one side of every split; the first keeps its
     keypoints, so a copy annotated differently loses its annotation. Images are told apart by a
-    128-bit BLAKE2 digest, as git tells files apart by theirs: no two images of any file will share one.
+    128-bit BLAKE2 digest: that two images of a million share one has a chance below 10^-26.
     """
     blocks, pending_pixels, pending_keypoints = [], [], []
     first_line: dict[bytes, int] = {}
     repeated: dict[int, int] = {}
-    n_rows = n_incomplete = n_pending = 0
+    n_rows = n_incomplete = 0
 
     def gather() -> None:
         blocks.append((np.concatenate(pending_pixels), np.concatenate(pending_keypoints)))
@@ -156,10 +155,8 @@ def first_copies(path: Path) -> tuple[list[tuple[np.ndarray, np.ndarray]], LoadR
         n_rows, n_incomplete = n_rows + len(images), n_incomplete + len(images) - len(complete)
         pending_pixels.append(images[kept])
         pending_keypoints.append(keypoints[kept])
-        n_pending += len(kept)
-        if n_pending >= BLOCK_FACES:
+        if sum(map(len, pending_pixels)) >= BLOCK_FACES:
             gather()
-            n_pending = 0
     if pending_pixels:
         gather()
     return blocks, LoadReport(n_rows=n_rows, n_dropped=n_incomplete, repeated=repeated)
