@@ -10,15 +10,10 @@ MLflow model a models:/ URI names in the project's tracking store. It runs on
 the CPU, which predicts even Kaggle's 1783 test faces in seconds. It reads and predicts
 --batch-size faces at a time: its memory is that of a batch, whatever the number of faces.
 
-A good input is a face cropped as Kaggle's are: the face filling the picture from the eyebrows
-to the chin, upright, seen from the front. An image is turned as its EXIF orientation says (as
-viewers show it), converted to 8-bit grayscale, padded to a square by repeating its edge pixels
-(both sides alike: the aspect ratio is kept, nothing is cropped), then scaled to the 96x96 pixels
-the net was trained on. The keypoints are given in the pixels of the image as viewers show it:
-x from its left edge, y from its top, the centre of the top-left pixel being (0, 0); a keypoint
-may lie outside the image where the face reaches its edge.
+What a good input is, and the pixels the keypoints are given in (each image's own, the aspect
+ratio kept by padding): GOOD_INPUT below, the epilog of --help.
 
-Images of every mode Pillow opens keep their real range in that conversion (the first frame of
+Images of every mode Pillow opens keep their real range in the conversion to gray (the first frame of
 a file with several):
   - 8-bit grayscale ("L") and black and white ("1") are read as they are;
   - colour (RGB, palette, CMYK, YCbCr, HSV; LAB through littlecms to sRGB) becomes RGB, then
