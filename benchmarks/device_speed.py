@@ -120,8 +120,9 @@ def stage_seconds(net: str, config: Config, n_train: int, n_valid: int) -> dict:
         os.chdir(project)
         try:
             save_prepared(config.paths.prepared_summary,
-                          {config.paths.train_faces: faces, config.paths.test_faces: faces.take(slice(0, 1))},
-                          {"source": "random faces", "data_hash": content_hash(faces)})
+                          {config.paths.train_faces: faces.stored(),
+                           config.paths.test_faces: faces.take(slice(0, 1)).stored()},
+                          {"source": "random faces", "data_hash": content_hash(faces.stored())})
             clock = EpochClock(CountingCheckpoint())
             with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}), \
                     open(os.devnull, "w") as console, contextlib.redirect_stdout(console):

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -47,6 +49,9 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "learning_rate", "moment
 N_PICTURED_FACES = 16
 # A key that params.yaml or models/<net>.json lacks, as the refusal names it.
 NOT_SET = "(not set)"
+# A bootstrap running longer than this (evaluate.bootstrap_resamples in the hundreds of thousands)
+# says how far it has got.
+PROGRESS_SECONDS = 5
 
 
 def read_history(path: Path) -> pd.DataFrame:
@@ -88,6 +93,19 @@ def check_weights(path: Path, info: dict, model: torch.nn.Module, info_path: Pat
     if weights_checksum(model) != info[WEIGHTS_TAG]:
         raise PipelineError(f"{path}: not the weights {info_path} records ({info[WEIGHTS_TAG][:12]}...): restore both "
                             "with `dvc checkout`, or train the net again with `dvc repro`")
+
+
+def bootstrap_progress(resamples: int, seconds: Callable[[], float] = time.monotonic) -> Callable[[int, int], None]:
+    """A line on stderr after each comparison, once the bootstrap has run PROGRESS_SECONDS."""
+    started = seconds()
+
+    def said(done: int, total: int) -> None:
+        elapsed = seconds() - started
+        if elapsed >= PROGRESS_SECONDS:
+            print(f"evaluate: bootstrap: {done} of {total} comparisons done ({resamples} resamples each, "
+                  f"{elapsed:.0f} s)", file=sys.stderr, flush=True)
+
+    return said
 
 
 def mlflow_metrics(results: dict, net: str) -> dict[str, float]:
@@ -189,7 +207,7 @@ def point_aliases(model_name: str, versions: dict[str, ModelVersion | None]) -> 
         print(f"warning: the aliases of {model_name} were not moved in MLflow ({error})", file=sys.stderr)
 
 
-@reports_errors
+@reports_errors(memory_knobs="lower evaluate.bootstrap_resamples or a net's hidden, or use fewer test faces")
 def main() -> None:
     config = load_config()
     # The nets' forward passes too give the same bits on any CPU where their training did.
@@ -210,8 +228,9 @@ def main() -> None:
     baseline = mean_shape(train.y, len(test))
     face_errors = {**{net: face_squared_errors_px(predictions[net], test.y) for net in nets},
                    "baseline": face_squared_errors_px(baseline, test.y)}
+    resamples = config.evaluate.bootstrap_resamples
     results = summarize({net: score(predictions[net], test.y) for net in nets}, score(baseline, test.y), histories,
-                        face_errors, config.evaluate.bootstrap_resamples, config.evaluate.seed)
+                        face_errors, resamples, config.evaluate.seed, bootstrap_progress(resamples))
     for net in nets:  # the epoch whose weights were tested, for the report (report.kept_weights)
         results[net]["kept_epoch"] = infos[net].get("kept_epoch")
     write_json(paths.test_figures, dvc_metrics(results, nets))

@@ -7,10 +7,13 @@
 
 Run from the project root: the model is <paths.models>/<net>.pt, as params.yaml says, or the
 MLflow model a models:/ URI names in the project's tracking store. It runs on
-the CPU, which predicts even Kaggle's 1783 test faces in seconds. Images of any size are
-converted to 8-bit grayscale and resized to 96x96, the faces the net was trained on.
+the CPU, which predicts even Kaggle's 1783 test faces in seconds. It reads and predicts
+--batch-size faces at a time: its memory is that of a batch, whatever the number of faces.
 
-Images of every mode Pillow opens keep their real range in that conversion (the first frame of
+What a good input is, and the pixels the keypoints are given in (each image's own, the aspect
+ratio kept by padding): GOOD_INPUT below, the epilog of --help.
+
+Images of every mode Pillow opens keep their real range in the conversion to gray (the first frame of
 a file with several):
   - 8-bit grayscale ("L") and black and white ("1") are read as they are;
   - colour (RGB, palette, CMYK, YCbCr, HSV; LAB through littlecms to sRGB) becomes RGB, then
@@ -23,6 +26,8 @@ a file with several):
   - 32-bit floats ("F") must be finite: within 0..1 they are multiplied by 255, within 0..255
     read as they are (rounded), and any other range is refused, naming the range found.
 A file that is not an image, or one refused above, stops the command with one line naming it.
+No output (--output, --submission, a picture of --draw) may be an input or another output: that
+is refused in one line before anything is written.
 """
 
 from __future__ import annotations
@@ -34,18 +39,18 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, ImageOps
 
 from pipeline.base.config import Config, load_config
 from pipeline.base.errors import PipelineError, counted, reports_errors
 from pipeline.base.files import atomic_write, read_json, write_text
 from pipeline.base.weights import load_model
-from pipeline.evaluation.metrics import predict
+from pipeline.evaluation.metrics import PREDICTION_BATCH, predict
 from pipeline.evaluation.plots import draw_keypoints
 from pipeline.faces import kaggle
 from pipeline.faces.data import images_of, pixels_of, unscale_keypoints
@@ -60,6 +65,10 @@ COMPRESSED_SUFFIXES = (".gz", ".zip", ".bz2", ".xz", ".zst")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 # Pillow converts LAB to no other mode; littlecms turns it into sRGB.
 LAB_TO_SRGB = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+GOOD_INPUT = ("A good input is a face cropped as Kaggle's are: the face filling the picture from the eyebrows to the "
+              "chin, upright, seen from the front. Each image is turned as its EXIF orientation says, made gray, "
+              "padded to a square with its edge pixels (the aspect ratio kept) and scaled to 96x96; the keypoints "
+              "come back in the pixels of the image as viewers show it, (0, 0) the centre of its top-left pixel.")
 
 
 @dataclass(frozen=True)
@@ -70,8 +79,29 @@ class NamedFaces:
     images: np.ndarray
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An image file's faces as uint8 (96, 96); main() has checked the path (check_input)."""
+@dataclass(frozen=True)
+class Frame:
+    """Where the net's 96x96 face lies in an image: the image padded to a square of `side` pixels,
+    with its own pixels from column `left` and row `top`, then scaled to 96."""
+
+    side: int
+    left: int = 0
+    top: int = 0
+
+    def to_image(self, keypoints: np.ndarray) -> np.ndarray:
+        """Keypoints (30 pixels of the 96x96 face, x then y) in the image's pixels. A pixel's centre is
+        its coordinate in both, as Pillow scales images: pixel i of 96 spans side/96 of the square's."""
+        points = (keypoints.reshape(-1, 2) + 0.5) * (self.side / IMAGE_SIZE) - 0.5 - (self.left, self.top)
+        return points.reshape(keypoints.shape)
+
+
+# test.csv's faces are the net's own 96x96 pixels.
+FACE_FRAME = Frame(IMAGE_SIZE)
+
+
+def open_gray(path: Path) -> Image.Image:
+    """An image file as 8-bit grayscale at its own size, turned as viewers show it (EXIF orientation);
+    main() has checked the path (check_input)."""
     try:
         # Pillow warns of an image larger than it trusts with a warning of its own and its source line,
         # and refuses one twice that large: the first is said in one line here, the second refused in one.
@@ -79,12 +109,28 @@ def read_image(path: Path) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 warn_if_huge(path, image)
-                gray = grayscale(path, image)
+                return grayscale(path, ImageOps.exif_transpose(image))
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise PipelineError(f"{path}: not a readable image ({error})") from None
-    if gray.size != (IMAGE_SIZE, IMAGE_SIZE):
+
+
+def face_of(gray: Image.Image) -> tuple[np.ndarray, Frame]:
+    """The net's uint8 (96, 96) face of a gray image, padded to a square with its edge pixels, and where
+    that face lies in the image."""
+    width, height = gray.size
+    frame = Frame(max(width, height), (max(width, height) - width) // 2, (max(width, height) - height) // 2)
+    if width != height:
+        pixels = np.asarray(gray)
+        gray = Image.fromarray(np.pad(pixels, ((frame.top, frame.side - height - frame.top),
+                                               (frame.left, frame.side - width - frame.left)), mode="edge"))
+    if frame.side != IMAGE_SIZE:
         gray = gray.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-    return np.asarray(gray, dtype=np.uint8)
+    return np.asarray(gray, dtype=np.uint8), frame
+
+
+def read_face(path: Path) -> tuple[np.ndarray, Frame]:
+    """An image file's face as uint8 (96, 96), and where it lies in the image."""
+    return face_of(open_gray(path))
 
 
 def check_input(path: Path, expected: str, named_in_output: bool = False) -> None:
@@ -177,13 +223,16 @@ def float_levels(path: Path, pixels: np.ndarray) -> np.ndarray:
     )
 
 
-def read_test_csv(path: Path) -> NamedFaces:
-    image_ids, images = kaggle.read_test_csv(path)
-    return NamedFaces([str(image_id) for image_id in image_ids], images)
+def image_batches(paths: list[Path], batch_size: int) -> Iterator[tuple[NamedFaces, list[Frame]]]:
+    for start in range(0, len(paths), batch_size):
+        batch = paths[start:start + batch_size]
+        faces, frames = zip(*(read_face(path) for path in batch))
+        yield NamedFaces([str(path) for path in batch], np.stack(faces)), list(frames)
 
 
-def read_images(paths: list[Path]) -> NamedFaces:
-    return NamedFaces([str(path) for path in paths], np.stack([read_image(path) for path in paths]))
+def test_csv_batches(path: Path, batch_size: int) -> Iterator[tuple[NamedFaces, list[Frame]]]:
+    for image_ids, images in kaggle.read_test_csv(path, batch_size):
+        yield NamedFaces(image_ids, images), [FACE_FRAME] * len(image_ids)
 
 
 def predict_pixels(model, faces: NamedFaces) -> np.ndarray:
@@ -191,18 +240,33 @@ def predict_pixels(model, faces: NamedFaces) -> np.ndarray:
     return unscale_keypoints(predict(model, images_of(faces.images[:, None])))
 
 
-def predictions_table(faces: NamedFaces, keypoints: np.ndarray) -> pd.DataFrame:
+def predict_all(keypoints_of: Callable[[NamedFaces], np.ndarray], description: Callable[[], str],
+                batches: Iterator[tuple[NamedFaces, list[Frame]]]) -> tuple[list[str], np.ndarray]:
+    """Every face's name and keypoints in its image's pixels, a batch at a time; which training the net
+    comes from is said once the first batch is read."""
+    names, keypoints = [], []
+    for faces, frames in batches:
+        if not names:
+            print(f"predict: {description()}", flush=True)
+        names += faces.names
+        keypoints += [frame.to_image(points) for frame, points in zip(frames, keypoints_of(faces))]
+    return names, np.array(keypoints)
+
+
+def predictions_table(names: list[str], keypoints: np.ndarray) -> pd.DataFrame:
     table = pd.DataFrame(keypoints, columns=KEYPOINT_COLUMNS)
-    table.insert(0, "ImageId", faces.names)
+    table.insert(0, "ImageId", names)
     return table
 
 
-def submission_table(lookup_path: Path, lookup: pd.DataFrame, test_path: Path, faces: NamedFaces,
+def submission_table(lookup_path: Path, lookup: pd.DataFrame, test_path: Path, image_ids: list[str],
                      keypoints: np.ndarray) -> pd.DataFrame:
-    """The Location of each RowId of the lookup table, in pixels clipped to the image."""
-    image_ids = integer_column(lookup_path, lookup, "ImageId")
-    rows = pd.Index([int(name) for name in faces.names]).get_indexer(image_ids)
-    check_rows(lookup_path, rows < 0, lambda row: f"ImageId {image_ids[row]} is not in {test_path}")
+    """The Location of each RowId of the lookup table, in pixels clipped to the image. The ids are
+    matched as integers of any size, and RowId is written as the lookup table gives it."""
+    wanted = integer_column(lookup_path, lookup, "ImageId")
+    row_of = {int(image_id): row for row, image_id in enumerate(image_ids)}
+    rows = np.array([row_of.get(int(image_id), -1) for image_id in wanted])
+    check_rows(lookup_path, rows < 0, lambda row: f"ImageId {wanted[row]} is not in {test_path}")
     columns = pd.Index(KEYPOINT_COLUMNS).get_indexer(lookup["FeatureName"].str.strip())
     check_rows(lookup_path, columns < 0, lambda row: f"unknown FeatureName {lookup['FeatureName'].iloc[row]!r}")
     return pd.DataFrame({
@@ -211,20 +275,43 @@ def submission_table(lookup_path: Path, lookup: pd.DataFrame, test_path: Path, f
     })
 
 
-def picture_names(folder: Path, faces: NamedFaces) -> list[Path]:
+def picture_names(folder: Path, names: list[str]) -> list[Path]:
     """<folder>/<name>.png per face, after the image's file name or its ImageId, checked to be distinct."""
-    stems = [Path(name).stem for name in faces.names]
+    stems = [Path(name).stem for name in names]
     repeated = pd.Series(stems).duplicated().to_numpy()
     if repeated.any():
-        name = faces.names[int(np.argmax(repeated))]
+        name = names[int(np.argmax(repeated))]
         raise PipelineError(f"{name}: another input has the same file name, so --draw would overwrite its picture")
     return [folder / f"{stem}.png" for stem in stems]
 
 
-def draw_all(paths: list[Path], faces: NamedFaces, keypoints: np.ndarray) -> None:
-    for path, image, points in zip(paths, faces.images, keypoints):
+def check_apart(outputs: list[tuple[str, Path]], inputs: list[Path]) -> None:
+    """Refuse, in one line, an output that is an input (the same file, by any name or link) or
+    another output: nothing the user gave is ever written over."""
+    identities = {(status.st_dev, status.st_ino): path for path in inputs for status in [path.stat()]}
+    seen: dict[Path, str] = {}
+    for option, path in outputs:
+        if path.exists():
+            status = path.stat()
+            replaced = identities.get((status.st_dev, status.st_ino))
+            if replaced is not None:
+                raise PipelineError(f"{option} {path}: is the input {replaced}, which predict never writes over: "
+                                    "give another path")
+        where = path.resolve()
+        if where in seen:
+            raise PipelineError(f"{option} {path}: is also where {seen[where]} goes: give each output its own path")
+        seen[where] = f"{option} {path}"
+
+
+def draw_all(paths: list[Path], images: Iterator[np.ndarray], keypoints: np.ndarray) -> None:
+    for path, image, points in zip(paths, images, keypoints):
         with atomic_write(path) as temporary:
             draw_keypoints(image, points).save(temporary, format="PNG")
+
+
+def originals(paths: list[Path]) -> Iterator[np.ndarray]:
+    """The image files as predict read them, at their own size: gray, turned as viewers show them."""
+    return (np.asarray(open_gray(path)) for path in paths)
 
 
 def is_csv_name(path: Path) -> bool:
@@ -310,6 +397,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.predict",
         description="Predict the 15 facial keypoints of face images or of a Kaggle test.csv.",
+        epilog=GOOD_INPUT,
     )
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                         help="face images (PNG, JPG, TIFF, ...), or one test.csv with columns ImageId,Image")
@@ -317,16 +405,25 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="the trained net to use: a net of params.yaml, its weights in models/ (default: net5), "
                              "or a model of the MLflow Model Registry, such as models:/facial-keypoints@champion")
     parser.add_argument("--output", type=Path, default=Path("predictions.csv"),
-                        help="the keypoints in pixels, one row per image (default: predictions.csv)")
-    parser.add_argument("--draw", type=Path, metavar="DIR", help="also write each face with its keypoints here")
+                        help="the keypoints in each image's pixels, one row per image (default: predictions.csv)")
+    parser.add_argument("--draw", type=Path, metavar="DIR",
+                        help="also write each image here, at its own size, with its keypoints")
     parser.add_argument("--lookup", type=Path, metavar="CSV",
                         help="Kaggle's IdLookupTable.csv: write a submission for test.csv")
     parser.add_argument("--submission", type=Path, default=Path("submission.csv"),
                         help="where --lookup writes RowId,Location (default: submission.csv)")
+    parser.add_argument("--batch-size", type=positive, default=PREDICTION_BATCH, metavar="N",
+                        help=f"faces read and predicted at once: the command's memory (default: {PREDICTION_BATCH})")
     return parser.parse_args(argv)
 
 
-@reports_errors
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+@reports_errors(memory_knobs="lower --batch-size")
 def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     is_test_csv = [is_csv_name(path) for path in args.inputs]
@@ -343,21 +440,30 @@ def main(argv: list[str] | None = None) -> None:
         check_input(path, "a test.csv" if any(is_test_csv) else "an image file", named_in_output=not any(is_test_csv))
     if args.lookup:
         check_input(args.lookup, "Kaggle's IdLookupTable.csv")
+    inputs = [*args.inputs, *([args.lookup] if args.lookup else [])]
+    outputs = [("--output", args.output), *([("--submission", args.submission)] if args.lookup else [])]
+    check_apart(outputs, inputs)
     keypoints_of, description = load_predictor(load_config(), args.net)
-    faces = read_test_csv(args.inputs[0]) if any(is_test_csv) else read_images(args.inputs)
-    pictures = picture_names(args.draw, faces) if args.draw else []
-    print(f"predict: {description()}", flush=True)
-    keypoints = keypoints_of(faces)
+
+    def batches() -> Iterator[tuple[NamedFaces, list[Frame]]]:
+        if any(is_test_csv):
+            return test_csv_batches(args.inputs[0], args.batch_size)
+        return image_batches(args.inputs, args.batch_size)
+
+    names, keypoints = predict_all(keypoints_of, description, batches())
     # Every input is checked before anything is written, so a bad row leaves no partial output.
     lookup = read_table(args.lookup, LOOKUP_COLUMNS, dtype=str, keep_default_na=False) if args.lookup else None
-    submission = submission_table(args.lookup, lookup, args.inputs[0], faces, keypoints) if args.lookup else None
-    write_text(args.output, predictions_table(faces, keypoints).to_csv(index=False, float_format="%.4f"))
-    print(f"predict: {args.net} on {counted(len(faces.names), 'face')} -> {args.output}")
+    submission = submission_table(args.lookup, lookup, args.inputs[0], names, keypoints) if args.lookup else None
+    pictures = picture_names(args.draw, names) if args.draw else []
+    check_apart([*outputs, *(("--draw", picture) for picture in pictures)], inputs)
+    write_text(args.output, predictions_table(names, keypoints).to_csv(index=False, float_format="%.4f"))
+    print(f"predict: {args.net} on {counted(len(names), 'face')} -> {args.output}")
     if submission is not None:
         write_text(args.submission, submission.to_csv(index=False, float_format="%.4f"))
         print(f"predict: {len(submission)} rows of {args.lookup} -> {args.submission}")
     if pictures:
-        draw_all(pictures, faces, keypoints)
+        faces = (face for batch, _ in batches() for face in batch.images)
+        draw_all(pictures, faces if any(is_test_csv) else originals(args.inputs), keypoints)
         print(f"predict: {counted(len(pictures), 'picture')} of the keypoints -> {args.draw}")
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 from pipeline.base.config import PARAMS_FILE, load_config
 from pipeline.base.errors import PipelineError, counted, reports_errors
 from pipeline.evaluation.plots import face_grid
-from pipeline.faces.data import (FaceSet, LoadReport, content_hash, load, pixels_of, save_prepared, split,
-                                 unscale_keypoints)
+from pipeline.faces.data import LoadReport, StoredFaces, content_hash, load_split, save_prepared, unscale_keypoints
 
 N_SAMPLE_FACES = 16
 TEST_FRACTION = "prepare.test_fraction"
@@ -20,14 +19,13 @@ FEW_TRAIN_FACES = 50
 FEW_TEST_FACES = 10
 
 
-@reports_errors
+@reports_errors(memory_knobs="use fewer faces (a smaller data.csv, or synthetic.n_faces)")
 def main() -> None:
     config = load_config()
     source = config.source_csv
-    faces, report = load(source, seed=config.prepare.seed)
-    warn_of_repeats(source, report)
     fraction = config.prepare.test_fraction
-    train, test = split(faces, fraction, seed=config.prepare.seed, key=TEST_FRACTION)
+    train, test, report = load_split(source, config.prepare.seed, fraction, TEST_FRACTION)
+    warn_of_repeats(source, report)
     check_portions(train, test, fraction)
     paths = config.paths
     summary = save_prepared(paths.prepared_summary, {paths.train_faces: train, paths.test_faces: test}, {
@@ -42,8 +40,8 @@ def main() -> None:
     samples = train.take(slice(0, N_SAMPLE_FACES))
     face_grid(
         Path(paths.plots) / "samples.png",
-        images=pixels_of(samples.X[:, 0]),
-        keypoints=unscale_keypoints(samples.y),
+        images=samples.pixels[:, 0],
+        keypoints=unscale_keypoints(samples.keypoints),
         title=f"{N_SAMPLE_FACES} training faces from {source}",
     )
     print(
@@ -63,7 +61,7 @@ def warn_of_repeats(source: Path, report: LoadReport) -> None:
           file=sys.stderr)
 
 
-def check_portions(train: FaceSet, test: FaceSet, fraction: float) -> None:
+def check_portions(train: StoredFaces, test: StoredFaces, fraction: float) -> None:
     """Refuse a training portion the train stage cannot fit and validate on; warn, in one line, of
     portions so small that the training or its test figures say little."""
     if len(train) < MIN_TRAINABLE:

@@ -8,7 +8,7 @@ from pipeline.faces.kaggle import write_training_csv
 from pipeline.faces.synthetic import render_faces
 
 
-@reports_errors
+@reports_errors(memory_knobs="lower synthetic.n_faces")
 def main() -> None:
     config = load_config()
     settings = config.synthetic

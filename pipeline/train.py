@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import resource
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.base.config import Config, TrainConfig, flatten, load_config
 from pipeline.base.errors import Interrupted, PipelineError, reports_errors
 from pipeline.base.files import atomic_write, exclusive_lock, write_json
-from pipeline.base.model import KeypointNet
+from pipeline.base.model import HIDDEN, KeypointNet, parameter_count
 from pipeline.base.sources import code_hash
 from pipeline.base.weights import save_model, weights_checksum
 from pipeline.evaluation.colours import net_colour
@@ -46,6 +47,12 @@ from pipeline.training.optim import NesterovSGD
 
 # Where the checkpoint keeps the MLflow run it continues.
 RUN_KEY = "mlflow_run_id"
+# The float32 copies of a net's parameters that a training holds at once: the weights, their gradients
+# and momentum; KeepBest's copy of the weights; the checkpoint's two epoch states and its writer's,
+# each weights and momentum; and the checkpoint file's bytes while it is serialised.
+PARAMETER_COPIES = 12
+PARAMETER_BYTES = 4
+MEMORY_KNOBS = "lower train.batch_size, or nets.<net>.hidden"
 
 
 def memory_format(config: Config) -> torch.memory_format:
@@ -120,14 +127,38 @@ def kept_weights(net_name: str, history: list[dict], settings: TrainConfig) -> s
     return line
 
 
-@reports_errors
+def memory_limit() -> int:
+    """The bytes this process may use at most: the machine's memory, or less under `ulimit -v`."""
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return physical if soft == resource.RLIM_INFINITY else min(physical, soft)
+
+
+def check_net_fits(config: Config, net_name: str) -> None:
+    """Refuse, before any work, a net whose parameters alone cannot fit in memory as it trains."""
+    hidden = config.net(net_name).hidden or HIDDEN
+    parameters = parameter_count(**config.net(net_name).model_options())
+    needed, limit = parameters * PARAMETER_BYTES * PARAMETER_COPIES, memory_limit()
+    if needed > limit:
+        raise PipelineError(
+            f"nets.{net_name}.hidden: {hidden} makes a net of {parameters:,} parameters, and training it needs "
+            f"{gigabytes(needed)} for them ({PARAMETER_COPIES} copies), more than the {gigabytes(limit)} of memory "
+            "this process may use: use a smaller hidden"
+        )
+
+
+def gigabytes(count: int) -> str:
+    return f"{count / 1e9:,.1f} GB"
+
+
+@reports_errors(memory_knobs=MEMORY_KNOBS)
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise PipelineError("usage: python -m pipeline.train <net>")
     net_name = args[0]
     config = load_config()
-    config.net(net_name)
+    check_net_fits(config, net_name)
     ranks = Ranks.from_environment()
     # The lead process of a training holds its net's lock, so that two trainings of one net (a second
     # `dvc repro` beside an orphaned one, say) never write the same checkpoint and MLflow run.

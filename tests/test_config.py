@@ -49,7 +49,9 @@ def test_missing_key_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, fragment", [
-    ("max_epochs", 0, "train.max_epochs must be at least 1"),
+    ("max_epochs", 0, "train.max_epochs must be in 1..100_000, got 0"),
+    ("max_epochs", 10**10, "train.max_epochs must be in 1..100_000, got 10000000000"),
+    ("batch_size", 10**9, "train.batch_size must be in 1..65_536"),
     ("max_epochs", 2.5, "train.max_epochs must be an integer"),
     ("max_epochs", True, "train.max_epochs must be an integer"),
     ("valid_fraction", 1.0, "train.valid_fraction must be strictly between 0 and 1"),
@@ -211,9 +213,10 @@ def test_nets_are_recorded_with_the_keys_they_were_given(tmp_path):
     ({**NET6, "dropout": 0.5}, "nets.net6.dropout must be a list of 4 values, got 0.5"),
     ({**NET6, "dropout": None}, "nets.net6.dropout must be a list of 4 values, got None"),
     ({**NET6, "dropout": [0.1, "a", 0.3, 0.5]}, "nets.net6.dropout[1] must be a number, got 'a'"),
-    ({**NET6, "hidden": 0}, "nets.net6.hidden must be at least 1"),
+    ({**NET6, "hidden": 0}, "nets.net6.hidden must be in 1..100_000, got 0"),
+    ({**NET6, "hidden": 10_000_000}, "nets.net6.hidden must be in 1..100_000, got 10000000"),
     ({**NET6, "hidden": 1000.0}, "nets.net6.hidden must be an integer"),
-    ({**NET6, "max_epochs": 0}, "nets.net6.max_epochs must be at least 1"),
+    ({**NET6, "max_epochs": 0}, "nets.net6.max_epochs must be in 1..100_000"),
     ({**NET6, "patience": -1}, "nets.net6.patience must be 0 (no early stopping) or more"),
     ({**NET6, "dropuot": [0.1, 0.2, 0.3, 0.5]}, "unknown key nets.net6.dropuot (did you mean nets.net6.dropout?)"),
     ({**NET6, "batch_size": 64}, "unknown key nets.net6.batch_size"),
@@ -250,3 +253,35 @@ def test_a_training_of_a_net_named_as_a_path_writes_nothing_outside_the_project(
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith("error: params.yaml: nets: '../../escape' is not a net name")
     assert sorted(path.name for path in tmp_path.rglob("*")) == ["a", "params.yaml", "project"]
+
+
+@pytest.mark.parametrize("section, key, value, fragment", [
+    ("synthetic", "n_faces", 1_000_000_000, "synthetic.n_faces must be in 1..1_000_000, got 1000000000"),
+    ("evaluate", "bootstrap_resamples", 1_000_000_000, "evaluate.bootstrap_resamples must be in 100..1_000_000"),
+    ("evaluate", "bootstrap_resamples", 99, "evaluate.bootstrap_resamples must be in 100..1_000_000, got 99"),
+])
+def test_sizes_that_can_only_be_mistakes_are_refused(tmp_path, section, key, value, fragment):
+    expect_error(tmp_path, lambda p: p[section].update({key: value}), fragment)
+
+
+@pytest.mark.parametrize("change", [
+    lambda p: p["train"].update(device="x" * 100_000),
+    lambda p: p["train"].update(batch_size=[list(range(1000))] * 1000),
+    lambda p: p["train"].update(keep={"k" * 10_000: "v" * 10_000}),
+    lambda p: p["train"].update(seed=10**1000),
+    lambda p: p["nets"].update({"n" * 10_000: {"flip": "yes"}}),
+    lambda p: p["nets"]["net4"].update({"x" * 10_000: 1}),
+])
+def test_an_error_shows_at_most_80_characters_of_a_value_or_key(tmp_path, change):
+    with pytest.raises(PipelineError) as caught:
+        load_config(write_params(tmp_path, change))
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 300, message
+
+
+def test_a_net_name_of_more_than_64_characters_is_refused_before_any_stage(tmp_path):
+    """248 characters broke every other net's training after its data was loaded (its lock's file name)."""
+    name = "n" * 65
+    expect_error(tmp_path, lambda p: p["nets"].update({name: {"flip": True}}),
+                 "is a name of 65 characters: at most 64")
+    assert "n" * 64 in load_config(write_params(tmp_path, lambda p: p["nets"].update({"n" * 64: {"flip": True}}))).nets

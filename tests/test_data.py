@@ -1,3 +1,4 @@
+import functools
 import json
 import sys
 
@@ -5,10 +6,12 @@ import numpy as np
 import pytest
 
 from pipeline.base.errors import PipelineError
+from pipeline.faces import data
 from pipeline.faces.data import (
-    FaceSet, content_hash, load, load_faces, read_summary, save_prepared, scale_keypoints, split, unscale_keypoints,
+    FaceSet, content_hash, images_of, load_faces, load_split, read_summary, save_prepared, scale_keypoints, split,
+    unscale_keypoints,
 )
-from pipeline.faces.kaggle import KAGGLE_MEANS, write_training_csv
+from pipeline.faces.kaggle import KAGGLE_MEANS, read_training_chunks, read_training_csv, write_training_csv
 from project import make_project, run
 
 
@@ -20,6 +23,13 @@ def write_faces(path, n=20, incomplete=(), seed=0):
         keypoints[row, 10:12] = np.nan
     write_training_csv(path, images, keypoints)
     return images, keypoints
+
+
+def load(path, seed):
+    """Every face prepare reads from a CSV, the two portions of load_split together."""
+    rest, held_out, report = load_split(path, seed, 0.5, "prepare.test_fraction")
+    return FaceSet(images_of(np.concatenate([rest.pixels, held_out.pixels])),
+                   np.concatenate([rest.keypoints, held_out.keypoints])), report
 
 
 def test_load_scales_like_the_seed(tmp_path):
@@ -104,8 +114,8 @@ def test_load_keeps_each_image_once_so_that_no_face_is_on_both_sides_of_a_split(
 
 def prepared(folder, train=None, test=None):
     train, test = train or small_set(10), test or small_set(4)
-    save_prepared(folder / "summary.json", {folder / "train.npz": train, folder / "test.npz": test},
-                  {"data_hash": content_hash(train, test)})
+    save_prepared(folder / "summary.json", {folder / "train.npz": train.stored(), folder / "test.npz": test.stored()},
+                  {"data_hash": content_hash(train.stored(), test.stored())})
     return read_summary(folder / "summary.json")
 
 
@@ -117,9 +127,9 @@ def test_saved_faces_load_exactly_and_the_summary_holds_their_checksums(tmp_path
     loaded = load_faces(tmp_path / "prepared" / "train.npz", summary)
     np.testing.assert_array_equal(loaded.X, faces.X)
     np.testing.assert_array_equal(loaded.y, faces.y)
-    assert content_hash(loaded) == content_hash(faces)
+    assert content_hash(loaded.stored()) == content_hash(faces.stored())
     changed = FaceSet(faces.X, faces.y + 1e-3)
-    assert content_hash(changed) != content_hash(faces)
+    assert content_hash(changed.stored()) != content_hash(faces.stored())
 
 
 def test_a_changed_pixel_is_refused_naming_the_file(tmp_path):
@@ -221,3 +231,23 @@ def test_prepare_refuses_a_fraction_that_leaves_nothing_to_train_on_naming_the_k
     assert result.returncode == 2 and result.stderr.splitlines() == [error]
     assert not (project / "data/prepared").exists()
 
+
+
+def test_streamed_loading_is_the_whole_files_shuffle_and_split_across_chunk_and_block_borders(tmp_path, monkeypatch):
+    """What prepare did with the whole file in memory: complete rows, each image once, shuffled, split."""
+    images, keypoints = write_faces(tmp_path / "t.csv", n=40, incomplete=[0, 9, 10, 33])
+    images[[17, 25]] = images[5]  # repeats, dropped
+    write_training_csv(tmp_path / "t.csv", images, keypoints)
+    monkeypatch.setattr(data, "read_training_chunks", functools.partial(read_training_chunks, rows=3))
+    monkeypatch.setattr(data, "BLOCK_FACES", 4)
+    rest, held_out, report = load_split(tmp_path / "t.csv", 7, 0.25, "prepare.test_fraction")
+
+    whole_images, whole_keypoints = read_training_csv(tmp_path / "t.csv")
+    kept = [row for row in range(40) if row not in (0, 9, 10, 33, 17, 25)]
+    order = np.random.default_rng(7).permutation(len(kept))
+    faces = FaceSet(images_of(whole_images[kept][order, None]), scale_keypoints(whole_keypoints[kept][order]))
+    expected_rest, expected_held_out = split(faces, 0.25, seed=7, key="prepare.test_fraction")
+    for streamed, expected in ((rest, expected_rest), (held_out, expected_held_out)):
+        np.testing.assert_array_equal(streamed.pixels, expected.stored().pixels)
+        np.testing.assert_array_equal(streamed.keypoints, expected.y)
+    assert report.n_rows == 40 and report.n_dropped == 4 and report.repeated == {19: 7, 27: 7}

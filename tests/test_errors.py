@@ -81,6 +81,32 @@ def test_a_program_that_says_its_own_interrupt_keeps_its_line(capsys):
     assert interrupted_line(capsys, main) == "error: train net4 interrupted in epoch 3; its checkpoint keeps epochs 1-2\n"
 
 
+@pytest.mark.parametrize("allocate", [
+    lambda: np.empty((10**7, 10**7)),  # numpy's _ArrayMemoryError: 800 TB
+    lambda: __import__("torch").empty(10**13),  # torch's "DefaultCPUAllocator: can't allocate memory"
+    lambda: bytearray(2**62),  # Python's MemoryError
+])
+def test_an_allocation_that_fails_is_one_line_naming_memory_and_the_knob(capsys, allocate):
+    @reports_errors(memory_knobs="lower train.batch_size")
+    def main():
+        allocate()
+
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("error: test_errors: out of memory: lower train.batch_size, or free memory "
+                                       "(other programs, ulimit -v)\n")
+
+
+def test_a_runtime_error_that_is_not_memory_stays_a_bug(capsys):
+    @reports_errors
+    def main():
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        main()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny project with both nets trained, and a face image to predict."""

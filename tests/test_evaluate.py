@@ -1,6 +1,7 @@
 import json
 import math
 import shutil
+import sys
 
 import mlflow
 import numpy as np
@@ -12,9 +13,9 @@ from pipeline import evaluate
 from pipeline.base.weights import load_model, weights_checksum
 from pipeline.evaluation.metrics import mean_shape, predict, rmse_px
 from pipeline.faces.data import load_faces, read_summary
-from pipeline.faces.kaggle import KEYPOINTS
+from pipeline.faces.kaggle import KEYPOINTS, write_training_csv
 from pipeline.tracking.runs import WEIGHTS_TAG
-from project import REPRODUCED_EPOCHS, copy_project, default_config, run, set_params
+from project import REPRODUCED_EPOCHS, copy_project, default_config, make_project, run, set_params
 
 # Every test reads a project that trained both nets through `dvc repro`.
 pytestmark = pytest.mark.slow
@@ -258,3 +259,29 @@ def test_evaluating_again_logs_no_figure_twice_and_a_changed_one_as_the_latest(c
                           else [run_.data.metrics["test_rmse_px"]])
         assert run_.data.metrics["test_rmse_px"] == values[-1]
         assert sorted(map(context_of, run_.inputs.dataset_inputs)) == ["test", "training", "validation"]
+
+
+def test_a_long_bootstrap_says_how_far_it_has_got(capsys):
+    """A billion resamples ran silently for hours; a bootstrap past PROGRESS_SECONDS says where it is."""
+    clock = iter([0.0, 1.0, evaluate.PROGRESS_SECONDS + 2.0])
+    said = evaluate.bootstrap_progress(300_000, seconds=lambda: next(clock))
+    said(1, 3)
+    assert capsys.readouterr().err == ""
+    said(2, 3)
+    assert capsys.readouterr().err == "evaluate: bootstrap: 2 of 3 comparisons done (300000 resamples each, 7 s)\n"
+
+
+@pytest.mark.slow  # the stages in processes of their own
+def test_constant_keypoints_end_in_every_picture(tmp_path):
+    """Every face labelled at the centre: the mean-shape baseline errs by 0 px, whose log crashed the
+    learning curves ("math domain error")."""
+    project = make_project(tmp_path / "project", {"data.source": "csv", "data.csv": "data/raw/training.csv"}, git=False)
+    images = np.random.default_rng(0).integers(0, 256, (120, 96, 96), dtype=np.uint8)
+    write_training_csv(project / "data/raw/training.csv", images, np.full((120, 30), 48.0))
+    for stage in (["prepare"], ["train", "net4"], ["train", "net5"], ["evaluate"]):
+        result = run(project, sys.executable, "-m", f"pipeline.{stage[0]}", *stage[1:])
+        assert "Traceback" not in result.stderr
+    assert json.loads((project / "metrics/evaluate.json").read_text())["baseline"]["test_rmse_px"] == 0.0
+    for name in evaluate.PICTURE_TITLES:
+        with Image.open(project / "plots" / name) as picture:
+            picture.verify()

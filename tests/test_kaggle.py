@@ -1,6 +1,7 @@
 import bz2
 import gzip
 import lzma
+import os
 import zipfile
 
 import numpy as np
@@ -225,3 +226,13 @@ def test_the_training_history_is_checked_as_text_too(tmp_path):
         read_history(path)
     path.write_bytes(b"\xef\xbb\xbf" + history)
     assert read_history(path)["epoch"].tolist() == [1]
+
+
+def test_a_named_pipe_given_as_the_csv_is_named_as_such_not_as_missing(tmp_path):
+    """It was "no such file". A CSV is read twice (checked, then parsed), which a pipe cannot be."""
+    os.mkfifo(tmp_path / "training.csv")
+    with pytest.raises(KaggleFormatError) as caught:
+        read_training_csv(tmp_path / "training.csv")
+    assert str(caught.value) == (f"{tmp_path / 'training.csv'}: not a regular file (a named pipe, a device or a "
+                                 "directory), which cannot be read twice as the CSV is (checked, then parsed): save it "
+                                 "to a file first")

@@ -128,7 +128,10 @@ def test_summarize_compares_every_net_with_the_baseline_and_the_first_net():
     }
     baseline = {"test_rmse_px": 4.0, "per_keypoint_rmse_px": per_keypoint}
     errors = {"net4": face_errors(2.0, seed=1), "net5": face_errors(1.5, seed=2), "baseline": face_errors(4.0, seed=3)}
-    results = summarize(scores, baseline, {"net4": history([0.5, 0.2]), "net5": history([0.4, 0.1])}, errors, 500, 0)
+    heard = []
+    results = summarize(scores, baseline, {"net4": history([0.5, 0.2]), "net5": history([0.4, 0.1])}, errors, 500, 0,
+                        progress=lambda done, total: heard.append((done, total)))
+    assert heard == [(1, 3), (2, 3), (3, 3)]  # the bootstrap's progress, comparison by comparison
     assert list(results) == ["net4", "net5", "baseline", "comparison"]
     assert results["net5"]["test_rmse_px"] == 1.5 and results["net5"]["best_valid_loss"] == 0.1
     assert results["baseline"] == baseline

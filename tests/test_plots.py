@@ -140,7 +140,41 @@ def test_face_grid_with_predictions(tmp_path, drawn):
 def test_drawn_keypoints_land_on_their_pixels():
     keypoints = np.tile([10.0, 20.0], 15)  # every point on pixel (x=10, y=20)
     picture = plots.draw_keypoints(np.zeros((96, 96), dtype=np.uint8), keypoints)
-    zoom = plots.DRAWN_FACE_ZOOM
+    zoom = 4  # a 96-pixel face, enlarged to 384
     assert picture.size == (96 * zoom, 96 * zoom) and picture.mode == "RGB"
     assert picture.getpixel((10 * zoom + zoom // 2, 20 * zoom + zoom // 2)) == (255, 0, 0)
     assert picture.getpixel((40 * zoom, 40 * zoom)) == (0, 0, 0)
+
+
+def test_a_large_image_is_drawn_at_its_own_size_with_dots_that_show():
+    keypoints = np.tile([500.0, 300.0], 15)
+    picture = plots.draw_keypoints(np.zeros((768, 1024), dtype=np.uint8), keypoints)
+    assert picture.size == (1024, 768)
+    assert picture.getpixel((500, 300)) == picture.getpixel((508, 300)) == (255, 0, 0)  # 10.7 pixels of radius
+    assert picture.getpixel((520, 300)) == (0, 0, 0)
+
+
+def test_a_legend_of_ten_nets_stays_within_the_picture(tmp_path, drawn):
+    """With a column per net, ten nets' legend ran off both edges of keypoint_errors.png."""
+    nets = [f"net{index}" for index in range(10)]
+    errors = {label: {name: 2.0 + index / 10 for name in KEYPOINTS} for index, label in enumerate([*nets, "baseline"])}
+    plots.keypoint_errors(tmp_path / "keypoint_errors.png", errors)
+    figures = [drawn()]
+    plots.learning_curves(tmp_path / "learning_curves.png", {net: curves()["net4"] for net in nets}, baseline_rmse_px=3.7)
+    for figure in [*figures, drawn()]:
+        renderer = figure.canvas.get_renderer()
+        legend = figure.axes[0].get_legend().get_window_extent(renderer)
+        title = figure.axes[0].title.get_window_extent(renderer)
+        assert 0 <= legend.x0 and legend.x1 <= figure.bbox.width and legend.y1 <= figure.bbox.height
+        assert title.y0 >= legend.y1 - 1  # the title above the legend, not over it
+
+
+def test_a_baseline_of_no_error_is_said_in_the_legend_of_a_log_axis(tmp_path, drawn):
+    """Constant keypoints (every face labelled at the centre) made the baseline 0 px: log10(0) crashed evaluate."""
+    plots.learning_curves(tmp_path / "curves.png", curves(), baseline_rmse_px=0.0)
+    axis = drawn().axes[0]
+    assert axis.get_yscale() == "log"
+    assert "mean-shape baseline (test): 0 px, no error" in [line.get_label() for line in axis.get_lines()]
+    zero = curves()["net4"].assign(train_rmse_px=0.0)
+    plots.learning_curves(tmp_path / "zero.png", {"net4": zero}, baseline_rmse_px=0.0)
+    assert drawn().axes[0].get_yscale() == "linear"

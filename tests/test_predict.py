@@ -3,6 +3,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -17,11 +18,10 @@ from pipeline.base.errors import PipelineError
 from pipeline.base.model import KeypointNet
 from pipeline.base.weights import load_model, save_model, weights_checksum
 from pipeline.faces.kaggle import KEYPOINT_COLUMNS, LOOKUP_COLUMNS, read_table
-from pipeline.predict import (NamedFaces, main, predict_pixels, read_image, read_images,
-                              submission_table)
+from pipeline.predict import Frame, NamedFaces, main, predict_pixels, read_face, submission_table
 from pipeline.tracking.runs import WEIGHTS_TAG
 from pipeline.tracking.store import connect
-from project import make_project, run
+from project import ROOT, make_project, run
 
 # Every 8-bit level, in a 96x96 face so that no resizing blurs the comparison.
 GRADIENT = (np.arange(96 * 96) % 256).astype(np.uint8).reshape(96, 96)
@@ -45,6 +45,11 @@ def workdir(project, tmp_path, monkeypatch):
     shutil.copytree(project / "models", tmp_path / "models")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def read_image(path):
+    """The net's 96x96 face of an image file."""
+    return read_face(path)[0]
 
 
 def random_pixels(shape, seed=0):
@@ -75,10 +80,12 @@ def test_the_command_predicts_a_png_and_draws_it(project, tmp_path):
     table = pd.read_csv(tmp_path / "keypoints.csv")
     assert list(table.columns) == ["ImageId", *KEYPOINT_COLUMNS]
     assert table["ImageId"].tolist() == [str(tmp_path / "face.png")]
-    expected = predict_pixels(load_model(project / "models" / "net5.pt"), read_images([tmp_path / "face.png"]))
+    face, frame = read_face(tmp_path / "face.png")
+    assert frame == Frame(side=120, left=10, top=0)  # 100 wide, 120 high: padded on both sides
+    expected = frame.to_image(predict_pixels(load_model(project / "models" / "net5.pt"), NamedFaces(["face"], face[None])))
     np.testing.assert_allclose(table[list(KEYPOINT_COLUMNS)].to_numpy(), expected, atol=1e-3)
     with Image.open(tmp_path / "drawn" / "face.png") as drawn:
-        assert drawn.size == (384, 384)
+        assert drawn.size == (300, 360)  # the image itself, enlarged 3 times
 
 
 def test_images_become_96_pixel_grayscale(tmp_path):
@@ -210,7 +217,7 @@ def test_images_of_every_mode_become_8_bit_gray_in_their_real_range(tmp_path, wr
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "P"])
 def test_8_bit_gray_colour_and_palette_images_decode_as_before(tmp_path, mode):
-    image = Image.fromarray(random_pixels((120, 100, 3))).convert(mode)
+    image = Image.fromarray(random_pixels((120, 120, 3))).convert(mode)
     path = saved(image, tmp_path / "face.png")
     with Image.open(path) as reopened:
         before = reopened.convert("L").resize((96, 96), Image.Resampling.LANCZOS)
@@ -261,12 +268,11 @@ def test_a_kaggle_submission(workdir):
 
 
 def test_submission_locations_are_clipped_to_the_image(tmp_path):
-    faces = NamedFaces(["1"], random_pixels((1, 96, 96)))
     keypoints = np.full((1, 30), 50.0)
     keypoints[0, :2] = [-5.0, 100.0]
     lookup = pd.DataFrame({"RowId": ["1", "2", "3"], "ImageId": ["1", "1", "1"],
                            "FeatureName": ["left_eye_center_x", "left_eye_center_y", "nose_tip_x"]})
-    submission = submission_table(tmp_path / "lookup.csv", lookup, tmp_path / "test.csv", faces, keypoints)
+    submission = submission_table(tmp_path / "lookup.csv", lookup, tmp_path / "test.csv", ["1"], keypoints)
     assert submission["Location"].tolist() == [0.0, 96.0, 50.0]
 
 
@@ -516,3 +522,116 @@ def test_a_models_uri_that_names_no_model_is_one_line(workdir, capsys, temporary
     assert capsys.readouterr().err == f"error: {problem.format(store=temporary_tracking_store)}\n"
     assert not (workdir / "predictions.csv").exists()
     assert Path(temporary_tracking_store.removeprefix("sqlite:///")).exists() == bool(store)  # none created
+
+
+def test_keypoints_come_back_in_the_pixels_of_the_image_given():
+    """Issue: an eye at x=116 of a 200-pixel-wide photo came back as x=64.3, in the 96-pixel face's frame."""
+    face_keypoints = np.tile([55.44, 47.5], 15)
+    in_photo = Frame(side=200, left=0, top=25).to_image(face_keypoints)
+    assert in_photo[0] == pytest.approx(116.04, abs=0.01)
+    assert in_photo[1] == pytest.approx(99.5 - 25)  # the face's centre row is the square's, less the padding above
+    np.testing.assert_array_equal(Frame(side=96).to_image(face_keypoints), face_keypoints)
+
+
+def test_a_narrow_image_is_padded_to_a_square_so_its_aspect_ratio_is_kept(workdir):
+    narrow = random_pixels((120, 100))  # 100 wide, 120 high
+    Image.fromarray(narrow).save(workdir / "narrow.png")
+    Image.fromarray(np.pad(narrow, ((0, 0), (10, 10)), mode="edge")).save(workdir / "square.png")
+    assert read_face(workdir / "narrow.png")[1] == Frame(side=120, left=10, top=0)
+    np.testing.assert_array_equal(read_image(workdir / "narrow.png"), read_image(workdir / "square.png"))
+    main(["narrow.png", "square.png"])
+    keypoints = pd.read_csv(workdir / "predictions.csv")[list(KEYPOINT_COLUMNS)].to_numpy()
+    np.testing.assert_allclose(keypoints[0], keypoints[1] - np.tile([10.0, 0.0], 15), atol=1e-3)
+
+
+def test_a_jpeg_turned_by_its_exif_orientation_is_read_as_viewers_show_it(workdir):
+    upright = Image.fromarray(np.repeat(np.linspace(0, 255, 120, dtype=np.uint8)[None], 100, axis=0))  # 120 wide
+    upright.save(workdir / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored pixels are to be turned 90 degrees clockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(workdir / "turned.jpg", quality=100, exif=exif)
+    with Image.open(workdir / "turned.jpg") as stored:
+        assert stored.size == (100, 120)  # stored sideways
+    face, frame = read_face(workdir / "turned.jpg")
+    assert frame == Frame(side=120, left=0, top=10)
+    assert np.abs(face.astype(int) - read_image(workdir / "upright.png")).max() <= 2  # JPEG's rounding
+    main(["turned.jpg", "upright.png", "--draw", "drawn"])
+    keypoints = pd.read_csv(workdir / "predictions.csv")[list(KEYPOINT_COLUMNS)].to_numpy()
+    np.testing.assert_allclose(keypoints[0], keypoints[1], atol=0.2)
+    with Image.open(workdir / "drawn" / "turned.png") as drawn:
+        assert drawn.size == (360, 300)  # the photo upright, enlarged 3 times
+
+
+def test_image_ids_of_any_size_are_kept_as_written(workdir):
+    """Through float64, 2^53 + 1 came back as 2^53; through int64, 2^63 + 5 as -9223372036854775808."""
+    ids = [2**53 + 1, 2**63 + 5, 7]
+    write_test_csv(workdir / "test.csv", ids, random_pixels((3, 96, 96)))
+    write_lookup(workdir / "lookup.csv", [(2**63 + 5, "nose_tip_x"), (2**53 + 1, "nose_tip_y")])
+    lines = (workdir / "lookup.csv").read_text().splitlines()
+    lines[2] = lines[2].replace("2,", f"{2**70},", 1)  # a RowId beyond int64 too
+    (workdir / "lookup.csv").write_text("\n".join(lines) + "\n")
+    main(["test.csv", "--lookup", "lookup.csv"])
+    assert pd.read_csv(workdir / "predictions.csv", dtype=str)["ImageId"].tolist() == [str(id_) for id_ in ids]
+    submission = pd.read_csv(workdir / "submission.csv", dtype=str)
+    assert submission["RowId"].tolist() == ["1", str(2**70)]
+    keypoints = pd.read_csv(workdir / "predictions.csv", dtype={"ImageId": str}).set_index("ImageId")
+    assert float(submission["Location"][0]) == pytest.approx(keypoints.at[str(2**63 + 5), "nose_tip_x"], abs=1e-3)
+
+
+def photos(workdir):
+    folder = workdir / "photos"
+    folder.mkdir()
+    for name in ("alice.png", "bob.png"):
+        Image.fromarray(random_pixels((96, 96))).save(folder / name)
+    os.link(folder / "bob.png", workdir / "bob-link.png")
+    return folder
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["photos/alice.png", "photos/bob.png", "--draw", "photos"], "--draw photos/alice.png: is the input photos/alice.png"),
+    (["photos/alice.png", "--output", "photos/alice.png"], "--output photos/alice.png: is the input photos/alice.png"),
+    (["photos/bob.png", "--output", "bob-link.png"], "--output bob-link.png: is the input photos/bob.png"),
+    (["test.csv", "--lookup", "photos/lookup.csv", "--output", "out.csv", "--submission", "out.csv"],
+     "--submission out.csv: is also where --output out.csv goes"),
+    (["test.csv", "--lookup", "photos/lookup.csv", "--submission", "photos/lookup.csv"],
+     "--submission photos/lookup.csv: is the input photos/lookup.csv"),
+])
+def test_no_output_ever_replaces_an_input_or_another_output(workdir, capsys, arguments, message):
+    folder = photos(workdir)
+    write_test_csv(workdir / "test.csv", [1], random_pixels((1, 96, 96)))
+    write_lookup(folder / "lookup.csv", [(1, "nose_tip_x")])
+    before = {path: path.read_bytes() for path in folder.iterdir()}
+    with pytest.raises(SystemExit) as exit_:
+        main(arguments)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error, error
+    assert {path: path.read_bytes() for path in folder.iterdir()} == before
+    assert not (workdir / "predictions.csv").exists() and not (workdir / "out.csv").exists()
+
+
+def test_the_batch_size_changes_only_memory_and_the_last_bits_of_a_sum(workdir):
+    for index in range(5):
+        Image.fromarray(random_pixels((96 + index, 90), seed=index)).save(workdir / f"face{index}.png")
+    names = [f"face{index}.png" for index in range(5)]
+    main([*names, "--batch-size", "2", "--output", "small.csv"])
+    main([*names, "--output", "large.csv"])
+    small, large = (pd.read_csv(workdir / name) for name in ("small.csv", "large.csv"))
+    assert small["ImageId"].tolist() == large["ImageId"].tolist() == names
+    np.testing.assert_allclose(small[list(KEYPOINT_COLUMNS)], large[list(KEYPOINT_COLUMNS)], atol=2e-4)
+
+
+@pytest.mark.slow  # the command in a process of its own, under a real memory limit
+def test_a_batch_beyond_the_memory_limit_is_one_line_naming_the_batch_size(workdir):
+    """1.5 GB of address space holds the command with a batch of 16 faces, not one of 1000 (1.1 GB of
+    the first layer's activations alone)."""
+    for index in range(1000):
+        Image.fromarray(random_pixels((96, 96), seed=index)).save(workdir / f"{index}.png")
+    command = f"ulimit -v 1500000; PYTHONPATH={ROOT} exec {{}} -m pipeline.predict *.png --batch-size {{}} --output {{}}"
+    small = run(workdir, "bash", "-c", command.format(sys.executable, 16, "small.csv"), check=False)
+    assert small.returncode == 0, small.stderr
+    large = run(workdir, "bash", "-c", command.format(sys.executable, 1000, "large.csv"), check=False)
+    assert large.returncode == 2 and "Traceback" not in large.stderr
+    assert large.stderr == ("error: predict: out of memory: lower --batch-size, or free memory (other programs, "
+                            "ulimit -v)\n")
+    assert not (workdir / "large.csv").exists()

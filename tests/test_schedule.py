@@ -24,3 +24,14 @@ def test_single_epoch_uses_start():
 def test_rejects_epochs_outside_the_run(epoch):
     with pytest.raises(ValueError):
         linear(0.1, 0.2, 3, epoch)
+
+
+def test_every_epoch_is_linspaces_value_to_the_bit():
+    for start, stop, max_epochs in ((0.03, 0.0001, 90), (0.9, 0.999, 90), (0.5, 0.5, 7), (1e-300, 5e-324, 5)):
+        expected = np.linspace(start, stop, max_epochs).tolist()
+        assert [linear(start, stop, max_epochs, epoch) for epoch in range(1, max_epochs + 1)] == expected
+
+
+def test_an_epoch_of_a_huge_run_is_computed_alone():
+    # linspace's array of 10^10 epochs would need 80 GB.
+    assert linear(0.03, 0.0001, 10**10, 2) == pytest.approx(0.03 - (0.03 - 0.0001) / (10**10 - 1))

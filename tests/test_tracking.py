@@ -236,6 +236,13 @@ def test_git_state_ignores_the_pipelines_own_outputs(tmp_path, monkeypatch):
     assert git_state(["metrics"]) == (commit, True)
 
 
+def test_a_git_that_fails_says_nothing_of_the_files(tmp_path, monkeypatch):
+    """It recorded git_dirty: true (a failing git: no repository here, or too few file descriptors)."""
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert git_state(["metrics"]) == ("unknown", None)
+
+
 class Server:
     """A real `mlflow server` on 127.0.0.1: SQLite backend, artifacts served from a local folder.
     Started again after a kill, it serves the same store at the same address."""

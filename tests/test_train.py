@@ -393,3 +393,47 @@ def test_a_nets_own_max_epochs_and_patience_replace_trains_for_it_alone():
     assert trainer.network.hidden == 1000
     seed = build_trainer(config, "net4", cpu)
     assert seed.max_epochs == config.train.max_epochs and not any(isinstance(c, EarlyStopping) for c in seed.callbacks)
+
+
+@pytest.fixture(scope="module")
+def prepared_for_memory(tmp_path_factory):
+    """Enough faces for a batch of 700 (about 3 GB of activations in a training step), and net6 with
+    dense layers of 20,000 (710 million parameters)."""
+    project = make_project(tmp_path_factory.mktemp("memory") / "project", {
+        "synthetic.n_faces": 1500, "train.max_epochs": 1,
+        "nets": {"net4": {"flip": False}, "net6": {"flip": False, "hidden": 20_000}},
+    }, git=False)
+    run(project, sys.executable, "-m", "pipeline.synthesize")
+    run(project, sys.executable, "-m", "pipeline.prepare")
+    return project
+
+
+def train_within(project, kilobytes, net, *changes):
+    for change in changes:
+        set_params(project, change)
+    return run(project, "bash", "-c", f"ulimit -v {kilobytes}; exec {sys.executable} -m pipeline.train {net}",
+               check=False)
+
+
+@pytest.mark.slow  # trainings in processes of their own, under real memory limits
+def test_out_of_memory_in_training_is_one_line_naming_the_knobs(prepared_for_memory):
+    """Under `ulimit -v` the first training step printed a 66-line traceback."""
+    failed = train_within(prepared_for_memory, 2_500_000, "net4", {"train.batch_size": 1000})
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    assert failed.stderr.splitlines()[-1] == ("error: train: out of memory: lower train.batch_size, or "
+                                              "nets.<net>.hidden, or free memory (other programs, ulimit -v)")
+    assert not (prepared_for_memory / "models" / "net4.pt").exists()
+    trained = train_within(prepared_for_memory, 2_500_000, "net4", {"train.batch_size": 64})
+    assert trained.returncode == 0, trained.stderr  # the same limit holds a smaller batch
+
+
+@pytest.mark.slow  # a training in a process of its own, under a real memory limit
+def test_a_net_whose_parameters_cannot_fit_is_refused_before_any_work_naming_its_hidden(prepared_for_memory):
+    """nets.net6.hidden: 10000000 started training and died with a 25-line traceback (620 GB asked)."""
+    before = sorted(prepared_for_memory.rglob("*"))
+    refused = train_within(prepared_for_memory, 4_000_000, "net6")
+    assert refused.returncode == 2
+    assert refused.stderr == ("error: nets.net6.hidden: 20000 makes a net of 710,441,502 parameters, and training it "
+                              "needs 34.1 GB for them (12 copies), more than the 4.1 GB of memory this process may use: "
+                              "use a smaller hidden\n")
+    assert sorted(prepared_for_memory.rglob("*")) == before  # no lock, checkpoint or run

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -6,6 +9,7 @@ from pipeline.base.model import KeypointNet
 from pipeline.base.weights import copy_into, load_checked, load_model, save_checked, save_model
 from pipeline.training.checkpoint import STATE_FORMAT, Checkpoint, read_training_state, write_training_state
 from loops import make_trainer
+from project import ROOT
 
 MARKER = torch.arange(1000, 1256, dtype=torch.float32)  # bytes easy to find in the file
 
@@ -107,3 +111,27 @@ def test_a_copy_of_a_state_is_its_own_and_reuses_its_buffers(host):
     assert not torch.equal(buffer, state["model"]["w"])  # not the same memory
     again = copy_into(copy, state, host=host)
     assert again["model"]["w"] is buffer and torch.equal(buffer, state["model"]["w"])
+
+
+LOAD_UNDER_A_LIMIT = """
+import resource, sys
+from pipeline.base.errors import PipelineError, is_out_of_memory
+from pipeline.base.weights import load_model
+size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + 100_000_000, resource.RLIM_INFINITY))
+try:
+    load_model(sys.argv[1])
+except PipelineError as error:
+    print(f"PipelineError: {error}")
+except (MemoryError, RuntimeError) as error:
+    print(f"out of memory: {is_out_of_memory(error)}")
+"""
+
+
+@pytest.mark.slow  # a process of its own, under a real memory limit
+def test_weights_that_do_not_fit_in_memory_are_not_called_damaged(tmp_path):
+    """evaluate called an out-of-memory load "models/net4.pt: damaged" and told the user to retrain."""
+    save_model(tmp_path / "wide.pt", KeypointNet(hidden=5000))  # 335 MB of weights, under a limit 100 MB above
+    loaded = subprocess.run([sys.executable, "-c", LOAD_UNDER_A_LIMIT, str(tmp_path / "wide.pt")], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert loaded.stdout == "out of memory: True\n", loaded.stdout + loaded.stderr

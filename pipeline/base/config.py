@@ -14,7 +14,7 @@ from pathlib import Path
 from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.error import MarkedYAMLError
 
-from pipeline.base.errors import PipelineError
+from pipeline.base.errors import PipelineError, shown
 
 PARAMS_FILE = Path("params.yaml")
 # Seeds go to numpy, which refuses negative ones, and to torch, which takes at most 64 bits (the
@@ -30,6 +30,18 @@ TRAIN_OVERRIDES = ("max_epochs", "patience")
 NET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 # A registered model's name: a models:/<name>@<alias> URI must split it from what follows.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# Short enough for every file named after a net (its checkpoint's lock, <net>.json, a temporary file
+# beside it) to stay far below the 255 bytes a file name may have.
+MAX_NET_NAME = 64
+# A key longer than this is shown cut short (errors.shown), like a value.
+MAX_KEY = 64
+# Upper bounds of sizes that can only be mistakes, each far beyond any use of this pipeline: past them
+# the stages would fail for memory (9 GB of pixels a million faces) or run for years.
+MAX_FACES = 1_000_000
+MAX_EPOCHS = 100_000
+MAX_BATCH_SIZE = 65_536
+MAX_HIDDEN = 100_000
+MAX_RESAMPLES = 1_000_000
 # Names taken elsewhere: evaluation's name of the mean-shape baseline, and aliases that the Model
 # Registry gives another meaning (the best net's alias; MLflow's own latest and v<N>).
 RESERVED_NET_NAMES = re.compile(r"baseline|champion|latest|v\d+", re.IGNORECASE)
@@ -109,7 +121,7 @@ class SyntheticConfig:
     seed: int
 
     def __post_init__(self):
-        _require(self.n_faces >= 1, "synthetic.n_faces", "must be at least 1")
+        _require_within(self.n_faces, 1, MAX_FACES, "synthetic.n_faces")
         _require(0 <= self.missing_fraction < 1, "synthetic.missing_fraction", "must be in [0, 1)")
         _require_seed(self.seed, "synthetic.seed")
 
@@ -151,7 +163,7 @@ class TrainConfig:
         _require_max_epochs(self.max_epochs, "train.max_epochs")
         _require_patience(self.patience, "train.patience")
         _require(self.keep in KEEP, "train.keep", f"must be {' or '.join(KEEP)}")
-        _require(self.batch_size >= 1, "train.batch_size", "must be at least 1")
+        _require_within(self.batch_size, 1, MAX_BATCH_SIZE, "train.batch_size")
         _require(0 < self.valid_fraction < 1, "train.valid_fraction", "must be strictly between 0 and 1")
         _require_seed(self.seed, "train.seed")
         _require(
@@ -189,7 +201,7 @@ class EvaluateConfig:
 
     def __post_init__(self):
         # Fewer resamples leave the 2.5% and 97.5% percentiles resting on a handful of draws.
-        _require(self.bootstrap_resamples >= 100, "evaluate.bootstrap_resamples", "must be at least 100")
+        _require_within(self.bootstrap_resamples, 100, MAX_RESAMPLES, "evaluate.bootstrap_resamples")
         _require_seed(self.seed, "evaluate.seed")
 
 
@@ -226,7 +238,7 @@ class NetConfig:
         for index, rate in enumerate(self.dropout or ()):
             _require(0 <= rate < 1, f"{key}.dropout[{index}]", "must be a rate in [0, 1)")
         if self.hidden is not None:
-            _require(self.hidden >= 1, f"{key}.hidden", "must be at least 1")
+            _require_within(self.hidden, 1, MAX_HIDDEN, f"{key}.hidden")
         if self.max_epochs is not None:
             _require_max_epochs(self.max_epochs, f"{key}.max_epochs")
         if self.patience is not None:
@@ -256,11 +268,14 @@ class Config:
 
     def __post_init__(self):
         for name in self.nets:
+            if len(name) > MAX_NET_NAME:
+                raise PipelineError(f"nets: {shown(name)} is a name of {len(name)} characters: at most {MAX_NET_NAME} "
+                                    "(it names files and DVC stages)")
             if not NET_NAME.fullmatch(name):
-                raise PipelineError(f"nets: {name!r} is not a net name: use ASCII letters, digits, _ and -, "
+                raise PipelineError(f"nets: {shown(name)} is not a net name: use ASCII letters, digits, _ and -, "
                                     "starting with a letter or digit (it names files and DVC stages)")
             if RESERVED_NET_NAMES.fullmatch(name):
-                raise PipelineError(f"nets: {name!r} is taken: the evaluation or the Model Registry uses that name "
+                raise PipelineError(f"nets: {shown(name)} is taken: the evaluation or the Model Registry uses that name "
                                     "for something else (baseline, champion, latest, v<N>)")
             self.nets[name].check(f"nets.{name}")
 
@@ -270,7 +285,7 @@ class Config:
 
     def net(self, name: str) -> NetConfig:
         if name not in self.nets:
-            raise PipelineError(f"unknown net {name!r}: params.yaml defines {', '.join(sorted(self.nets))}")
+            raise PipelineError(f"unknown net {shown(name)}: params.yaml defines {', '.join(sorted(self.nets))}")
         return self.nets[name]
 
     def train_of(self, name: str) -> TrainConfig:
@@ -357,7 +372,11 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, object]:
 
 
 def _require_max_epochs(max_epochs: int, key: str) -> None:
-    _require(max_epochs >= 1, key, "must be at least 1")
+    _require_within(max_epochs, 1, MAX_EPOCHS, key)
+
+
+def _require_within(value: int, lowest: int, highest: int, key: str) -> None:
+    _require(lowest <= value <= highest, key, f"must be in {lowest}..{highest:_}, got {shown(value)}")
 
 
 def _require_patience(patience: int, key: str) -> None:
@@ -379,7 +398,7 @@ def _build(kind, value, key: str):
     origin = typing.get_origin(kind)
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
-            raise PipelineError(f"{where} must be a mapping, got {value!r}")
+            raise PipelineError(f"{where} must be a mapping, got {shown(value)}")
         hints = typing.get_type_hints(kind)
         names = [f.name for f in dataclasses.fields(kind)]
         for name in value:
@@ -399,31 +418,31 @@ def _build(kind, value, key: str):
     if origin is tuple:
         item_kinds = typing.get_args(kind)
         if not isinstance(value, list) or len(value) != len(item_kinds):
-            raise PipelineError(f"{where} must be a list of {len(item_kinds)} values, got {value!r}")
+            raise PipelineError(f"{where} must be a list of {len(item_kinds)} values, got {shown(value)}")
         return tuple(_build(item_kind, item, f"{key}[{index}]")
                      for index, (item_kind, item) in enumerate(zip(item_kinds, value)))
     if origin is dict:
         _, item_kind = typing.get_args(kind)
         if not isinstance(value, dict) or not value:
-            raise PipelineError(f"{where} must be a non-empty mapping, got {value!r}")
+            raise PipelineError(f"{where} must be a non-empty mapping, got {shown(value)}")
         return {str(name): _build(item_kind, item, _join(key, name)) for name, item in value.items()}
     if kind is bool:
         if not isinstance(value, bool):
-            raise PipelineError(f"{where} must be true or false, got {value!r}")
+            raise PipelineError(f"{where} must be true or false, got {shown(value)}")
         return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise PipelineError(f"{where} must be an integer, got {value!r}")
+            raise PipelineError(f"{where} must be an integer, got {shown(value)}")
         return value
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PipelineError(f"{where} must be a number, got {value!r}")
+            raise PipelineError(f"{where} must be a number, got {shown(value)}")
         if not math.isfinite(value):
-            raise PipelineError(f"{where} must be a finite number, got {value!r}")
+            raise PipelineError(f"{where} must be a finite number, got {shown(value)}")
         return float(value)
     if kind is str:
         if not isinstance(value, str) or not value:
-            raise PipelineError(f"{where} must be a non-empty string, got {value!r}")
+            raise PipelineError(f"{where} must be a non-empty string, got {shown(value)}")
         return value
     raise TypeError(f"no rule to build {kind} for {where}")
 
@@ -435,4 +454,5 @@ def _required(kind) -> list[str]:
 
 
 def _join(prefix: str, name) -> str:
-    return f"{prefix}.{name}" if prefix else str(name)
+    name = str(name) if len(str(name)) <= MAX_KEY else shown(name)
+    return f"{prefix}.{name}" if prefix else name

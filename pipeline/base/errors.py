@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import reprlib
 import signal
 import sys
 from pathlib import Path
@@ -14,6 +16,41 @@ class PipelineError(Exception):
     """A problem with the user's input or the machine: reported as one line, never as a traceback."""
 
     exit_code = 2
+
+
+# The most of a value that a message shows: a value pasted by mistake (a file's content, an expanded
+# YAML alias) would otherwise make a line of megabytes.
+MAX_SHOWN = 80
+# What allocators say when a request cannot be met: torch's on the CPU ("can't allocate memory"),
+# CUDA's ("out of memory"), C++'s (std::bad_alloc). Python's and numpy's are MemoryErrors.
+OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "out of memory", "bad_alloc")
+
+
+def _short_repr() -> reprlib.Repr:
+    # reprlib stops early in long strings and deep or wide containers: the full repr is never built.
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = short.maxlong = MAX_SHOWN
+    short.maxlevel, short.maxlist, short.maxdict = 3, 8, 8
+    return short
+
+
+_SHORT_REPR = _short_repr()
+
+
+def shown(value) -> str:
+    """The repr of a value for a message, cut to about MAX_SHOWN characters."""
+    try:
+        text = _SHORT_REPR.repr(value)
+    except ValueError:  # an integer of more digits than Python converts to text (sys.int_info)
+        text = f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN - 3]}..."
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed: a MemoryError (numpy's _ArrayMemoryError too), the
+    system's ENOMEM, or a RuntimeError of torch's allocators."""
+    return isinstance(error, MemoryError) or (isinstance(error, OSError) and error.errno == errno.ENOMEM) or (
+        isinstance(error, RuntimeError) and any(words in str(error) for words in OUT_OF_MEMORY_MESSAGES))
 
 
 class Interrupted(PipelineError):
@@ -99,15 +136,24 @@ def interrupts_handled() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def reports_errors(main: Callable[..., None]) -> Callable[..., None]:
+def out_of_memory(program: str, knobs: str) -> PipelineError:
+    return PipelineError(f"{program}: out of memory: {knobs}, or free memory (other programs, ulimit -v)")
+
+
+def reports_errors(main: Callable[..., None] | None = None, *, memory_knobs: str = "") -> Callable[..., None]:
     """A PipelineError or an OSError (a full disk, a read-only directory, ...) escaping a program's
     main() becomes one line on stderr and a non-zero exit; Ctrl-C and SIGTERM become one line saying
     what the run kept, and exit 130 (a program may say it more precisely with its own Interrupted).
+    A failed allocation becomes one line naming memory and `memory_knobs`, the settings that size it
+    (`@reports_errors(memory_knobs="lower train.batch_size")`).
 
     The imports before main() (torch, MLflow: a few seconds) are not covered: an interrupt there
     writes Python's traceback, or nothing for SIGTERM, but nothing of the run has been written yet.
     """
+    if main is None:
+        return functools.partial(reports_errors, memory_knobs=memory_knobs)
     program = Path(main.__code__.co_filename).stem  # its module's name, also where it runs as __main__
+    knobs = memory_knobs or "give it less data"
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -120,7 +166,11 @@ def reports_errors(main: Callable[..., None]) -> Callable[..., None]:
         except PipelineError as error:
             failure = error
         except OSError as error:
-            failure = os_failure(error)
+            failure = out_of_memory(program, knobs) if is_out_of_memory(error) else os_failure(error)
+        except (MemoryError, RuntimeError) as error:
+            if not is_out_of_memory(error):
+                raise
+            failure = out_of_memory(program, knobs)
         print(f"error: {failure}", file=sys.stderr)
         sys.exit(failure.exit_code)
 

@@ -58,6 +58,13 @@ class KeypointNet(nn.Module):
         return self.head(self.features(images))
 
 
+def parameter_count(**options) -> int:
+    """The parameters of KeypointNet(**options), counted on PyTorch's meta device: none is allocated, so
+    a net too large for the machine is counted as quickly as any other."""
+    with torch.device("meta"):
+        return sum(parameter.numel() for parameter in KeypointNet(**options).parameters())
+
+
 def _relu(rate: float) -> nn.Module:
     """A ReLU, followed by dropout if `rate` is above 0, in one slot of its Sequential: every net's
     weights keep the seed's names (head.1.weight, ...), whatever its dropout."""

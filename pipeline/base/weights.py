@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 import torch.utils.serialization
 
-from pipeline.base.errors import PipelineError, describe
+from pipeline.base.errors import PipelineError, describe, is_out_of_memory
 from pipeline.base.files import write_bytes
 from pipeline.base.model import KeypointNet, for_inference
 
@@ -73,6 +73,8 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> KeypointNet:
         model = for_inference(state)
         model.load_state_dict(state)
     except (RuntimeError, KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
+        if is_out_of_memory(error):
+            raise  # the machine's failure, not the file's: reports_errors names memory
         raise PipelineError(f"{path}: not a KeypointNet state_dict ({describe(error)})") from None
     return model.to(device).eval()
 
@@ -135,6 +137,8 @@ def load_checked(path: Path, remedy: str):
             ) from None
         raise PipelineError(f"{path}: damaged: {describe(error)}; {remedy}") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as error:
+        if is_out_of_memory(error):
+            raise  # the machine's failure, not the file's: reports_errors names memory
         raise PipelineError(f"{path}: damaged: {describe(error)}; {remedy}") from None
     if not isinstance(saved, dict) or set(saved) != {"sha256", "content"}:
         raise PipelineError(f"{path}: not written by this version of the pipeline (it has no checksum); {remedy}")

@@ -7,6 +7,7 @@ pixels, as training's valid_rmse_px does: RMSE px = sqrt(MSE in the scaled space
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -155,14 +156,16 @@ def training_comparison(histories: dict[str, pd.DataFrame]) -> tuple[dict[str, d
 
 
 def summarize(scores: dict[str, dict], baseline: dict, histories: dict[str, pd.DataFrame],
-              face_errors: dict[str, np.ndarray], resamples: int, seed: int) -> dict:
+              face_errors: dict[str, np.ndarray], resamples: int, seed: int,
+              progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
     """The content of evaluate.json: per net test and training figures, the baseline, the comparison.
 
     Every net is compared with the mean-shape baseline (a net that does not beat it has learnt no
     faces); the first net (net4 in params.yaml) is the reference the others are compared with, as
     the seed compares net5 with net4. Each comparison of test RMSE carries its 95% interval from
     a paired bootstrap over the test faces (`face_errors` per model, "baseline" included), and
-    whether that interval excludes no difference at all.
+    whether that interval excludes no difference at all. `progress` hears (comparisons done, of how
+    many) after each.
     """
     training, target_loss = training_comparison(histories)
     models = {**scores, "baseline": baseline}
@@ -172,8 +175,10 @@ def summarize(scores: dict[str, dict], baseline: dict, histories: dict[str, pd.D
         "test_faces": len(next(iter(face_errors.values()))),
         "bootstrap_resamples": resamples,
     }
-    for name, (model, reference) in comparisons(list(scores)).items():
+    compared = comparisons(list(scores))
+    for done, (name, (model, reference)) in enumerate(compared.items(), start=1):
         interval = improvement_interval(face_errors[reference], face_errors[model], resamples, seed)
+        progress(done, len(compared))
         comparison[name] = {
             "test_rmse_improvement_percent": improvement_percent(
                 models[reference]["test_rmse_px"], models[model]["test_rmse_px"], NEGLIGIBLE_RMSE_PX),

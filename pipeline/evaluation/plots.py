@@ -10,6 +10,7 @@ import itertools
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -44,6 +45,7 @@ _writable_matplotlib_folder()
 
 import numpy as np  # noqa: E402 - after MPLCONFIGDIR is set
 import pandas as pd  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
@@ -52,8 +54,14 @@ from pipeline.base.files import atomic_write
 from pipeline.evaluation.colours import net_colour
 from pipeline.faces.kaggle import KEYPOINTS
 
-DRAWN_FACE_ZOOM = 4  # a 96-pixel face is too small to see its points on a screen
+# A picture drawn smaller than this (a 96-pixel face) is enlarged by a whole factor: its points would
+# be too small to see on a screen.
+DRAWN_MIN_SIZE = 384
 MAX_TICKS = 10  # labels on a log axis, beyond which they crowd
+# The figures' heights leave room for two rows of legend above the axes (learning_curves: a column
+# per net, its train and valid lines); each row more adds this much.
+LEGEND_ROWS_ROOM = 2
+LEGEND_ROW_INCHES = 0.25
 
 
 def face_grid(path: Path, images: np.ndarray, keypoints: np.ndarray, title: str,
@@ -86,10 +94,17 @@ def learning_curves(path: Path, curves: dict[str, pd.DataFrame], baseline_rmse_p
     for (net, curve), colour, width in zip(curves.items(), _colours(), _widths(len(curves))):
         axis.plot(curve["epoch"], curve["train_rmse_px"], "--", color=colour, linewidth=width, label=f"{net} train")
         axis.plot(curve["epoch"], curve["valid_rmse_px"], "-", color=colour, linewidth=width, label=f"{net} valid")
-    axis.axhline(baseline_rmse_px, color="grey", linestyle=":", label="mean-shape baseline (test)")
+    # A log axis has no 0: a baseline of no error (every face's keypoints alike, the training
+    # faces' mean) is said in the legend, and curves that reach 0 leave a linear axis.
+    if baseline_rmse_px > 0:
+        axis.axhline(baseline_rmse_px, color="grey", linestyle=":", label="mean-shape baseline (test)")
+    else:
+        axis.plot([], [], color="grey", linestyle=":", label="mean-shape baseline (test): 0 px, no error")
     drawn = np.concatenate([[baseline_rmse_px], *(curve[["train_rmse_px", "valid_rmse_px"]].to_numpy().ravel()
                                                   for curve in curves.values())])
-    _log_y_axis(axis, drawn.min(), drawn.max())
+    positive = drawn[drawn > 0]
+    if len(positive) == len(drawn) - (baseline_rmse_px <= 0):
+        _log_y_axis(axis, positive.min(), positive.max())
     _epochs_axis(axis)
     axis.set_ylabel("RMSE (px)")
     axis.grid(True, alpha=0.3)
@@ -131,13 +146,16 @@ def keypoint_errors(path: Path, per_keypoint_rmse_px: dict[str, dict[str, float]
 
 
 def draw_keypoints(image: np.ndarray, keypoints: np.ndarray) -> Image.Image:
-    """A 96x96 uint8 face, enlarged, with its keypoints (30 pixels, x then y) as red dots."""
-    zoom = DRAWN_FACE_ZOOM
-    picture = Image.fromarray(image).convert("RGB").resize((image.shape[1] * zoom, image.shape[0] * zoom))
+    """A uint8 gray image of any size, a small one enlarged, with its keypoints (30 pixels of it, x then
+    y) as red dots of a size that shows at the picture's size: 4 pixels across a 384-pixel picture."""
+    height, width = image.shape
+    zoom = max(1, DRAWN_MIN_SIZE // max(height, width))
+    picture = Image.fromarray(image).convert("RGB").resize((width * zoom, height * zoom))
+    radius = max(height, width) * zoom * 4 / DRAWN_MIN_SIZE
     pen = ImageDraw.Draw(picture)
     # +0.5: a keypoint at x lies on the centre of pixel x, as imshow draws it in face_grid.
     for x, y in (keypoints.reshape(-1, 2) + 0.5) * zoom:
-        pen.ellipse((x - zoom, y - zoom, x + zoom, y + zoom), fill=(255, 0, 0))
+        pen.ellipse((x - radius, y - radius, x + radius, y + radius), fill=(255, 0, 0))
     return picture
 
 
@@ -147,10 +165,24 @@ def _epochs_axis(axis) -> None:
 
 
 def _legend_above(axis, title: str, columns: int) -> None:
-    """The legend between the title and the axes: inside them it covers some curve or bar."""
-    rows = -(-len(axis.get_legend_handles_labels()[1]) // columns)
-    axis.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=columns, frameon=False)
-    axis.set_title(title, pad=12 + 18 * rows)  # points: room for the legend's rows
+    """The legend between the title and the axes (inside them it covers some curve or bar), in at most
+    `columns` columns: fewer where the legend, laid out, would run off the picture, and the figure
+    taller by the rows that adds."""
+    figure = axis.figure
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    height, entries = figure.get_figheight(), len(axis.get_legend_handles_labels()[1])
+    for columns in range(columns, 0, -1):
+        rows = -(-entries // columns)
+        legend = axis.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=columns, frameon=False)
+        axis.set_title(title, pad=12 + 18 * rows)  # points: room for the legend's rows
+        figure.set_figheight(height + LEGEND_ROW_INCHES * max(0, rows - LEGEND_ROWS_ROOM))
+        with warnings.catch_warnings():
+            # A legend too wide to lay out warns: it is why this tries fewer columns.
+            warnings.simplefilter("ignore", UserWarning)
+            figure.tight_layout()
+        box = legend.get_window_extent(renderer)
+        if box.x0 >= 0 and box.x1 <= figure.bbox.width:
+            return
 
 
 def _colours() -> Iterator[str]:

@@ -13,7 +13,7 @@ import numpy as np
 from pipeline.base.config import PARAMS_FILE
 from pipeline.base.errors import PipelineError, counted, describe
 from pipeline.base.files import atomic_folder, json_text, read_json
-from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, read_training_csv
+from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, read_training_chunks
 
 PREPARE = "run `dvc repro prepare`"
 # The summary's record of each array file's SHA-256, by file name: what the later stages check the
@@ -22,6 +22,12 @@ CHECKSUMS = "sha256"
 # Keypoints live in 0..96 pixels; the network regresses them in [-1, 1].
 KEYPOINT_CENTER = IMAGE_SIZE / 2
 KEYPOINT_SCALE = IMAGE_SIZE / 2
+# The faces of a CSV are gathered in blocks of this many (75 MB): each is one allocation of its own,
+# which returns to the system whole when it is freed, where rows gathered one by one would leave a
+# heap that keeps their memory.
+BLOCK_FACES = 8192
+# Bytes read at once to checksum an array file.
+HASH_CHUNK_BYTES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,24 @@ class FaceSet:
 
     def take(self, rows: np.ndarray | slice) -> "FaceSet":
         return FaceSet(self.X[rows], self.y[rows])
+
+    def stored(self) -> "StoredFaces":
+        return StoredFaces(pixels_of(self.X), self.y)
+
+
+@dataclass(frozen=True)
+class StoredFaces:
+    """Faces as the prepared array files hold them: pixels uint8 (n, 1, 96, 96), a quarter of FaceSet's
+    float32 X, and keypoints float32 (n, 30), scaled to [-1, 1]."""
+
+    pixels: np.ndarray
+    keypoints: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def take(self, rows: np.ndarray | slice) -> "StoredFaces":
+        return StoredFaces(self.pixels[rows], self.keypoints[rows])
 
 
 @dataclass(frozen=True)
@@ -68,54 +92,96 @@ def unscale_keypoints(scaled: np.ndarray) -> np.ndarray:
     return scaled * KEYPOINT_SCALE + KEYPOINT_CENTER
 
 
-def load(path: Path, seed: int) -> tuple[FaceSet, LoadReport]:
-    """Read a Kaggle-layout CSV as the seed's load2d does: complete rows only, shuffled with `seed`;
-    and, unlike the seed, each image once (see first_copies)."""
-    images, keypoints = read_training_csv(path)
-    complete = np.flatnonzero(~np.isnan(keypoints).any(axis=1))
-    if not len(complete):
+def load_split(path: Path, seed: int, fraction: float, key: str) -> tuple[StoredFaces, StoredFaces, LoadReport]:
+    """A Kaggle-layout CSV as the seed's load2d reads it, complete rows only and shuffled with `seed`;
+    unlike the seed, each image once (see first_copies); split as split() splits (rest, held out).
+
+    Read in chunks, straight into uint8: the memory of the prepared faces, once, and of a chunk of
+    the file's text (the blocks of faces are freed as the portions are filled, page by page).
+    """
+    blocks, report = first_copies(path)
+    n_faces = sum(len(pixels) for pixels, _ in blocks)
+    if not n_faces:
         raise PipelineError(f"{path}: no row has all 30 keypoints, so there is nothing to train on")
-    kept, repeated = first_copies(images, complete)
-    order = np.random.default_rng(seed).permutation(len(kept))
-    faces = FaceSet(
-        X=images_of(images[kept][order, None]),
-        y=scale_keypoints(keypoints[kept][order]),
-    )
-    return faces, LoadReport(n_rows=len(images), n_dropped=len(images) - len(complete), repeated=repeated)
+    # Which face of the file fills each row of each portion: the shuffle, then the split.
+    order = np.random.default_rng(seed).permutation(n_faces)
+    sources = [order[rows] for rows in split_rows(n_faces, fraction, seed, key)]
+    portions = [StoredFaces(np.empty((len(source), 1, IMAGE_SIZE, IMAGE_SIZE), np.uint8),
+                            np.empty((len(source), len(KEYPOINT_COLUMNS)), np.float32)) for source in sources]
+    start = 0
+    while blocks:
+        pixels, keypoints = blocks.pop(0)
+        end = start + len(pixels)
+        for source, portion in zip(sources, portions):
+            rows = np.flatnonzero((source >= start) & (source < end))
+            portion.pixels[rows, 0] = pixels[source[rows] - start]
+            portion.keypoints[rows] = scale_keypoints(keypoints[source[rows] - start])
+        start = end
+    rest, held_out = portions
+    return rest, held_out, report
 
 
-def first_copies(images: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
-    """The `rows` whose image no earlier one of `rows` has, and the others, by CSV line, with the line
-    of the row whose image they repeat.
+def first_copies(path: Path) -> tuple[list[tuple[np.ndarray, np.ndarray]], LoadReport]:
+    """The complete rows whose image no earlier complete row has, in the file's order, as blocks of
+    (uint8 images, keypoints in pixels); and the report, which names each dropped copy by its CSV line
+    with the line of the row whose image it repeats.
 
     A face in the file twice could land in training and in the test portion at once, and be scored
     on what the net learnt by heart (or in the train stage's validation part, and choose the kept
     epoch). Dropping the copies keeps every image on one side of every split; the first keeps its
-    keypoints, so a copy annotated differently loses its annotation.
+    keypoints, so a copy annotated differently loses its annotation. Images are told apart by a
+    128-bit BLAKE2 digest: that two images of a million share one has a chance below 10^-26.
     """
-    _, first, copy_of = np.unique(images[rows].reshape(len(rows), -1), axis=0, return_index=True,
-                                  return_inverse=True)
-    is_first = np.zeros(len(rows), dtype=bool)
-    is_first[first] = True
-    # CSV lines: the header is line 1, row 0 line 2.
-    repeated = {int(rows[row]) + 2: int(rows[first[copy_of[row]]]) + 2 for row in np.flatnonzero(~is_first)}
-    return rows[is_first], repeated
+    blocks, pending_pixels, pending_keypoints = [], [], []
+    first_line: dict[bytes, int] = {}
+    repeated: dict[int, int] = {}
+    n_rows = n_incomplete = 0
+
+    def gather() -> None:
+        blocks.append((np.concatenate(pending_pixels), np.concatenate(pending_keypoints)))
+        pending_pixels.clear()
+        pending_keypoints.clear()
+
+    for images, keypoints in read_training_chunks(path):
+        complete = np.flatnonzero(~np.isnan(keypoints).any(axis=1))
+        kept = []
+        for row in complete:
+            line = n_rows + int(row) + 2  # the header is line 1, row 0 line 2
+            original = first_line.setdefault(hashlib.blake2b(images[row], digest_size=16).digest(), line)
+            if original == line:
+                kept.append(row)
+            else:
+                repeated[line] = original
+        n_rows, n_incomplete = n_rows + len(images), n_incomplete + len(images) - len(complete)
+        pending_pixels.append(images[kept])
+        pending_keypoints.append(keypoints[kept])
+        if sum(map(len, pending_pixels)) >= BLOCK_FACES:
+            gather()
+    if pending_pixels:
+        gather()
+    return blocks, LoadReport(n_rows=n_rows, n_dropped=n_incomplete, repeated=repeated)
+
+
+def split_rows(n_faces: int, fraction: float, seed: int, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a seeded random `fraction` of `n_faces` faces, and of the rest: (rest, held_out),
+    each in ascending order. `key` is the params.yaml key that gave `fraction`, which an error names."""
+    n_held_out = round(n_faces * fraction)
+    if n_held_out < 1 or n_held_out >= n_faces:
+        raise PipelineError(
+            f"{PARAMS_FILE}: {key}: {fraction} of {counted(n_faces, 'face')} leaves {n_faces - n_held_out} and holds "
+            f"out {n_held_out}, and each part needs a face at least: use more faces or another fraction"
+        )
+    order = np.random.default_rng(seed).permutation(n_faces)
+    return np.sort(order[n_held_out:]), np.sort(order[:n_held_out])
 
 
 def split(faces: FaceSet, fraction: float, seed: int, key: str) -> tuple[FaceSet, FaceSet]:
-    """Split off a seeded random `fraction` of the faces: returns (rest, held_out). `key` is the
-    params.yaml key that gave `fraction`, which an error names."""
-    n_held_out = round(len(faces) * fraction)
-    if n_held_out < 1 or n_held_out >= len(faces):
-        raise PipelineError(
-            f"{PARAMS_FILE}: {key}: {fraction} of {counted(len(faces), 'face')} leaves {len(faces) - n_held_out} and holds out "
-            f"{n_held_out}, and each part needs a face at least: use more faces or another fraction"
-        )
-    order = np.random.default_rng(seed).permutation(len(faces))
-    return faces.take(np.sort(order[n_held_out:])), faces.take(np.sort(order[:n_held_out]))
+    """Split off a seeded random `fraction` of the faces (split_rows): returns (rest, held_out)."""
+    rest, held_out = split_rows(len(faces), fraction, seed, key)
+    return faces.take(rest), faces.take(held_out)
 
 
-def save_prepared(summary_path: Path, portions: dict[Path, FaceSet], summary: dict) -> dict:
+def save_prepared(summary_path: Path, portions: dict[Path, StoredFaces], summary: dict) -> dict:
     """Write the portions (array files in the summary's folder) and the summary with their checksums,
     as one unit (files.atomic_folder): a reader never finds arrays beside a summary of other arrays.
     Returns the summary written."""
@@ -126,13 +192,15 @@ def save_prepared(summary_path: Path, portions: dict[Path, FaceSet], summary: di
     return summary
 
 
-def _save_faces(path: Path, faces: FaceSet) -> str:
-    """Store as uint8 pixels, four times smaller than float32 and exact, since X came from uint8.
-    Returns the file's SHA-256."""
-    stream = io.BytesIO()
-    np.savez(stream, pixels=pixels_of(faces.X), keypoints=faces.y)
-    path.write_bytes(stream.getbuffer())
-    return hashlib.sha256(stream.getbuffer()).hexdigest()
+def _save_faces(path: Path, faces: StoredFaces) -> str:
+    """Store as uint8 pixels, four times smaller than float32 and exact, since X came from uint8;
+    written as numpy streams it, with no copy of the arrays. Returns the file's SHA-256."""
+    np.savez(path, pixels=faces.pixels, keypoints=faces.keypoints)
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_faces(path: Path, summary: dict) -> FaceSet:
@@ -166,10 +234,10 @@ def read_summary(path: Path) -> dict:
     return summary
 
 
-def content_hash(*face_sets: FaceSet) -> str:
+def content_hash(*face_sets: StoredFaces) -> str:
     """A short digest of the prepared arrays, logged by later stages for lineage."""
     digest = hashlib.sha256()
     for faces in face_sets:
-        digest.update(pixels_of(faces.X).tobytes())
-        digest.update(np.ascontiguousarray(faces.y).tobytes())
+        digest.update(np.ascontiguousarray(faces.pixels))
+        digest.update(np.ascontiguousarray(faces.keypoints))
     return digest.hexdigest()[:16]

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import codecs
 import itertools
+import re
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -70,6 +71,10 @@ NOT_CSV_SIGNATURES = (
 )
 # 4 MiB: a 230 MB training.csv is checked in about 60 reads without being held in memory.
 CHECK_CHUNK_BYTES = 1 << 22
+# Rows parsed at once (about 36 MB of text): a CSV of any length is read in this much memory and its faces.
+CHUNK_ROWS = 1000
+# An integer as text: ids are kept as written, and compared as Python's integers, of any size.
+INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 # Kaggle's test.csv, and its lookup table (which also has an empty Location column, the submission's).
@@ -86,11 +91,23 @@ def line_error(path: Path, row: int, problem: str) -> KaggleFormatError:
     return KaggleFormatError(f"{path}: line {row + 2}: {problem}")
 
 
-def check_rows(path: Path, bad: np.ndarray, problem: Callable[[int], str]) -> None:
-    """Stop at the first row that `bad` marks, saying what is wrong with it."""
+def check_rows(path: Path, bad: np.ndarray, problem: Callable[[int], str], first_row: int = 0) -> None:
+    """Stop at the first row that `bad` marks, saying what is wrong with it; `bad` covers the rows from
+    `first_row` of the file on."""
     if bad.any():
         row = int(np.argmax(bad))
-        raise line_error(path, row, problem(row))
+        raise line_error(path, first_row + row, problem(row))
+
+
+def require_file(path: Path) -> None:
+    """A CSV that is no regular file refused by what it is: it is read twice (checked, then parsed),
+    which a named pipe or a device cannot be."""
+    if path.is_file():
+        return
+    if path.exists():
+        raise KaggleFormatError(f"{path}: not a regular file (a named pipe, a device or a directory), which cannot be "
+                                "read twice as the CSV is (checked, then parsed): save it to a file first")
+    raise KaggleFormatError(f"{path}: no such file")
 
 
 def check_csv_text(path: Path) -> None:
@@ -158,8 +175,7 @@ def read_csv_text(path: Path, **options) -> pd.DataFrame:
 
 def read_table(path: Path, required: tuple[str, ...], **options) -> pd.DataFrame:
     """A CSV with the `required` columns and at least one row (read_csv_text's options)."""
-    if not path.is_file():
-        raise KaggleFormatError(f"{path}: no such file")
+    require_file(path)
     table = read_csv_text(path, **options)
     missing = [column for column in required if column not in table.columns]
     if missing:
@@ -169,21 +185,31 @@ def read_table(path: Path, required: tuple[str, ...], **options) -> pd.DataFrame
     return table
 
 
-def integer_column(path: Path, table: pd.DataFrame, column: str) -> np.ndarray:
-    """A column of a table read as text (dtype=str), every row an integer."""
-    values = pd.to_numeric(table[column].str.strip(), errors="coerce").to_numpy(dtype=float)
-    check_rows(path, np.isnan(values) | (values != np.round(values)),
-               lambda row: f"{column} is {table[column].iloc[row]!r}, not an integer")
-    return values.astype(np.int64)
+def integer_column(path: Path, table: pd.DataFrame, column: str, first_row: int = 0) -> list[str]:
+    """A column of a table read as text (dtype=str), every row an integer: the texts, stripped. Never
+    through a float or an int64, which would change an id beyond 2^53 or 2^63."""
+    texts = table[column].str.strip()
+    check_rows(path, ~texts.str.fullmatch(INTEGER).to_numpy(),
+               lambda row: f"{column} is {table[column].iloc[row]!r}, not an integer", first_row)
+    return texts.tolist()
 
 
-def read_test_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Kaggle's test.csv: each row's ImageId (distinct integers) and its 96x96 Image of space-separated
-    pixels, as (ImageIds, uint8 images (n, 96, 96))."""
-    table = read_table(path, TEST_COLUMNS, dtype=str, keep_default_na=False)
-    image_ids = integer_column(path, table, "ImageId")
-    check_rows(path, pd.Series(image_ids).duplicated().to_numpy(), lambda row: f"ImageId {image_ids[row]} appears twice")
-    return image_ids, parse_images(path, table["Image"])
+def read_test_csv(path: Path, rows: int = CHUNK_ROWS) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Kaggle's test.csv, `rows` rows at a time: each row's ImageId (distinct integers, as written) and
+    its 96x96 Image of space-separated pixels, as (ImageIds, uint8 images (rows, 96, 96))."""
+    require_file(path)
+    check_csv_text(path)
+    seen: set[int] = set()
+    for first_row, table in _chunks(path, rows):
+        missing = [column for column in TEST_COLUMNS if column not in table.columns]
+        if missing:
+            raise KaggleFormatError(f"{path}: line 1: column {missing[0]!r} is missing (expected "
+                                    f"{', '.join(TEST_COLUMNS)})")
+        image_ids = integer_column(path, table, "ImageId", first_row)
+        values = [int(image_id) for image_id in image_ids]
+        repeated = [value in seen or seen.add(value) for value in values]
+        check_rows(path, np.array(repeated), lambda row: f"ImageId {image_ids[row]} appears twice", first_row)
+        yield image_ids, parse_images(path, table["Image"], first_row)
 
 
 def read_training_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -192,11 +218,16 @@ def read_training_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     Returns images as uint8 (n, 96, 96) and keypoints as float64 (n, 30) pixels, NaN where a
     keypoint is not labelled. Rows are numbered as in the file: the header is line 1.
     """
-    path = Path(path)
-    table = _read_table(path)
-    keypoints = _parse_keypoints(path, table)
-    images = parse_images(path, table["Image"])
-    return images, keypoints
+    chunks = list(read_training_chunks(Path(path)))
+    return np.concatenate([images for images, _ in chunks]), np.concatenate([keypoints for _, keypoints in chunks])
+
+
+def read_training_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """read_training_csv `rows` rows at a time, validated as they come: a file of any length is read
+    in the memory of its faces (uint8) and a chunk of its text."""
+    _check_header(path)
+    for first_row, table in _chunks(path, rows):
+        yield parse_images(path, table["Image"], first_row), _parse_keypoints(path, table, first_row)
 
 
 def write_training_csv(path: Path, images: np.ndarray, keypoints: np.ndarray) -> None:
@@ -207,9 +238,8 @@ def write_training_csv(path: Path, images: np.ndarray, keypoints: np.ndarray) ->
         frame.to_csv(temporary, index=False, float_format="%.6f")
 
 
-def _read_table(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise KaggleFormatError(f"{path}: no such file")
+def _check_header(path: Path) -> None:
+    require_file(path)
     check_csv_text(path)
     try:
         header = pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns.tolist()
@@ -226,14 +256,25 @@ def _read_table(path: Path) -> pd.DataFrame:
             )
     if len(header) > len(COLUMNS):
         raise KaggleFormatError(f"{path}: line 1: unexpected extra column {header[len(COLUMNS)]!r}")
+
+
+def _chunks(path: Path, rows: int) -> Iterator[tuple[int, pd.DataFrame]]:
+    """A checked CSV text (check_csv_text) as tables of `rows` rows and the index of each one's first row.
+
+    Everything as text: a value that is not a number is reported, not silently turned into NaN."""
+    first_row = 0
     try:
-        # Everything as text: a value that is not a number is reported, not silently turned into NaN.
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, engine="c", encoding="utf-8-sig")
+        with pd.read_csv(path, dtype=str, keep_default_na=False, engine="c", encoding="utf-8-sig",
+                         chunksize=rows) as reader:
+            for table in reader:
+                yield first_row, table
+                first_row += len(table)
+    except pd.errors.EmptyDataError:
+        raise KaggleFormatError(f"{path}: the file is empty") from None
     except pd.errors.ParserError as error:
         raise KaggleFormatError(f"{path}: {parser_problem(error)}") from None
-    if table.empty:
+    if not first_row:
         raise KaggleFormatError(f"{path}: the file has a header but no rows")
-    return table
 
 
 def parser_problem(error: Exception) -> str:
@@ -241,33 +282,35 @@ def parser_problem(error: Exception) -> str:
     return " ".join(str(error).replace("Error tokenizing data. C error: ", "").split())
 
 
-def _parse_keypoints(path: Path, table: pd.DataFrame) -> np.ndarray:
+def _parse_keypoints(path: Path, table: pd.DataFrame, first_row: int) -> np.ndarray:
     keypoints = np.empty((len(table), len(KEYPOINT_COLUMNS)))
     for index, column in enumerate(KEYPOINT_COLUMNS):
         text = table[column].str.strip()
         values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float)
         check_rows(path, np.isnan(values) & (text != "").to_numpy(),
-                   lambda row: f"{column} is {table[column].iloc[row]!r}, not a number")
+                   lambda row: f"{column} is {table[column].iloc[row]!r}, not a number", first_row)
         check_rows(path, ~np.isnan(values) & ~((values >= 0) & (values <= IMAGE_SIZE)),
-                   lambda row: f"{column} is {values[row]:g}, outside 0..{IMAGE_SIZE}")
+                   lambda row: f"{column} is {values[row]:g}, outside 0..{IMAGE_SIZE}", first_row)
         keypoints[:, index] = values
     return keypoints
 
 
-def parse_images(path: Path, column: pd.Series) -> np.ndarray:
+def parse_images(path: Path, column: pd.Series, first_row: int = 0) -> np.ndarray:
+    """The Image texts of rows from `first_row` on as uint8 (n, 96, 96)."""
     pixels = np.empty((len(column), N_PIXELS), dtype=np.float32)
     for row, text in enumerate(column):
         try:
             values = np.fromstring(text, dtype=np.float32, sep=" ")
         except ValueError:
-            raise line_error(path, row, f"Image is not {N_PIXELS} space-separated integers") from None
+            raise line_error(path, first_row + row, f"Image is not {N_PIXELS} space-separated integers") from None
         if values.size == 0:
-            raise line_error(path, row, f"Image is empty (or the row has fewer than {len(COLUMNS)} fields)")
+            raise line_error(path, first_row + row,
+                             f"Image is empty (or the row has fewer than {len(COLUMNS)} fields)")
         if values.size != N_PIXELS:
-            raise line_error(path, row, f"Image has {values.size} values, expected {N_PIXELS}")
+            raise line_error(path, first_row + row, f"Image has {values.size} values, expected {N_PIXELS}")
         pixels[row] = values
     # One vectorised check over all rows is far cheaper than one per row.
     bad = (pixels < 0) | (pixels > 255) | (pixels != np.floor(pixels))
     check_rows(path, bad.any(axis=1),
-               lambda row: f"Image value {pixels[row][bad[row]][0]:g} is not an integer in 0..255")
+               lambda row: f"Image value {pixels[row][bad[row]][0]:g} is not an integer in 0..255", first_row)
     return pixels.astype(np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)

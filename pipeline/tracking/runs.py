@@ -63,8 +63,9 @@ COLOUR_TAG = "mlflow.runColor"
 SYSTEM_METRICS_PACKAGES = {"psutil": "psutil", "pynvml": "nvidia-ml-py"}
 
 
-def git_state(generated: list[str]) -> tuple[str, bool]:
-    """The commit and whether tracked files differ from it.
+def git_state(generated: list[str]) -> tuple[str, bool | None]:
+    """The commit and whether tracked files differ from it; ("unknown", None) where git fails (no
+    repository, no git, too few file descriptors): a failure says nothing of the files.
 
     dvc.lock and the `generated` paths (the pipeline's own outputs, committed for reference) are
     rewritten by the very run being tracked, so changes there do not make the tree dirty.
@@ -77,7 +78,7 @@ def git_state(generated: list[str]) -> tuple[str, bool]:
             capture_output=True, text=True, check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):
-        return "unknown", True
+        return "unknown", None
     return commit, bool(changes.strip())
 
 
@@ -198,7 +199,7 @@ def _new_run(client: mlflow.MlflowClient, net_name: str, tags: dict, generated: 
         **resolve_tags(),
         "mlflow.source.git.commit": commit,
         "git_commit": commit,
-        "git_dirty": str(dirty).lower(),
+        "git_dirty": "unknown" if dirty is None else str(dirty).lower(),
         "dvc_stage": os.environ.get("DVC_STAGE", ""),
         # Joins the run to `dvc exp show`: DVC names every experiment it runs in this variable.
         "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),

@@ -17,7 +17,7 @@ from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.exceptions import MlflowException
 from mlflow.utils.uri import is_local_uri
 
-from pipeline.base.errors import PipelineError
+from pipeline.base.errors import PipelineError, is_out_of_memory
 
 EXPERIMENT = "facial-keypoints"
 # MLflow 3 marks an experiment of model trainings, as opposed to GenAI apps (traces, token usage), with
@@ -127,6 +127,8 @@ def connect() -> str:
             # too: the kind tag (set_experiment), written again as it is.
             mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, KIND_TAG, experiment.tags[KIND_TAG])
     except Exception as error:  # noqa: BLE001 - whatever the store's client raises, the store is unusable
+        if is_out_of_memory(error):
+            raise  # the machine's failure, not the store's: reports_errors names memory
         cause = reason(error)
         raise TrackingError(f"MLflow tracking store {uri} is not usable: {cause}{remedy(uri, cause)}") from None
     check_artifact_folder(uri, experiment.artifact_location)
