@@ -88,14 +88,17 @@ def test_the_cublas_workspace_is_set_or_kept_as_determinism_asks(preset, expecte
     assert result.stdout.strip() == expected
 
 
-@pytest.mark.parametrize("tf32, precision", [(False, "ieee"), (True, "tf32")])
-def test_float32_is_ieee_on_a_gpu_unless_tf32_is_asked_for(tf32, precision):
-    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+@pytest.mark.parametrize("tf32", [False, True])
+def test_float32_is_ieee_on_a_gpu_unless_tf32_is_asked_for(tf32):
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
-        assert use_float32_precision(tf32) == precision
-        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (precision,) * 2
+        assert use_float32_precision(tf32) == ("tf32" if tf32 else "ieee")
+        assert (torch.backends.cuda.matmul.fp32_precision == "tf32") is tf32
+        assert (torch.backends.cudnn.conv.fp32_precision == "tf32") is tf32
+        # Both APIs agree, so that torch.export, which reads the older flags when the model is logged, can.
+        assert torch.backends.cudnn.allow_tf32 is tf32 and torch.backends.cuda.matmul.allow_tf32 is tf32
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def test_tf32_is_part_of_a_trainings_settings_and_of_its_checkpoints_fingerprint():

@@ -74,10 +74,12 @@ def use_float32_precision(tf32: bool) -> str:
     """float32 arithmetic in IEEE float32, unless `train.tf32` asks for TF32: cuDNN's convolutions would
     otherwise round their inputs to TF32's 10-bit mantissa on Ampere and later GPUs (torch's default
     for them), far from the seed's float32. Returns the precision set, for the run's record."""
-    precision = "tf32" if tf32 else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = precision
-    torch.backends.cudnn.conv.fp32_precision = precision
-    return precision
+    # The flags of torch's older API: they set the newer one's precisions too (cuDNN's and cuBLAS's),
+    # where setting only some of the newer ones leaves the older flags disagreeing, and torch.export,
+    # which logs the model, then refuses to read them ("a mix of the legacy and new APIs").
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    return "tf32" if tf32 else "ieee"
 
 
 def place_model(model: nn.Module, device: torch.device, memory_format: torch.memory_format) -> nn.Module:
