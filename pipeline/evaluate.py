@@ -34,7 +34,7 @@ from pipeline.evaluation.report import (BASELINE_LABEL, SUMMARY_HEADER, answer, 
 from pipeline.faces.data import FaceSet, load_faces, pixels_of, read_summary, unscale_keypoints
 from pipeline.faces.kaggle import read_table
 from pipeline.tracking.registry import EXPERIMENT_TAG, Trained, in_workspace, promote, register, trained_run
-from pipeline.tracking.runs import TRAINING_RUN_KEY, WEIGHTS_TAG, faces_inputs, log_evaluation
+from pipeline.tracking.runs import WEIGHTS_TAG, faces_inputs, log_evaluation, recorded_training_run
 from pipeline.tracking.store import EXPERIMENT, TrackingError, connect
 from pipeline.training.device import use_portable_cpu_kernels
 
@@ -75,7 +75,7 @@ def read_model_info(path: Path, net: str, config: Config, data_hash: str) -> dic
             f"{path}: the net was trained on data {info.get('data_hash')}, but the prepared data is "
             f"{data_hash}: {retrain}"
         )
-    missing = [key for key in ("config", TRAINING_RUN_KEY, WEIGHTS_TAG) if key not in info]
+    missing = [key for key in ("config", WEIGHTS_TAG) if key not in info]
     if missing or not isinstance(info["config"], dict):
         raise PipelineError(f"{path}: records no {(missing or ['config'])[0]} (written by an older training): "
                             f"{retrain}")
@@ -168,11 +168,23 @@ def draw_pictures(folder: Path, results: dict, histories: dict[str, pd.DataFrame
     return {title: path[name] for name, title in PICTURE_TITLES.items()}
 
 
-def log_to_run(model_name: str, trained: Trained, metrics: dict[str, float], artifacts: list[Path],
+def trained_here(folder: str, net: str, weights: str) -> Trained | None:
+    """The net's training, with the run that trained these weights as this machine's training noted it."""
+    run_id = recorded_training_run(folder, net, weights)
+    if run_id is None:
+        print(f"warning: {net}: no training in this project noted the MLflow run of these weights (they were "
+              "trained elsewhere): its test figures are not logged to MLflow", file=sys.stderr)
+        return None
+    return Trained(net, run_id, weights)
+
+
+def log_to_run(model_name: str, trained: Trained | None, metrics: dict[str, float], artifacts: list[Path],
                inputs: list[DatasetInput]) -> ModelVersion | None:
-    """Log into the run that models/<net>.json says trained the net, the test faces as its "test"
-    dataset, then register the run's model with its test RMSE; the model's version. Without that
-    run, or with a store that fails, warn and carry on, since the files are written."""
+    """Log into the run that trained the net (trained_here), the test faces as its "test" dataset,
+    then register the run's model with its test RMSE; the model's version. Without that run, or
+    with a store that fails, warn and carry on, since the files are written."""
+    if trained is None:
+        return None
     try:
         trained_run(trained)
         log_evaluation(trained.run_id, metrics, artifacts, inputs)
@@ -246,7 +258,7 @@ def main() -> None:
     else:
         model_name = config.registry.model_name
         point_aliases(model_name, {
-            net: log_to_run(model_name, Trained(net, infos[net][TRAINING_RUN_KEY], infos[net][WEIGHTS_TAG]),
+            net: log_to_run(model_name, trained_here(paths.training_runs, net, infos[net][WEIGHTS_TAG]),
                             mlflow_metrics(results, net),
                             [*pictures.values(), report, Path(paths.metrics) / KEYPOINT_ERRORS],
                             faces_inputs(summary, test=len(test)))

@@ -17,7 +17,7 @@ from pipeline.base.config import load_config
 from pipeline.base.errors import PipelineError, reports_errors
 from pipeline.base.files import read_json
 from pipeline.tracking.registry import CHAMPION, Trained, promote, register
-from pipeline.tracking.runs import TRAINING_RUN_KEY, WEIGHTS_TAG
+from pipeline.tracking.runs import WEIGHTS_TAG, recorded_training_run
 from pipeline.tracking.store import connect
 
 REMEDY = "run the pipeline first: `dvc repro`"
@@ -35,12 +35,16 @@ def main(argv: list[str] | None = None) -> None:
     for net in config.nets:
         info_path = paths.model_info(net)
         info = read_json(info_path, REMEDY)
-        if TRAINING_RUN_KEY not in info or WEIGHTS_TAG not in info:
-            raise PipelineError(f"{info_path}: names no MLflow run (written by an older training): train it again "
-                                f"(`dvc repro train@{net}`)")
+        if WEIGHTS_TAG not in info:
+            raise PipelineError(f"{info_path}: records no {WEIGHTS_TAG} (written by an older training): train it "
+                                f"again (`dvc repro train@{net}`)")
+        run_id = recorded_training_run(paths.training_runs, net, info[WEIGHTS_TAG])
+        if run_id is None:
+            raise PipelineError(f"{paths.model(net)}: no training in this project noted the MLflow run of these "
+                                f"weights (they were trained elsewhere): train it here (`dvc repro --force train@{net}`)")
         if not isinstance(figures.get(net), dict) or "test_rmse_px" not in figures[net]:
             raise PipelineError(f"{paths.test_figures}: no test_rmse_px of {net}: evaluate it first (`dvc repro`)")
-        trained[net] = Trained(net, info[TRAINING_RUN_KEY], info[WEIGHTS_TAG])
+        trained[net] = Trained(net, run_id, info[WEIGHTS_TAG])
         tested[net] = figures[net]["test_rmse_px"]
     connect()
     versions = {net: register(model_name, trained[net], tested[net]) for net in config.nets}

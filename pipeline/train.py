@@ -33,8 +33,8 @@ from pipeline.evaluation.metrics import best_valid
 from pipeline.faces.augment import flip_random_half
 from pipeline.faces.data import load_faces, loss_to_rmse_px, read_summary, split
 from pipeline.tracking.logger import MlflowLogger
-from pipeline.tracking.runs import (COLOUR_TAG, LOCK_TAG, TRAINING_RUN_KEY, WEIGHTS_TAG, close_dead_runs, faces_inputs,
-                                    lock_tag, training_run)
+from pipeline.tracking.runs import (COLOUR_TAG, LOCK_TAG, WEIGHTS_TAG, close_dead_runs, faces_inputs, lock_tag,
+                                    record_training_run, training_run)
 from pipeline.tracking.store import TrackingError, connect
 from pipeline.training.callbacks import AdjustHyperparameter, EarlyStopping, EpochTable, KeepBest
 from pipeline.training.checkpoint import Checkpoint
@@ -288,15 +288,16 @@ def finish(config: Config, net_name: str, started: Started, history: list[dict],
     paths, network = config.paths, started.trainer.network
     print(kept_weights(net_name, history, config.train_of(net_name)))
     save_model(paths.model(net_name), network)
-    # The run and the checksum let evaluate register this training's own model, and no run planted
-    # in a shared store with the same tags.
+    weights = weights_checksum(network)
     write_json(paths.model_info(net_name), {
         "net": net_name, "data_hash": started.summary["data_hash"],
-        "kept_epoch": history[-1]["kept_epoch"], "config": config.training_params(net_name),
-        TRAINING_RUN_KEY: logger.run_id, WEIGHTS_TAG: weights_checksum(network),
+        "kept_epoch": history[-1]["kept_epoch"], "config": config.training_params(net_name), WEIGHTS_TAG: weights,
     })
     write_history(paths.history(net_name), history)
     write_json(paths.train_metrics(net_name), final_figures(history))
+    # The run and the checksum let evaluate register this training's own model, and no run planted
+    # in a shared store with the same tags.
+    record_training_run(paths.training_runs, net_name, weights, logger.run_id)
     # After the files: a failure to write them (a full disk) leaves no logged model for the rerun to
     # log a second time.
     logger.log_model(network)

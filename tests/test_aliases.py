@@ -16,6 +16,7 @@ from pipeline.base.weights import load_model
 from pipeline.faces.kaggle import KEYPOINT_COLUMNS
 from pipeline.predict import NamedFaces, predict_pixels
 from project import copy_project, make_project, run, set_params
+from trainings import trained_run_of
 from test_tracking import tracking_server  # noqa: F401 - a fixture: a real `mlflow server`
 
 # Real experiments, trainings and servers.
@@ -92,7 +93,7 @@ def test_two_projects_on_one_tracking_server_keep_their_own_aliases(tmp_path, tr
 
     set_params(second, {"registry.model_name": "second-keypoints"})
     run(second, "dvc", "repro")
-    second_run = json.loads((second / "models/net4.json").read_text())["mlflow_run_id"]
+    second_run = trained_run_of(second, "net4")
     assert client.get_model_version_by_alias("second-keypoints", "champion").run_id == second_run
     assert aliases(client) == first_aliases
 

@@ -16,6 +16,7 @@ from pipeline.faces.data import load_faces, read_summary
 from pipeline.faces.kaggle import KEYPOINTS, write_training_csv
 from pipeline.tracking.runs import WEIGHTS_TAG
 from project import REPRODUCED_EPOCHS, copy_project, default_config, make_project, run, set_params
+from trainings import trained_run_of
 
 # Every test reads a project that trained both nets through `dvc repro`.
 pytestmark = pytest.mark.slow
@@ -165,6 +166,18 @@ def copy_of(evaluated, tmp_path, monkeypatch):
     return project
 
 
+def test_weights_trained_elsewhere_are_evaluated_with_a_warning_and_no_run(copy_of, capsys, monkeypatch):
+    """A fresh clone's committed weights: no training of this project noted their run, and no run is
+    searched for by its tags."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(copy_of))
+    shutil.rmtree(copy_of / "training-runs")
+    evaluate.main()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warnings[:2] == [f"warning: {net}: no training in this project noted the MLflow run of these weights (they "
+                            "were trained elsewhere): its test figures are not logged to MLflow" for net in ("net4", "net5")]
+    assert (copy_of / "metrics/evaluate.json").is_file()
+
+
 def edit_model_info(project, net, **changes):
     path = project / "models" / f"{net}.json"
     info = {**json.loads(path.read_text()), **changes}
@@ -199,7 +212,7 @@ def test_a_planted_run_with_the_nets_tags_and_checksum_is_not_taken_for_its_trai
     assert not client.get_run(planted).data.metrics  # the test figures went to the net's own run
     model_name = default_config().registry.model_name
     version = client.get_model_version_by_alias(model_name, "net5")
-    assert version.run_id == own.info.run_id == json.loads((copy_of / "models/net5.json").read_text())["mlflow_run_id"]
+    assert version.run_id == own.info.run_id == trained_run_of(copy_of, "net5")
 
 
 def test_a_net_trained_on_other_data_is_refused(copy_of, capsys):

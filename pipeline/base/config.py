@@ -59,6 +59,7 @@ class PathsConfig:
     plots: str
     reports: str
     checkpoints: str
+    training_runs: str
 
     @property
     def train_faces(self) -> Path:

@@ -34,8 +34,8 @@ from mlflow.store.artifact.utils.models import _parse_model_uri, get_model_name_
 from pipeline.base.errors import PipelineError
 from pipeline.tracking import pyfunc_model
 from pipeline.tracking.runs import MODEL_SIGNATURE, WEIGHTS_TAG
-from pipeline.tracking.store import (TrackingError, connect, sqlite_file, store_calls, store_exists, store_failure,
-                                     tracking_uri)
+from pipeline.tracking.store import (TrackingError, connect, project_root, sqlite_file, store_calls, store_exists,
+                                     store_failure, tracking_uri)
 
 CHAMPION = "champion"
 MODELS_URI = "models:/"
@@ -59,16 +59,11 @@ ARTIFACTS = {pyfunc_model.NET_ARTIFACT: "artifacts/net.pt2", pyfunc_model.COLUMN
 
 @dataclass(frozen=True)
 class Trained:
-    """A net's training as models/<net>.json records it: its MLflow run and its weights' checksum."""
+    """A net's training: its MLflow run (runs.recorded_training_run) and its weights' checksum (models/<net>.json)."""
 
     net: str
     run_id: str
     weights: str
-
-
-def project_root() -> Path:
-    """The project's root, the original one for a queued experiment (DVC_ROOT)."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 def project() -> str:

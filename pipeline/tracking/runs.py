@@ -29,16 +29,18 @@ from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.time import get_current_time_millis
 
+from pipeline.base.files import read_json, write_json
 from pipeline.base.weights import weights_checksum
 from pipeline.faces.data import unscale_keypoints
 from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS
 from pipeline.faces.synthetic import render_faces
 from pipeline.tracking import pyfunc_model
 from pipeline.tracking.store import (EXPERIMENT, PREFLIGHT_TIMEOUT, TrackingError, environment_set, set_experiment,
-                                     store_calls)
+                                     project_root, store_calls)
 
 # The checksum of the weights a run trained (weights.weights_checksum), a tag of the run and a key of
-# models/<net>.json, which names the run under TRAINING_RUN_KEY: evaluate registers that run's model.
+# models/<net>.json and of the training's record (record_training_run), which names the run under
+# TRAINING_RUN_KEY: evaluate registers that run's model.
 WEIGHTS_TAG = "weights_sha256"
 TRAINING_RUN_KEY = "mlflow_run_id"
 # The portions of the prepared faces a run uses, by the context MLflow shows them under.
@@ -331,3 +333,32 @@ def log_evaluation(run_id: str, metrics: dict[str, float], artifacts: list, inpu
             client.log_artifact(run_id, str(path), artifact_path="evaluation")
     except MlflowException as error:
         raise TrackingError(str(error).splitlines()[0]) from None
+
+
+def training_record(folder: str, net: str, weights: str) -> Path:
+    """Where record_training_run notes the run of these weights: in the workspace, also for an
+    experiment trained in a copy of it, so that `dvc exp apply` finds the run of the weights it brings."""
+    return project_root() / folder / f"{net}-{weights[:16]}.json"
+
+
+def record_training_run(folder: str, net: str, weights: str, run_id: str) -> None:
+    """Which MLflow run trained these weights of the net (a store that lacks the run says so when asked).
+
+    A note on this machine, git-ignored like the store it points into: models/<net>.json, which git
+    tracks, stays the same bytes whichever run trained the weights (a fresh clone's `dvc repro`
+    leaves the committed files as they are), and evaluate and promote find the run without
+    searching the store by tags, which anyone who can write to a shared store could plant.
+    """
+    write_json(training_record(folder, net, weights), {"net": net, WEIGHTS_TAG: weights, TRAINING_RUN_KEY: run_id})
+
+
+def recorded_training_run(folder: str, net: str, weights: str) -> str | None:
+    """The run record_training_run noted for these weights; None without one (weights trained on
+    another machine: a fresh clone's committed weights, say)."""
+    path = training_record(folder, net, weights)
+    if not path.is_file():
+        return None
+    record = read_json(path, f"delete it and train {net} again (`dvc repro --force train@{net}`)")
+    if record.get(WEIGHTS_TAG) != weights:
+        return None
+    return record.get(TRAINING_RUN_KEY)

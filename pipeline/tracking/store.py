@@ -50,19 +50,23 @@ class TrackingError(PipelineError):
     """The tracking store refused something; the caller decides whether that is fatal."""
 
 
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, with a relative SQLite path (and the default store) in the project's root.
+def project_root() -> Path:
+    """The project's root, the original one for a queued or temporary experiment: `dvc exp run --queue`
+    runs each experiment in a temporary copy of the repository, and tells every stage the original
+    root in DVC_ROOT."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
-    `dvc exp run --queue` runs each experiment in a temporary copy of the repository, and a path
-    relative to the working directory would put the runs in that copy, deleted with it. DVC tells
-    every stage the project's root in DVC_ROOT, the original one for queued experiments too.
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, with a relative SQLite path (and the default store) in the project's root:
+    relative to the working directory, a queued experiment's runs would go into its temporary copy,
+    deleted with it.
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or SQLITE_PREFIX + DEFAULT_STORE
     database = sqlite_file(uri)
     if database is None or database.is_absolute():
         return uri
-    root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
-    return uri.replace(str(database), str((root / database).resolve()), 1)
+    return uri.replace(str(database), str(project_root() / database), 1)
 
 
 def store_exists() -> bool:

@@ -1,6 +1,7 @@
 """Real trainings in a scratch project (tests/project.py), and what they leave: files, checkpoints, MLflow runs;
 and a callback that stops an in-process training where a test wants it."""
 
+import json
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ import pandas as pd
 import torch
 
 from pipeline.base.weights import load_checked
+from pipeline.tracking.runs import TRAINING_RUN_KEY, WEIGHTS_TAG
 from pipeline.tracking.store import EXPERIMENT
 from pipeline.training.checkpoint import read_training_state
 from pipeline.training.loop import Callback
@@ -50,6 +52,13 @@ def history(project, net="net4"):
 def metric_keys(project, net="net4"):
     """Every figure of the history, each logged to MLflow at every epoch."""
     return list(history(project, net).columns.drop("epoch")) + ["epoch_seconds"]
+
+
+def trained_run_of(project, net):
+    """The MLflow run that the training noted for the project's weights of the net (runs.record_training_run)."""
+    weights = json.loads((project / "models" / f"{net}.json").read_text())[WEIGHTS_TAG]
+    [record] = (project / "training-runs").glob(f"{net}-{weights[:16]}.json")
+    return json.loads(record.read_text())[TRAINING_RUN_KEY]
 
 
 def runs(name="net4"):
