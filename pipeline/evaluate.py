@@ -2,8 +2,8 @@
 
 Writes <paths.metrics>/evaluate.json (the headline test figures, DVC metrics),
 <paths.metrics>/keypoint_errors.csv, four pictures under paths.plots and reports/comparison.md, and
-adds each net's test figures and the pictures to that net's own training run in MLflow (the run
-models/<net>.json names), whose model it registers as a version of registry.model_name; in the
+adds each net's test figures and the pictures to that net's own training run in MLflow (the run the
+training noted for its weights, runs.record_training_run), whose model it registers as a version of registry.model_name; in the
 workspace, it points the nets' aliases and the champion alias at them (pipeline.tracking.registry).
 
 Usage: python -m pipeline.evaluate
@@ -61,7 +61,7 @@ def read_history(path: Path) -> pd.DataFrame:
 
 
 def read_model_info(path: Path, net: str, config: Config, data_hash: str) -> dict:
-    """models/<net>.json (the kept epoch, the training's run), after checking that the net was trained
+    """models/<net>.json (the kept epoch, the weights' checksum), after checking that the net was trained
     on the prepared data with the params params.yaml now gives it.
 
     A net trained on an earlier preparation may have seen today's test faces while training, so

@@ -4,7 +4,7 @@ metrics/evaluate.json, as the evaluate stage does in the workspace.
 
 For after `dvc exp apply` or `dvc checkout`, which bring back the models and their figures without
 running evaluate (`dvc repro` is up to date); a version the store lacks is registered from the run
-that models/<net>.json names. The rules are in docs/mlflow.md.
+that the training noted for the weights (runs.record_training_run). The rules are in docs/mlflow.md.
 
 Usage: python -m pipeline.promote
 """

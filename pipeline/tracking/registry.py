@@ -4,7 +4,8 @@ workspace (each net's name, and the champion); a version checked before its code
 
 The evaluate stage registers, since only it knows the test RMSE a version is tagged with and the
 champion is chosen by: a version registered by the training would lack both until then. It registers
-the model of the run that models/<net>.json names, never a run found by its tags, which anyone who
+the model of the run that the training noted for the weights (runs.record_training_run), never a
+run found by its tags, which anyone who
 can write to the store could plant.
 
 The aliases say what the workspace holds, and nothing else moves them: evaluate in the workspace
@@ -149,7 +150,7 @@ def claim(client: mlflow.MlflowClient, model_name: str) -> None:
 
 
 def trained_run(trained: Trained) -> mlflow.entities.Run:
-    """The run models/<net>.json names, refused in one line if the store lacks it, deleted it, or has it
+    """The run that trained the net (as the training noted it), refused in one line if the store lacks it, deleted it, or has it
     tagged with another net or other weights."""
     client = mlflow.MlflowClient()
     with store_calls(f"run {trained.run_id}, which trained {trained.net}, was not read"):

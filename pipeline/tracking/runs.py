@@ -39,7 +39,7 @@ from pipeline.tracking.store import (EXPERIMENT, PREFLIGHT_TIMEOUT, TrackingErro
                                      project_root, store_calls)
 
 # The checksum of the weights a run trained (weights.weights_checksum), a tag of the run and a key of
-# models/<net>.json and of the training's record (record_training_run), which names the run under
+# models/<net>.json and of the training's note (record_training_run), which names the run under
 # TRAINING_RUN_KEY: evaluate registers that run's model.
 WEIGHTS_TAG = "weights_sha256"
 TRAINING_RUN_KEY = "mlflow_run_id"
