@@ -232,7 +232,7 @@ def test_an_unreachable_tracking_store_fails_before_training(project, monkeypatc
 def test_bad_params_are_one_line_before_any_work(project, tmp_path):
     set_params(project, {"train.max_epochs": 0})
     result = train(project, check=False)
-    assert (result.returncode, result.stderr) == (2, "error: params.yaml: train.max_epochs must be at least 1\n")
+    assert (result.returncode, result.stderr) == (2, "error: params.yaml: train.max_epochs must be in 1..100_000, got 0\n")
     set_params(project, {"train.max_epochs": 2})
     text = (project / "params.yaml").read_text().replace("valid_fraction", "valid_fractoin")
     (project / "params.yaml").write_text(text)
