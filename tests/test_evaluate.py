@@ -1,5 +1,6 @@
 import json
 import math
+import re
 import shutil
 
 import mlflow
@@ -72,11 +73,13 @@ def test_the_metrics_files_hold_the_headline_figures_and_the_keypoints_have_thei
         assert low <= 100 * (baseline - results[net]["test_rmse_px"]) / baseline <= high
     # The report's first line states the interval that evaluate.json keeps.
     headline = (project / "reports" / "comparison.md").read_text().splitlines()[0]
+    # As a signed change of RMSE: the improvement and its interval negated.
+    stated = re.search(r"net5 (beats it|trails|is not significantly different) \(([-+][\d.]+)%, 95% interval "
+                       r"([-+][\d.]+) to ([-+][\d.]+)\)", headline)
     low, high = results["net5_vs_net4"]["ci95"]
-    if round(results["net5_vs_net4"]["improvement_percent"], 1) < 0:
-        low, high = -high, -low
-    assert f"95% interval {low:.1f}% to {high:.1f}%".replace("-0.0%", "0.0%") in headline
-    assert "significant difference on these " in headline
+    expected = (-results["net5_vs_net4"]["improvement_percent"], -high, -low)
+    assert [float(figure) for figure in stated.groups()[1:]] == pytest.approx(expected, abs=0.05)
+    assert (stated.group(1) == "is not significantly different") == (low <= 0 <= high)
     keypoints = pd.read_csv(project / "metrics" / "keypoint_errors.csv", index_col="keypoint")
     assert list(keypoints.index) == list(KEYPOINTS) and list(keypoints.columns) == ["net4", "net5", "baseline"]
     for label in keypoints.columns:
