@@ -15,7 +15,7 @@ from pipeline.evaluation.metrics import mean_shape, predict, rmse_px
 from pipeline.faces.data import load_faces, read_summary
 from pipeline.faces.kaggle import KEYPOINTS
 from pipeline.tracking.runs import WEIGHTS_TAG
-from project import REPRODUCED_EPOCHS, copy_project, run
+from project import REPRODUCED_EPOCHS, copy_project, run, set_params
 
 # Every test reads a project that trained both nets through `dvc repro`.
 pytestmark = pytest.mark.slow
@@ -159,10 +159,13 @@ def test_a_summary_is_printed(evaluated):
 
 @pytest.fixture
 def copy_of(evaluated, tmp_path, monkeypatch):
-    """A copy of the evaluated project as the current directory, its outputs removed."""
+    """A copy of the evaluated project as the current directory, its outputs removed, for evaluate.main()
+    in this process: it has computed already, so the portable kernels, which must be set before any
+    computation of a process (test_device.py), are off."""
     project = shutil.copytree(evaluated[0], tmp_path / "copy")
     for output in ("metrics/evaluate.json", "reports/comparison.md", "plots/learning_curves.png"):
         (project / output).unlink()
+    set_params(project, {"train.portable_cpu": False})
     monkeypatch.chdir(project)
     return project
 
