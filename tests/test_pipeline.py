@@ -93,7 +93,7 @@ def assert_plots_show_offline(project, nets=("net4", "net5")):
     assert set(charts) == {f"metrics/history/{net}.csv" for net in nets}
     # One chart of every net's valid RMSE, each in its colour of the pictures, the baseline in its own
     # (.dvc/plots/valid_rmse.json draws each row in its `colour`).
-    assert overlay["encoding"]["color"]["scale"]["range"] == {"field": "colour"}
+    assert overlay["encoding"]["color"] == {"field": "colour", "type": "nominal", "scale": None}
     drawn = pd.DataFrame(overlay["data"]["values"])
     assert drawn.groupby("model")["colour"].unique().map(list).to_dict() == {
         **{net: [net_colour(index)] for index, net in enumerate(nets)}, "mean-shape baseline (test)": [BASELINE_COLOUR]}

@@ -14,7 +14,9 @@ README = (ROOT / "README.md").read_text()
 
 def dry_run(project, target):
     """The commands `make <target>` would run in `project`, without running them."""
-    result = subprocess.run(["make", "-n", target], cwd=project, capture_output=True, text=True, check=True)
+    # Only PATH: under `make test` the environment carries that make's flags and variables (PYTEST_ARGS).
+    result = subprocess.run(["make", "-n", target], cwd=project, env={"PATH": os.environ["PATH"]},
+                            capture_output=True, text=True, check=True)
     return result.stdout.splitlines()
 
 
