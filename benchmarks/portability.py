@@ -101,6 +101,10 @@ SETTINGS = (
     Setting("caps-avx2-strict", dict(PORTABLE_CPU_KERNELS)),  # train.portable_cpu: true
     Setting("nodnn-avx2-strict", {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}, mkldnn=False),
     Setting("nodnn-default-sse42", {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "SSE4_2"}, mkldnn=False),
+    # Across CPU makers: oneDNN chooses its blocking by the CPU's cache sizes, and MKL honours a CNR
+    # branch other than AUTO and COMPATIBLE on Intel CPUs only (on others MKL_VERBOSE=1 reports
+    # CNR:AUTO); COMPATIBLE (SSE2) is its one branch alike on both, without a strict mode.
+    Setting("nodnn-compatible", {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}, mkldnn=False),
 )
 
 

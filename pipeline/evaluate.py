@@ -1,10 +1,11 @@
 """Stage `evaluate`: every net and the mean-shape baseline on the held-out test faces.
 
 Writes <paths.metrics>/evaluate.json (the headline test figures, DVC metrics),
-<paths.metrics>/keypoint_errors.csv, four pictures under paths.plots and reports/comparison.md, and
-adds each net's test figures and the pictures to that net's own training run in MLflow (the run the
-training noted for its weights, runs.record_training_run), whose model it registers as a version of registry.model_name; in the
-workspace, it points the nets' aliases and the champion alias at them (pipeline.tracking.registry).
+<paths.metrics>/keypoint_errors.csv, <paths.metrics>/valid_rmse.csv (DVC's plot of the nets), four pictures
+under paths.plots and reports/comparison.md, and adds each net's test figures and the pictures to that
+net's own training run in MLflow (the run the training noted for its weights, runs.record_training_run),
+whose model it registers as a version of registry.model_name; in the workspace, it points the nets'
+aliases and the champion alias at them (pipeline.tracking.registry).
 
 Usage: python -m pipeline.evaluate
 """
@@ -27,6 +28,7 @@ from pipeline.base.errors import PipelineError, reports_errors
 from pipeline.base.files import read_json, write_json, write_text
 from pipeline.base.weights import load_model, weights_checksum
 from pipeline.evaluation import plots
+from pipeline.evaluation.colours import BASELINE_COLOUR, net_colour
 from pipeline.evaluation.metrics import (comparisons, face_squared_errors_px, mean_shape, predict, rmse_curves,
                                          score, summarize)
 from pipeline.evaluation.report import (BASELINE_LABEL, SUMMARY_HEADER, answer, comparison_lines, comparison_markdown,
@@ -39,6 +41,8 @@ from pipeline.tracking.store import EXPERIMENT, TrackingError, connect
 from pipeline.training.device import use_portable_cpu_kernels
 
 KEYPOINT_ERRORS = "keypoint_errors.csv"
+# Under paths.metrics: the rows of dvc.yaml's plot that overlays every net's valid RMSE.
+VALID_RMSE = "valid_rmse.csv"
 PICTURE_TITLES = {
     "learning_curves.png": "Learning curves",
     "schedules.png": "Learning rate and momentum",
@@ -145,6 +149,19 @@ def keypoint_errors_csv(results: dict, labels: list[str]) -> str:
     return table.rename_axis("keypoint").to_csv(lineterminator="\n")
 
 
+def valid_rmse_csv(histories: dict[str, pd.DataFrame], nets: list[str], baseline_rmse_px: float) -> str:
+    """Every net's valid RMSE px per epoch, and the mean-shape baseline's test RMSE as a line across
+    the epochs, each row with its model's colour of the pictures, which DVC's plot draws it in
+    (.dvc/plots/valid_rmse.json)."""
+    curves = [pd.DataFrame({"epoch": histories[net]["epoch"], "model": net,
+                            "rmse_px": rmse_curves(histories[net])["valid_rmse_px"], "colour": net_colour(index)})
+              for index, net in enumerate(nets)]
+    epochs = pd.concat(curves)["epoch"]
+    baseline = pd.DataFrame({"epoch": [epochs.min(), epochs.max()], "model": f"{BASELINE_LABEL} (test)",
+                             "rmse_px": baseline_rmse_px, "colour": BASELINE_COLOUR})
+    return pd.concat([*curves, baseline]).to_csv(index=False, lineterminator="\n")
+
+
 def draw_pictures(folder: Path, results: dict, histories: dict[str, pd.DataFrame], test: FaceSet,
                   predictions: dict, nets: list[str]) -> dict[str, Path]:
     """The four evaluation pictures, by title. The faces show the net with the lowest test error."""
@@ -247,6 +264,7 @@ def main() -> None:
         results[net]["kept_epoch"] = infos[net].get("kept_epoch")
     write_json(paths.test_figures, dvc_metrics(results, nets))
     write_text(Path(paths.metrics) / KEYPOINT_ERRORS, keypoint_errors_csv(results, [*nets, "baseline"]))
+    write_text(Path(paths.metrics) / VALID_RMSE, valid_rmse_csv(histories, nets, results["baseline"]["test_rmse_px"]))
     pictures = draw_pictures(Path(paths.plots), results, histories, test, predictions, nets)
     report = paths.comparison_report
     write_text(report, comparison_markdown(results, nets, data_hash, len(test), pictures, report, EXPERIMENT))

@@ -107,7 +107,7 @@ def link_net_runs(project_run_id: str, runs: dict[str, mlflow.entities.Run | Non
     if project_experiment != EXPERIMENT:
         # MLflow chooses the project run's experiment before any code of the project runs.
         print(f"note: this project run is in the experiment {project_experiment!r}, its net runs in {EXPERIMENT!r}: "
-              f"`mlflow run . --experiment-name {EXPERIMENT}` keeps them together", flush=True)
+              f"`mlflow run . --env-manager local --experiment-name {EXPERIMENT}` keeps them together", flush=True)
     for net, run in runs.items():
         if not trained_during(run, project_run):
             print(f"train@{net} was not run again: " + (

@@ -92,4 +92,4 @@ def test_a_project_run_outside_the_project_experiment_is_told_how_to_keep_them_t
 
     assert capsys.readouterr().out.splitlines()[0] == (
         "note: this project run is in the experiment 'Default', its net runs in 'facial-keypoints': "
-        "`mlflow run . --experiment-name facial-keypoints` keeps them together")
+        "`mlflow run . --env-manager local --experiment-name facial-keypoints` keeps them together")

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.base.config import load_config
 from pipeline.base.weights import load_model
+from pipeline.evaluation.colours import BASELINE_COLOUR, net_colour
 from pipeline.faces.data import load_faces, read_summary
 from pipeline.faces.kaggle import read_training_csv, write_training_csv
 from pipeline.tracking.store import EXPERIMENT
@@ -28,7 +29,7 @@ TERMINAL_COLUMNS = 200
 def net_runs(client):
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
-    return {run.info.run_name: run for run in runs}
+    return {run.data.tags["net"]: run for run in runs}
 
 
 def store_of(project, monkeypatch):
@@ -55,6 +56,8 @@ def test_dvc_repro_trains_both_nets_and_logs_every_epoch(reproduced, tmp_path, m
         assert [momentum[s] for s in (1, 2, 3)] == pytest.approx([0.9, 0.9495, 0.999])
         assert logged.data.params["flip"] == str(name == "net5")
         assert logged.data.tags["dvc_stage"] == f"train@{name}"
+        # A plain `dvc repro` is the workspace's experiment, in the name the UI shows.
+        assert logged.data.tags["dvc_experiment"] == "workspace" and logged.info.run_name == f"{name} (workspace)"
         assert logged.data.tags["git_dirty"] == "false"
         load_model(project / f"models/{name}.pt")
 
@@ -86,8 +89,19 @@ def assert_plots_show_offline(project, nets=("net4", "net5")):
     assert re.findall(r"<script[^>]*>", page) and not re.findall(r"<script[^>]*\bsrc\b", page)
     assert "vegaEmbed" in page
     specs = {spec["title"]["text"]: spec for spec in map(json.loads, re.findall(r"var spec = (\{.*\});", page))}
+    overlay = specs.pop("valid RMSE per epoch, every net")
     charts = {title: spec["data"]["values"] for title, spec in specs.items()}
     assert set(charts) == {f"metrics/history/{net}.csv" for net in nets}
+    # One chart of every net's valid RMSE, each in its colour of the pictures, the baseline in its own
+    # (.dvc/plots/valid_rmse.json draws each row in its `colour`).
+    assert overlay["encoding"]["color"] == {"field": "colour", "type": "nominal", "scale": None}
+    drawn = pd.DataFrame(overlay["data"]["values"])
+    assert drawn.groupby("model")["colour"].unique().map(list).to_dict() == {
+        **{net: [net_colour(index)] for index, net in enumerate(nets)}, "mean-shape baseline (test)": [BASELINE_COLOUR]}
+    for net in nets:
+        history = pd.read_csv(project / f"metrics/history/{net}.csv")
+        assert drawn[drawn["model"] == net]["rmse_px"].astype(float).tolist() == pytest.approx(
+            list(history["valid_rmse_px"]), rel=1e-12)
     for spec in specs.values():  # .dvc/plots/losses.json: as plots/learning_curves.png draws them
         assert spec["encoding"]["y"]["scale"]["type"] == "log"
         dashes = spec["encoding"]["strokeDash"]["scale"]
@@ -111,10 +125,10 @@ def test_mlflow_run_nests_the_net_runs_under_the_project_run(reproduced, tmp_pat
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert sorted(r.info.run_name for r in children) == ["net4", "net5"]
+    assert sorted(r.data.tags["net"] for r in children) == ["net4", "net5"]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     assert all(len(client.get_metric_history(r.info.run_id, "train_loss")) == 1 for r in children)
-    trained = {r.info.run_name: r.info.run_id for r in children}
+    trained = {r.data.tags["net"]: r.info.run_id for r in children}
     assert {net: parents[0].data.tags[f"{net}_run_id"] for net in trained} == trained
 
     # The same again: DVC skips every stage, and the new project run names the runs holding the results.
@@ -162,7 +176,7 @@ def test_queued_experiments_land_in_the_projects_store_tagged_with_their_names(r
     runs = client.search_runs([experiment.experiment_id])
     for name, lr_start in sweep.items():
         tagged = [r for r in runs if r.data.tags.get("dvc_experiment") == name]
-        assert sorted(r.info.run_name for r in tagged) == ["net4", "net5"], name
+        assert sorted(r.info.run_name for r in tagged) == [f"net4 ({name})", f"net5 ({name})"]
         for logged in tagged:
             assert logged.info.status == "FINISHED"
             assert float(logged.data.params["train.schedules.lr.start"]) == lr_start
@@ -224,7 +238,7 @@ def test_both_nets_trained_at_once_then_committed_are_the_nets_dvc_repro_trains(
     # Each of the trainings side by side logged a whole run of its own into the one store.
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    assert sorted(r.info.run_name for r in runs if r.info.status == "FINISHED") == ["net4", "net5"]
+    assert sorted(r.data.tags["net"] for r in runs if r.info.status == "FINISHED") == ["net4", "net5"]
 
 
 def test_a_net_added_to_params_is_trained_evaluated_reported_and_plotted_with_no_other_edit(

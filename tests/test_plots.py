@@ -2,9 +2,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex
 from PIL import Image
 
 from pipeline.evaluation import plots
+from pipeline.evaluation.colours import BASELINE_COLOUR, NET_COLOURS, net_colour
 from pipeline.faces.data import loss_to_rmse_px
 from pipeline.faces.kaggle import KAGGLE_MEANS, KEYPOINTS
 
@@ -120,6 +122,18 @@ def test_keypoint_errors_for_two_nets_and_the_baseline(tmp_path, drawn):
     assert [label.get_text() for label in axis.get_yticklabels()] == list(KEYPOINTS)
     bars = {container.get_label(): [bar.get_width() for bar in container] for container in axis.containers}
     assert bars == {label: [errors[label][name] for name in KEYPOINTS] for label in errors}
+
+
+@pytest.mark.parametrize("nets", [("net4", "net5"), ("net4", "net5", "net6")])
+def test_the_baseline_keeps_its_colour_whatever_the_number_of_nets(tmp_path, drawn, nets):
+    plots.keypoint_errors(tmp_path / "errors.png", {label: {name: 1.0 for name in KEYPOINTS}
+                                                    for label in (*nets, "mean-shape baseline")})
+    colours = {container.get_label(): to_hex(container[0].get_facecolor()) for container in drawn().axes[0].containers}
+    assert colours == {**{net: net_colour(index) for index, net in enumerate(nets)}, "mean-shape baseline": BASELINE_COLOUR}
+    plots.learning_curves(tmp_path / "curves.png", curves(), baseline_rmse_px=3.7)
+    lines = {line.get_label(): to_hex(line.get_color()) for line in drawn().axes[0].lines}
+    assert lines["mean-shape baseline (test)"] == BASELINE_COLOUR
+    assert BASELINE_COLOUR not in NET_COLOURS
 
 
 def test_face_grid_with_predictions(tmp_path, drawn):

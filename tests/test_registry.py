@@ -66,7 +66,7 @@ def test_each_net_is_a_version_tagged_with_its_weights_data_and_test_rmse_with_t
         assert version.tags["weights_sha256"] == weights_checksum(load_model(registered / f"models/{net}.pt"))
         assert version.tags["data_hash"] == data_hash
         assert float(version.tags["test_rmse_px"]) == pytest.approx(results[net]["test_rmse_px"])
-        assert client.get_run(version.run_id).info.run_name == net
+        assert client.get_run(version.run_id).data.tags["net"] == net
     champion = min(NETS, key=lambda net: results[net]["test_rmse_px"])
     assert client.get_registered_model(REGISTERED_MODEL).aliases == {
         **{net: by_net[net].version for net in NETS}, "champion": by_net[champion].version}

@@ -48,7 +48,9 @@ def test_every_epoch_is_logged_at_its_step():
     run_id, history = train_logged()
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
-    assert run.info.run_name == "net4" and run.info.status == "FINISHED"
+    # Outside a DVC experiment, the workspace's (a plain `dvc repro`), in the name the runs list shows.
+    assert run.info.run_name == "net4 (workspace)" and run.data.tags["dvc_experiment"] == "workspace"
+    assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
     keys = [key for key in history[0] if key != "epoch"]
     assert set(keys) == set(run.data.metrics)
@@ -198,11 +200,13 @@ def test_under_mlflow_run_the_training_is_a_child_run(monkeypatch):
     with mlflow.start_run(run_name="project") as parent:
         pass
     monkeypatch.setenv("MLFLOW_RUN_ID", parent.info.run_id)
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-002")  # as `dvc exp run`, which `mlflow run -P` runs, sets it
     run_id, _ = train_logged("net5", epochs=1)
     client = mlflow.MlflowClient()
     assert run_id != parent.info.run_id
     assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert client.get_run(run_id).info.run_name == "net5"
+    assert client.get_run(run_id).info.run_name == "net5 (lr-002)"
+    assert client.get_run(run_id).data.tags["dvc_experiment"] == "lr-002"
     assert not client.get_metric_history(parent.info.run_id, "train_loss")
 
 
@@ -463,10 +467,10 @@ def test_each_nets_runs_are_drawn_in_its_colour_in_the_pictures_and_say_their_so
     client = mlflow.MlflowClient(f"sqlite:///{reproduced / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(EXPERIMENT)
     net_runs = client.search_runs([experiment.experiment_id])
-    assert sorted(run_.info.run_name for run_ in net_runs) == ["net4", "net5"]
+    assert sorted(run_.data.tags["net"] for run_ in net_runs) == ["net4", "net5"]
     for run_ in net_runs:
         tags = run_.data.tags
-        assert tags[COLOUR_TAG] == net_colour(["net4", "net5"].index(run_.info.run_name))
+        assert tags[COLOUR_TAG] == net_colour(["net4", "net5"].index(tags["net"]))
         assert tags["mlflow.source.name"].endswith("pipeline/train.py") and tags["mlflow.source.type"] == "LOCAL"
         assert tags["mlflow.user"]
     assert (net_colour(0), net_colour(1)) == ("#1f77b4", "#ff7f0e")

@@ -1,4 +1,5 @@
-"""The nets' colours, one per net in params.yaml's order: the same in every picture and in MLflow's UI."""
+"""The nets' colours, one per net in params.yaml's order: the same in every picture, in DVC's plot of the
+nets and in MLflow's UI; and the mean-shape baseline's, one of its own."""
 
 from __future__ import annotations
 
@@ -13,3 +14,7 @@ def net_colour(index: int) -> str:
     """The colour of the index-th net of params.yaml (0: net4, blue; 1: net5, orange), the one source of
     it; after ten nets the colours come round again, as matplotlib's do."""
     return NET_COLOURS[index % len(NET_COLOURS)]
+
+
+# Black: none of NET_COLOURS, so the baseline keeps its colour whatever the number of nets.
+BASELINE_COLOUR = "#000000"

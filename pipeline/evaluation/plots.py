@@ -51,7 +51,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLoca
 from PIL import Image, ImageDraw  # noqa: E402
 
 from pipeline.base.files import atomic_write
-from pipeline.evaluation.colours import net_colour
+from pipeline.evaluation.colours import BASELINE_COLOUR, net_colour
 from pipeline.faces.kaggle import KEYPOINTS
 
 # A picture drawn smaller than this (a 96-pixel face) is enlarged by a whole factor: its points would
@@ -97,9 +97,9 @@ def learning_curves(path: Path, curves: dict[str, pd.DataFrame], baseline_rmse_p
     # A log axis has no 0: a baseline of no error (every face's keypoints alike, the training
     # faces' mean) is said in the legend, and curves that reach 0 leave a linear axis.
     if baseline_rmse_px > 0:
-        axis.axhline(baseline_rmse_px, color="grey", linestyle=":", label="mean-shape baseline (test)")
+        axis.axhline(baseline_rmse_px, color=BASELINE_COLOUR, linestyle=":", label="mean-shape baseline (test)")
     else:
-        axis.plot([], [], color="grey", linestyle=":", label="mean-shape baseline (test): 0 px, no error")
+        axis.plot([], [], color=BASELINE_COLOUR, linestyle=":", label="mean-shape baseline (test): 0 px, no error")
     drawn = np.concatenate([[baseline_rmse_px], *(curve[["train_rmse_px", "valid_rmse_px"]].to_numpy().ravel()
                                                   for curve in curves.values())])
     positive = drawn[drawn > 0]
@@ -128,13 +128,14 @@ def schedules(path: Path, histories: dict[str, pd.DataFrame]) -> None:
 
 
 def keypoint_errors(path: Path, per_keypoint_rmse_px: dict[str, dict[str, float]]) -> None:
-    """Horizontal bars of the test RMSE per keypoint, one bar per net (or baseline) in each group."""
+    """Horizontal bars of the test RMSE per keypoint, one bar per net and, last, the baseline in each group."""
     labels = list(per_keypoint_rmse_px)
+    colours = [*itertools.islice(_colours(), len(labels) - 1), BASELINE_COLOUR]
     height = 0.8 / len(labels)
     positions = np.arange(len(KEYPOINTS))
     figure = Figure(figsize=(7, 0.13 * len(KEYPOINTS) * len(labels) + 1.5))
     axis = figure.subplots()
-    for index, (label, colour) in enumerate(zip(labels, _colours())):
+    for index, (label, colour) in enumerate(zip(labels, colours)):
         values = [per_keypoint_rmse_px[label][name] for name in KEYPOINTS]
         axis.barh(positions + index * height, values, height, color=colour, label=label)
     axis.set_yticks(positions + height * (len(labels) - 1) / 2, KEYPOINTS)

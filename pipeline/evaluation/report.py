@@ -15,6 +15,8 @@ BASELINE_LABEL = "mean-shape baseline"
 SUMMARY_HEADER = (
     "model", "test RMSE px", "best valid RMSE px", "best valid loss", "best epoch", "epoch reaching target",
 )
+# The most decimals a signed percentage of the first line gets to keep its sign (_signed_percents).
+SIGN_DECIMALS = 3
 SEED_IMPROVEMENT = ("The seed reports net5's valid loss about 10% below net4's "
                     "(0.001260 against 0.001387 after 1000 epochs).")
 
@@ -36,10 +38,16 @@ def summary_rows(results: dict, nets: list[str]) -> list[tuple[str, ...]]:
 
 
 def answer(results: dict, nets: list[str]) -> str:
-    """The report's one-line answer: each net against the first (as the seed compares net5 with
-    net4) on the test faces, then every net against the mean-shape baseline."""
+    """The report's first line: the verdicts the data supports, each with the figures behind it (the
+    rest is in the table). Each net is judged against the first (as the seed compares net5 with net4)
+    by whether its interval excludes 0, and every net against the mean-shape baseline; when no net
+    beats the baseline, that comes first, since it outweighs any ranking of the nets."""
     reference, *others = nets
-    return "; ".join([*(_against(net, reference, results) for net in others), _against_baseline(results, nets)])
+    verdicts = [_against_reference(results, reference, others), _baseline_verdict(results, nets)]
+    if not any(_beats_baseline(results, net) for net in nets):
+        verdicts.reverse()
+    line = "; ".join(filter(None, verdicts))
+    return line if line.startswith(tuple(nets)) else line[0].upper() + line[1:]
 
 
 def comparison_lines(results: dict, nets: list[str]) -> list[str]:
@@ -129,35 +137,56 @@ def kept_weights(results: dict, nets: list[str]) -> list[str]:
     return [f"The test figures are those of the weights each training kept: {', '.join(kept)}.", ""] if kept else []
 
 
-def _against(net: str, reference: str, results: dict) -> str:
-    comparison = results["comparison"]
-    figures = comparison[f"{net}_vs_{reference}"]
-    pixels = f"{results[net]['test_rmse_px']:.2f} vs {results[reference]['test_rmse_px']:.2f} px RMSE"
-    improvement = figures["test_rmse_improvement_percent"]
-    if improvement is None:
-        return f"{net} cannot be compared with {reference}, whose test error is next to nothing ({pixels})"
-    # Rounded as printed: a difference that shows as 0.0% is a tie.
-    improvement = round(improvement, 1)
-    relation = (f"{'beats' if improvement > 0 else 'trails'} {reference} by {abs(improvement):.1f}%" if improvement
-                else f"ties with {reference}")
-    verdict = "a significant difference" if figures["significant"] else "not a significant difference"
-    return (f"{net} {relation} on the test faces ({pixels}; 95% interval {_interval(figures)}): "
-            f"{verdict} on these {counted(comparison['test_faces'], 'test face')}")
+def _beats_baseline(results: dict, net: str) -> bool:
+    improvement = results["comparison"][f"{net}_vs_baseline"]["test_rmse_improvement_percent"]
+    return improvement is not None and improvement > 0
 
 
-def _against_baseline(results: dict, nets: list[str]) -> str:
-    baseline = f"the mean-shape baseline ({results['baseline']['test_rmse_px']:.2f} px)"
-    percents = {net: results["comparison"][f"{net}_vs_baseline"]["test_rmse_improvement_percent"] for net in nets}
-    if all(percent is None for percent in percents.values()):
-        return f"{baseline} is exact on these faces: their keypoints do not vary, so no net can be judged on them"
-    beating = [net for net, percent in percents.items() if percent is not None and percent > 0]
+def _against_reference(results: dict, reference: str, others: list[str]) -> str:
+    """Whether each other net beats the reference, trails it or is not significantly different, with
+    its change of test RMSE, signed, and that change's interval."""
+    clauses = []
+    for net in others:
+        figures = results["comparison"][f"{net}_vs_{reference}"]
+        improvement, interval = figures["test_rmse_improvement_percent"], figures["test_rmse_improvement_interval"]
+        if improvement is None or interval is None:
+            clauses.append(f"{net} cannot be compared ({reference}'s error is next to nothing)")
+            continue
+        if not figures["significant"]:
+            outcome = "is not significantly different"
+        else:
+            outcome = "beats it" if improvement > 0 else "trails"
+        # A change of RMSE: the improvement negated, its interval's bounds negated and swapped.
+        change, low, high = _signed_percents(-improvement, -interval[1], -interval[0])
+        clauses.append(f"{net} {outcome} ({change}%, {'95% interval ' if not clauses else ''}{low} to {high})")
+    return f"against {reference} in test RMSE, {' and '.join(clauses)}" if clauses else ""
+
+
+def _baseline_verdict(results: dict, nets: list[str]) -> str:
+    if all(results["comparison"][f"{net}_vs_baseline"]["test_rmse_improvement_percent"] is None for net in nets):
+        return f"the {BASELINE_LABEL} is exact on these faces: their keypoints do not vary, so no net can be judged on them"
+    beating = [net for net in nets if _beats_baseline(results, net)]
     if not beating:
-        return f"no net beats {baseline}"
+        return f"no net beats the {BASELINE_LABEL}"
     if len(beating) == len(nets):
         subject = {1: nets[0], 2: "both"}.get(len(nets), "all")
     else:
         subject = f"only {' and '.join(beating)}"
-    return f"{subject} {'beats' if len(beating) == 1 else 'beat'} {baseline}"
+    return f"{subject} {'beats' if len(beating) == 1 else 'beat'} the {BASELINE_LABEL}"
+
+
+def _signed_percents(*values: float) -> list[str]:
+    """Signed figures at the precision that keeps their signs (_decimals)."""
+    decimals = _decimals(*values)
+    # + 0.0 turns a -0.0 into 0.0.
+    return [f"{value + 0.0:+.{decimals}f}" for value in values]
+
+
+def _decimals(*values: float) -> int:
+    """One decimal, or as many more (up to SIGN_DECIMALS) as keep every non-zero value off zero: an
+    interval of [-0.39, 0.01] prints as -0.39% to +0.01%, not -0.4% to +0.0%."""
+    return next((decimals for decimals in range(1, SIGN_DECIMALS)
+                 if all(value == 0 or round(value, decimals) != 0 for value in values)), SIGN_DECIMALS)
 
 
 def _relative(figures: dict, reference: str) -> str:
@@ -181,8 +210,9 @@ def _interval(figures: dict) -> str:
     if interval is None:
         return "undefined"
     low, high = interval if improvement is None or round(improvement, 1) >= 0 else (-interval[1], -interval[0])
+    decimals = _decimals(low, high)
     # + 0.0 turns the -0.0 of a bound rounded to zero into 0.0.
-    return f"{round(low, 1) + 0.0:.1f}% to {round(high, 1) + 0.0:.1f}%"
+    return f"{round(low, decimals) + 0.0:.{decimals}f}% to {round(high, decimals) + 0.0:.{decimals}f}%"
 
 
 def _epoch(epoch: int | None) -> str:

@@ -58,6 +58,8 @@ MODEL_SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, IMAGE_SIZE, IMAGE_SIZE))]),
     outputs=Schema([ColSpec(DataType.float, column) for column in KEYPOINT_COLUMNS]),
 )
+# The DVC experiment of a run outside any (a plain `dvc repro`, or a stage run by hand): the work tree's.
+WORKSPACE = "workspace"
 # The run tag MLflow's UI draws a run in (charts, runs table), a CSS colour: a net's runs keep its colour.
 COLOUR_TAG = "mlflow.runColor"
 
@@ -102,7 +104,8 @@ def _resumable(client: mlflow.MlflowClient, run_id: str | None) -> mlflow.entiti
 def training_run(net_name: str, params: dict, tags: dict, generated: list[str],
                  resume_run_id: str | None = None, inputs: list[DatasetInput] | None = None,
                  device: torch.device | None = None) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run for one training, named after the net; the given run, if it still exists.
+    """An MLflow run for one training, named after the net and its DVC experiment (run_name); the given
+    run, if it still exists.
 
     `inputs` are the data it trains on (see faces_inputs); a training on CUDA also logs MLflow's
     system metrics (GPU utilisation and memory among them).
@@ -203,13 +206,24 @@ def _new_run(client: mlflow.MlflowClient, net_name: str, tags: dict, generated: 
         "git_commit": commit,
         "git_dirty": "unknown" if dirty is None else str(dirty).lower(),
         "dvc_stage": os.environ.get("DVC_STAGE", ""),
-        # Joins the run to `dvc exp show`: DVC names every experiment it runs in this variable.
-        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
+        # Joins the run to `dvc exp show`.
+        "dvc_experiment": dvc_experiment(),
         **tags,
     }
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
-    return client.create_run(experiment_id, run_name=net_name, tags=run_tags).info.run_id
+    return client.create_run(experiment_id, run_name=run_name(net_name, dvc_experiment()), tags=run_tags).info.run_id
+
+
+def dvc_experiment() -> str:
+    """The DVC experiment a training belongs to: DVC names every experiment it runs in DVC_EXP_NAME."""
+    return os.environ.get("DVC_EXP_NAME") or WORKSPACE
+
+
+def run_name(net_name: str, experiment: str) -> str:
+    """A training run's name, which MLflow's runs list and charts show: the net and its DVC experiment,
+    so that the runs of one net in several experiments can be told apart."""
+    return f"{net_name} ({experiment})"
 
 
 @contextlib.contextmanager

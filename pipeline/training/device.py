@@ -136,7 +136,7 @@ PORTABLE_CPU_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AV
 def use_portable_cpu_kernels(portable: bool) -> dict[str, str]:
     """The CPU kernels' settings in effect (`train.portable_cpu`), for the run and the checkpoint.
 
-    Portable kernels cost 27-48% of an epoch's time on a 2-core AVX-512 CPU, hence not the default.
+    Portable kernels cost about 30% of an epoch's time on a 2-core AVX-512 CPU (docs/benchmarks.md).
     Call before any tensor work: ATen, the one library that says which kernels it took, is checked.
     """
     if portable:

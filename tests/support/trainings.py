@@ -64,7 +64,7 @@ def trained_run_of(project, net):
 def runs(name="net4"):
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    return [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == name]
+    return [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("net") == name]
 
 
 def logged(run_id, key="train_loss"):
