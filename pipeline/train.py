@@ -52,7 +52,6 @@ RUN_KEY = "mlflow_run_id"
 # each weights and momentum; and the checkpoint file's bytes while it is serialised.
 PARAMETER_COPIES = 12
 PARAMETER_BYTES = 4
-MEMORY_KNOBS = "lower train.batch_size, or nets.<net>.hidden"
 
 
 def memory_format(config: Config) -> torch.memory_format:
@@ -151,7 +150,7 @@ def gigabytes(count: int) -> str:
     return f"{count / 1e9:,.1f} GB"
 
 
-@reports_errors(memory_knobs=MEMORY_KNOBS)
+@reports_errors(memory_knobs="lower train.batch_size, or nets.<net>.hidden")
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:

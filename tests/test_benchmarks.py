@@ -180,3 +180,13 @@ def test_portability_benchmark_compares_the_bits_and_times_each_setting(checkout
     # thr@avx512, thr@avx2, isa avx512=avx2, everywhere, distinct: the finding of docs/benchmarks.md
     assert row[1:6] == ["same", "same", "same", "same", "1"]
     assert float(row[7]) > 0 and row[8] == "+0%"  # s/epoch; against itself
+
+
+@pytest.mark.slow  # prepare and predict in processes of their own
+def test_the_memory_benchmark_prints_the_peak_of_prepare_and_of_predict(checkout, tmp_path):
+    lines = run(checkout, sys.executable, "-m", "benchmarks.memory", "--workdir", str(tmp_path / "work"),
+                "--csv-gb", "0.002", "--images", "20").stdout.splitlines()
+    assert lines[1] == "inputs: 0.02 GB CSV of 500 faces (0.00 GB of uint8 pixels); 20 PNG images"
+    assert len(lines) == 4
+    for line, command in zip(lines[2:], ("prepare", "predict")):
+        assert re.fullmatch(rf"{re.escape(str(checkout))}: {command}: peak \d+\.\d\d GB resident, \d+ s", line), line

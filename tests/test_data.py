@@ -233,13 +233,12 @@ def test_prepare_refuses_a_fraction_that_leaves_nothing_to_train_on_naming_the_k
 
 
 
-def test_streamed_loading_is_the_whole_files_shuffle_and_split_across_chunk_and_block_borders(tmp_path, monkeypatch):
+def test_streamed_loading_is_the_whole_files_shuffle_and_split_across_chunk_borders(tmp_path, monkeypatch):
     """What prepare did with the whole file in memory: complete rows, each image once, shuffled, split."""
     images, keypoints = write_faces(tmp_path / "t.csv", n=40, incomplete=[0, 9, 10, 33])
     images[[17, 25]] = images[5]  # repeats, dropped
     write_training_csv(tmp_path / "t.csv", images, keypoints)
     monkeypatch.setattr(data, "read_training_chunks", functools.partial(read_training_chunks, rows=3))
-    monkeypatch.setattr(data, "BLOCK_FACES", 4)
     rest, held_out, report = load_split(tmp_path / "t.csv", 7, 0.25, "prepare.test_fraction")
 
     whole_images, whole_keypoints = read_training_csv(tmp_path / "t.csv")

@@ -10,6 +10,7 @@ import pytest
 from pipeline.base.errors import PipelineError
 from pipeline.evaluate import read_history
 from pipeline.faces import kaggle
+from pipeline.faces.data import load_split
 from pipeline.faces.kaggle import (
     COLUMNS, FLIP_PAIRS, KAGGLE_MEANS, KEYPOINT_COLUMNS, KaggleFormatError, check_csv_text, read_training_csv,
     write_training_csv,
@@ -232,7 +233,7 @@ def test_a_named_pipe_given_as_the_csv_is_named_as_such_not_as_missing(tmp_path)
     """It was "no such file". A CSV is read twice (checked, then parsed), which a pipe cannot be."""
     os.mkfifo(tmp_path / "training.csv")
     with pytest.raises(KaggleFormatError) as caught:
-        read_training_csv(tmp_path / "training.csv")
+        load_split(tmp_path / "training.csv", 0, 0.15, "prepare.test_fraction")  # as prepare reads it
     assert str(caught.value) == (f"{tmp_path / 'training.csv'}: not a regular file (a named pipe, a device or a "
                                  "directory), which cannot be read twice as the CSV is (checked, then parsed): save it "
                                  "to a file first")

@@ -13,7 +13,7 @@ import numpy as np
 from pipeline.base.config import PARAMS_FILE
 from pipeline.base.errors import PipelineError, counted, describe
 from pipeline.base.files import atomic_folder, json_text, read_json
-from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, read_training_chunks
+from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, read_training_chunks, require_file
 
 PREPARE = "run `dvc repro prepare`"
 # The summary's record of each array file's SHA-256, by file name: what the later stages check the
@@ -22,12 +22,8 @@ CHECKSUMS = "sha256"
 # Keypoints live in 0..96 pixels; the network regresses them in [-1, 1].
 KEYPOINT_CENTER = IMAGE_SIZE / 2
 KEYPOINT_SCALE = IMAGE_SIZE / 2
-# The faces of a CSV are gathered in blocks of this many (75 MB): each is one allocation of its own,
-# which returns to the system whole when it is freed, where rows gathered one by one would leave a
-# heap that keeps their memory.
-BLOCK_FACES = 8192
-# Bytes read at once to checksum an array file.
-HASH_CHUNK_BYTES = 1 << 22
+# Bytes read at once to checksum an array file or to count a CSV's lines.
+READ_CHUNK_BYTES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -96,34 +92,39 @@ def load_split(path: Path, seed: int, fraction: float, key: str) -> tuple[Stored
     """A Kaggle-layout CSV as the seed's load2d reads it, complete rows only and shuffled with `seed`;
     unlike the seed, each image once (see first_copies); split as split() splits (rest, held out).
 
-    Read in chunks, straight into uint8: the memory of the prepared faces, once, and of a chunk of
-    the file's text (the blocks of faces are freed as the portions are filled, page by page).
+    Read in chunks straight into uint8, and shuffled and split in place: the memory of the prepared
+    faces, once, and of a chunk of the file's text.
     """
-    blocks, report = first_copies(path)
-    n_faces = sum(len(pixels) for pixels, _ in blocks)
+    pixels, keypoints, report = first_copies(path)
+    n_faces = len(pixels)
     if not n_faces:
         raise PipelineError(f"{path}: no row has all 30 keypoints, so there is nothing to train on")
-    # Which face of the file fills each row of each portion: the shuffle, then the split.
+    # Which face of the file goes to each row of the portions, one after the other: the shuffle, then the split.
     order = np.random.default_rng(seed).permutation(n_faces)
-    sources = [order[rows] for rows in split_rows(n_faces, fraction, seed, key)]
-    portions = [StoredFaces(np.empty((len(source), 1, IMAGE_SIZE, IMAGE_SIZE), np.uint8),
-                            np.empty((len(source), len(KEYPOINT_COLUMNS)), np.float32)) for source in sources]
-    start = 0
-    while blocks:
-        pixels, keypoints = blocks.pop(0)
-        end = start + len(pixels)
-        for source, portion in zip(sources, portions):
-            rows = np.flatnonzero((source >= start) & (source < end))
-            portion.pixels[rows, 0] = pixels[source[rows] - start]
-            portion.keypoints[rows] = scale_keypoints(keypoints[source[rows] - start])
-        start = end
-    rest, held_out = portions
-    return rest, held_out, report
+    rest, held_out = (order[rows] for rows in split_rows(n_faces, fraction, seed, key))
+    source = np.concatenate([rest, held_out])
+    permute_rows(pixels, source)
+    faces = StoredFaces(pixels[:, None], scale_keypoints(keypoints[source]))
+    return faces.take(slice(0, len(rest))), faces.take(slice(len(rest), n_faces)), report
 
 
-def first_copies(path: Path) -> tuple[list[tuple[np.ndarray, np.ndarray]], LoadReport]:
-    """The complete rows whose image no earlier complete row has, in the file's order, as blocks of
-    (uint8 images, keypoints in pixels); and the report, which names each dropped copy by its CSV line
+def permute_rows(rows: np.ndarray, source: np.ndarray) -> None:
+    """rows[i] = the old rows[source[i]] for every i, in place: one row of memory more, not a copy of
+    them all. Each cycle of the permutation is followed from its first row, kept aside."""
+    done = np.zeros(len(source), dtype=bool)
+    for start in np.flatnonzero(source != np.arange(len(source))):
+        if done[start]:
+            continue
+        first, row = rows[start].copy(), start
+        while source[row] != start:
+            rows[row] = rows[source[row]]
+            done[row], row = True, source[row]
+        rows[row], done[row] = first, True
+
+
+def first_copies(path: Path) -> tuple[np.ndarray, np.ndarray, LoadReport]:
+    """The complete rows whose image no earlier complete row has, in the file's order, as uint8 images
+    (n, 96, 96) and keypoints in pixels; and the report, which names each dropped copy by its CSV line
     with the line of the row whose image it repeats.
 
     A face in the file twice could land in training and in the test portion at once, and be scored
@@ -131,17 +132,16 @@ def first_copies(path: Path) -> tuple[list[tuple[np.ndarray, np.ndarray]], LoadR
     epoch). Dropping the copies keeps every image on one side of every split; the first keeps its
     keypoints, so a copy annotated differently loses its annotation. Images are told apart by a
     128-bit BLAKE2 digest: that two images of a million share one has a chance below 10^-26.
+
+    The images go into an array of as many rows as the file has lines: the system commits its
+    memory page by page as rows are written, so the rows a file lacks (incomplete, repeated) cost none.
     """
-    blocks, pending_pixels, pending_keypoints = [], [], []
+    require_file(path)  # before counting its lines: a named pipe would be read away
+    images_kept = np.empty((count_lines(path), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    keypoints_kept = []
     first_line: dict[bytes, int] = {}
     repeated: dict[int, int] = {}
-    n_rows = n_incomplete = 0
-
-    def gather() -> None:
-        blocks.append((np.concatenate(pending_pixels), np.concatenate(pending_keypoints)))
-        pending_pixels.clear()
-        pending_keypoints.clear()
-
+    n_rows = n_incomplete = n_kept = 0
     for images, keypoints in read_training_chunks(path):
         complete = np.flatnonzero(~np.isnan(keypoints).any(axis=1))
         kept = []
@@ -153,13 +153,17 @@ def first_copies(path: Path) -> tuple[list[tuple[np.ndarray, np.ndarray]], LoadR
             else:
                 repeated[line] = original
         n_rows, n_incomplete = n_rows + len(images), n_incomplete + len(images) - len(complete)
-        pending_pixels.append(images[kept])
-        pending_keypoints.append(keypoints[kept])
-        if sum(map(len, pending_pixels)) >= BLOCK_FACES:
-            gather()
-    if pending_pixels:
-        gather()
-    return blocks, LoadReport(n_rows=n_rows, n_dropped=n_incomplete, repeated=repeated)
+        images_kept[n_kept:n_kept + len(kept)] = images[kept]
+        keypoints_kept.append(keypoints[kept])
+        n_kept += len(kept)
+    report = LoadReport(n_rows=n_rows, n_dropped=n_incomplete, repeated=repeated)
+    return images_kept[:n_kept], np.concatenate(keypoints_kept), report
+
+
+def count_lines(path: Path) -> int:
+    """The lines of a file, the last one counted without its line break: at least its CSV rows."""
+    with path.open("rb") as stream:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: stream.read(READ_CHUNK_BYTES), b"")) + 1
 
 
 def split_rows(n_faces: int, fraction: float, seed: int, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -198,7 +202,7 @@ def _save_faces(path: Path, faces: StoredFaces) -> str:
     np.savez(path, pixels=faces.pixels, keypoints=faces.keypoints)
     digest = hashlib.sha256()
     with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(HASH_CHUNK_BYTES), b""):
+        for chunk in iter(lambda: stream.read(READ_CHUNK_BYTES), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
