@@ -112,6 +112,15 @@ def test_broken_yaml_is_one_line(tmp_path):
     assert "\n" not in str(caught.value)
 
 
+def test_an_integer_of_thousands_of_digits_is_one_line(tmp_path):
+    """Python refuses to convert it, inside the parser: a ValueError traceback before."""
+    path = write_params(tmp_path, lambda params: params["train"].update(seed=123454321))
+    path.write_text(path.read_text().replace("123454321", "9" * 5000))
+    with pytest.raises(PipelineError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: holds an integer of more than 4300 digits, which no param can be"
+
+
 def test_the_yaml_error_says_the_problem_and_its_line_in_one_line(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  seed: 1\n  seed: 2\n")

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import math
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -322,7 +323,11 @@ def read_params(text: str):
     """YAML as DVC reads params.yaml (dvc.utils.serialize.parse_yaml: ruamel.yaml, YAML 1.2), so that the
     stages train with the values dvc.lock and `dvc exp show` record: `010` is ten, `1:30` and `on` are
     strings, where YAML 1.1 (PyYAML) reads eight, ninety and true."""
-    return YAML(typ="safe").load(text)
+    try:
+        return YAML(typ="safe").load(text)
+    except ValueError:  # Python's limit on converting long digit strings, reached inside the parser
+        raise PipelineError(f"holds an integer of more than {sys.get_int_max_str_digits()} digits, which no "
+                            "param can be") from None
 
 
 def _yaml_problem(error: YAMLError) -> str:
