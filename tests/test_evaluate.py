@@ -168,6 +168,10 @@ def copy_of(evaluated, tmp_path, monkeypatch):
     for output in ("metrics/evaluate.json", "reports/comparison.md", "plots/learning_curves.png"):
         (project / output).unlink()
     set_params(project, {"train.portable_cpu": False})
+    for net in ("net4", "net5"):  # and trained so: evaluate refuses nets trained with other params than params.yaml's
+        info = json.loads((project / "models" / f"{net}.json").read_text())
+        info["config"]["train"]["portable_cpu"] = False
+        (project / "models" / f"{net}.json").write_text(json.dumps(info))
     monkeypatch.chdir(project)
     return project
 
