@@ -9,6 +9,9 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
                                                      // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import mlflow  # noqa: E402
+from mlflow.tracking._model_registry.registry import ModelRegistryStoreRegistry  # noqa: E402
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # noqa: E402
+from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -55,6 +58,14 @@ def fixed_seeds():
 def temporary_tracking_store(tmp_path, monkeypatch):
     """Every test logs into its own SQLite store, never into the project's."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # A passing test's folder is deleted (pytest.ini) and its name given to the next test of the same
+    # name, while MLflow keeps every URI's store open in a cache: the next test would get the store of
+    # a deleted file ("attempt to write a readonly database").
+    TrackingStoreRegistry._get_store_with_resolved_uri.cache_clear()
+    ModelRegistryStoreRegistry._get_store_with_resolved_uri.cache_clear()
+    for engine in SqlAlchemyStore._engine_map.values():
+        engine.dispose()
+    SqlAlchemyStore._engine_map.clear()
     # A stage run in-process sets MLflow's global URI, which outranks the variable: forget it.
     mlflow.set_tracking_uri(None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

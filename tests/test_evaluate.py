@@ -167,13 +167,19 @@ def copy_of(evaluated, tmp_path, monkeypatch):
     project = shutil.copytree(evaluated[0], tmp_path / "copy")
     for output in ("metrics/evaluate.json", "reports/comparison.md", "plots/learning_curves.png"):
         (project / output).unlink()
-    set_params(project, {"train.portable_cpu": False})
-    for net in ("net4", "net5"):  # and trained so: evaluate refuses nets trained with other params than params.yaml's
-        info = json.loads((project / "models" / f"{net}.json").read_text())
-        info["config"]["train"]["portable_cpu"] = False
-        (project / "models" / f"{net}.json").write_text(json.dumps(info))
+    set_portable_cpu(project, False)
     monkeypatch.chdir(project)
     return project
+
+
+def set_portable_cpu(project, portable):
+    """train.portable_cpu in params.yaml, and in the nets' records as if they had trained so: evaluate
+    refuses nets trained with other params than params.yaml gives."""
+    set_params(project, {"train.portable_cpu": portable})
+    for net in ("net4", "net5"):
+        info = json.loads((project / "models" / f"{net}.json").read_text())
+        info["config"]["train"]["portable_cpu"] = portable
+        (project / "models" / f"{net}.json").write_text(json.dumps(info))
 
 
 def test_weights_trained_elsewhere_are_evaluated_with_a_warning_and_no_run(copy_of, capsys, monkeypatch):
@@ -215,7 +221,7 @@ def test_a_planted_run_with_the_nets_tags_and_checksum_is_not_taken_for_its_trai
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(copy_of))
     client, runs = all_runs(copy_of)
     own = next(run_ for run_ in runs if run_.data.tags["net"] == "net5")
-    planted = client.create_run(own.info.experiment_id, run_name="net5", tags=own.data.tags).info.run_id
+    planted = client.create_run(own.info.experiment_id, run_name=own.info.run_name, tags=own.data.tags).info.run_id
     client.set_terminated(planted)
     evaluate.main()
     assert "warning" not in capsys.readouterr().err
@@ -274,7 +280,7 @@ def test_evaluating_again_logs_no_figure_twice_and_a_changed_one_as_the_latest(c
     evaluated_value = runs[0].data.metrics["test_rmse_px"]
     client.log_metric(changed, "test_rmse_px", evaluated_value + 1, step=0)  # as an evaluation by other code would
     # In a process of its own, with the portable kernels the first evaluation computed with: the same figures.
-    set_params(copy_of, {"train.portable_cpu": True})
+    set_portable_cpu(copy_of, True)
     run(copy_of, "python", "-m", "pipeline.evaluate")
     for run_ in all_runs(copy_of)[1]:
         run_id = run_.info.run_id
