@@ -10,6 +10,7 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 
 import mlflow  # noqa: E402
 from mlflow.tracking._model_registry.registry import ModelRegistryStoreRegistry  # noqa: E402
+from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistrySqlAlchemyStore  # noqa: E402
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # noqa: E402
 from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry  # noqa: E402
 import numpy as np  # noqa: E402
@@ -63,9 +64,10 @@ def temporary_tracking_store(tmp_path, monkeypatch):
     # a deleted file ("attempt to write a readonly database").
     TrackingStoreRegistry._get_store_with_resolved_uri.cache_clear()
     ModelRegistryStoreRegistry._get_store_with_resolved_uri.cache_clear()
-    for engine in SqlAlchemyStore._engine_map.values():
-        engine.dispose()
-    SqlAlchemyStore._engine_map.clear()
+    for store in (SqlAlchemyStore, RegistrySqlAlchemyStore):
+        for engine in store._engine_map.values():
+            engine.dispose()
+        store._engine_map.clear()
     # A stage run in-process sets MLflow's global URI, which outranks the variable: forget it.
     mlflow.set_tracking_uri(None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
