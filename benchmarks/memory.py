@@ -14,7 +14,6 @@ peak resident memory (the kernel's ru_maxrss of the finished process) and its ti
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import subprocess
 import sys
