@@ -35,7 +35,7 @@ from pipeline.faces.data import FaceSet, content_hash, save_prepared
 from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS
 from pipeline.train import build_trainer, memory_format, set_up_process, train
 from pipeline.training.device import Ranks
-from pipeline.training.loop import Tensors, fit
+from pipeline.training.loop import DeviceFaces, fit
 from tests.support.project import make_project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def passes_seconds(net: str, config: Config, n_train: int, n_valid: int) -> list
     device = set_up_process(config)
     trainer = build_trainer(config, net, device)
     layout = memory_format(config)
-    data = [Tensors.of(random_faces(n, seed), device, layout) for n, seed in ((n_train, 0), (n_valid, 1))]
+    data = [DeviceFaces.of(random_faces(n, seed), device, layout) for n, seed in ((n_train, 0), (n_valid, 1))]
     return [row["epoch_seconds"] for row in fit(trainer, *data)]
 
 

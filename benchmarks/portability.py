@@ -42,7 +42,7 @@ from pipeline.faces.data import FaceSet, images_of, scale_keypoints, split
 from pipeline.faces.synthetic import render_faces
 from pipeline.train import build_trainer, memory_format, set_up_process
 from pipeline.training.device import PORTABLE_CPU_KERNELS
-from pipeline.training.loop import Callback, Tensors, fit
+from pipeline.training.loop import Callback, DeviceFaces, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 NET = "net4"
@@ -158,7 +158,7 @@ def worker(spec: dict) -> None:
     trainer = build_trainer(config, NET, device)
     trainer.callbacks.append(TakeTurns())
     layout = memory_format(config)
-    fit(trainer, Tensors.of(training, device, layout), Tensors.of(validation, device, layout))
+    fit(trainer, DeviceFaces.of(training, device, layout), DeviceFaces.of(validation, device, layout))
     print(json.dumps({"checksum": weights_checksum(trainer.network), "threads": torch.get_num_threads(),
                       "aten": torch.backends.cpu.get_cpu_capability()}), flush=True)
 

@@ -34,7 +34,7 @@ from pipeline.faces.data import FaceSet, load_split
 from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, KEYPOINTS, write_training_csv
 from pipeline.train import build_trainer, memory_format
 from pipeline.training import memory
-from pipeline.training.loop import Tensors, Trainer, run_epoch
+from pipeline.training.loop import DeviceFaces, Trainer, run_epoch
 from tests.support.project import make_project, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,12 +111,12 @@ def project_trainer(net_name: str) -> Trainer:
     return build_trainer(project_config(), net_name, DEVICE)
 
 
-def project_tensors(faces: FaceSet) -> Tensors:
-    return Tensors.of(faces, DEVICE, memory_format(project_config()))
+def project_faces(faces: FaceSet) -> DeviceFaces:
+    return DeviceFaces.of(faces, DEVICE, memory_format(project_config()))
 
 
 def project_epoch(net_name: str, faces: FaceSet) -> Callable[[], object]:
-    trainer, data = project_trainer(net_name), project_tensors(faces)
+    trainer, data = project_trainer(net_name), project_faces(faces)
     return lambda: run_epoch(trainer, data, train=True)
 
 
@@ -201,7 +201,7 @@ def kernel_cpu_seconds() -> float:
 def flip_seconds_per_epoch(faces: FaceSet, n_epochs: int) -> float:
     """net5's augmentation alone, over an epoch's batches: the net4/net5 difference in whole
     epochs is smaller than this machine's noise, this is not."""
-    trainer, data = project_trainer("net5"), project_tensors(faces)
+    trainer, data = project_trainer("net5"), project_faces(faces)
     seconds = []
     for _ in range(n_epochs):
         order = torch.randperm(len(data))

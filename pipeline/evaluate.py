@@ -260,7 +260,7 @@ def main() -> None:
     resamples = config.evaluate.bootstrap_resamples
     results = summarize({net: score(predictions[net], test.y) for net in nets}, score(baseline, test.y), histories,
                         face_errors, resamples, config.evaluate.seed, bootstrap_progress(resamples))
-    for net in nets:  # the epoch whose weights were tested, for the report (report.kept_weights)
+    for net in nets:  # the epoch whose weights were tested, for the report (report.kept_weights_paragraph)
         results[net]["kept_epoch"] = infos[net].get("kept_epoch")
     write_json(paths.test_figures, dvc_metrics(results, nets))
     write_text(Path(paths.metrics) / KEYPOINT_ERRORS, keypoint_errors_csv(results, [*nets, "baseline"]))

@@ -36,11 +36,11 @@ from pipeline.tracking.logger import MlflowLogger
 from pipeline.tracking.runs import (COLOUR_TAG, LOCK_TAG, WEIGHTS_TAG, close_dead_runs, faces_inputs, lock_tag,
                                     record_training_run, training_run)
 from pipeline.tracking.store import TrackingError, connect
-from pipeline.training.callbacks import AdjustHyperparameter, EarlyStopping, EpochTable, KeepBest
+from pipeline.training.callbacks import EarlyStopping, EpochTable, KeepBest
 from pipeline.training.checkpoint import Checkpoint
 from pipeline.training.device import (Ranks, place_model, process_group, resolve_device, use_deterministic_kernels,
                                       use_float32_precision, use_portable_cpu_kernels)
-from pipeline.training.loop import Callback, Tensors, Trainer, fit
+from pipeline.training.loop import Callback, DeviceFaces, Trainer, fit
 from pipeline.training.memory import reuse_freed_memory
 from pipeline.training.optim import NesterovSGD
 
@@ -79,13 +79,13 @@ def build_trainer(config: Config, net_name: str, device: torch.device, ranks: Ra
         generator=torch.Generator(device=device).manual_seed(settings.seed),
         augment=flip_random_half if flip else None,
         augment_generator=torch.Generator(device=device).manual_seed(settings.seed + 1) if flip else None,
+        schedules={name: (schedule.start, schedule.stop) for name, schedule in settings.schedules.items()},
+        keep_best=settings.keep == "best",
         bf16=settings.bf16,
         # A graph replays one process's kernels; DistributedDataParallel's all-reduces are not in it.
         cuda_graphs=settings.cuda_graphs and device.type == "cuda" and ranks.world_size == 1,
         callbacks=[
-            *(AdjustHyperparameter(name, s.start, s.stop) for name, s in settings.schedules.items()),
-            # Before the checkpoint, the console and MLflow, which see the history rows they complete.
-            KeepBest(restore=settings.keep == "best"),
+            *([KeepBest()] if settings.keep == "best" else []),
             *([EarlyStopping(settings.patience)] if settings.patience else []),
         ],
         rank=ranks.rank,
@@ -114,7 +114,7 @@ def write_history(path: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
-def kept_weights(net_name: str, history: list[dict], settings: TrainConfig) -> str:
+def kept_weights_line(net_name: str, history: list[dict], settings: TrainConfig) -> str:
     """One line: the epoch whose weights the training kept, and where it stopped if it stopped early."""
     kept, last = history[history[-1]["kept_epoch"] - 1], history[-1]["epoch"]
     line = (f"train {net_name}: kept the weights of epoch {kept['epoch']} "
@@ -198,33 +198,34 @@ def train(config: Config, net_name: str, device: torch.device, ranks: Ranks,
           callbacks: tuple[Callback, ...] = ()) -> None:
     """One training in three phases: restore it from its checkpoint or start it, fit it in its MLflow
     run, finish it (the files, then the logged model). Other ranks than the lead only fit."""
-    started = restore_or_start(config, net_name, device, ranks)
+    training = restore_or_start(config, net_name, device, ranks)
     if not ranks.lead:
-        fit(started.trainer, started.training, started.validation)
+        fit(training.trainer, training.train_faces, training.valid_faces)
         return
-    print(f"train {net_name}: {len(started.training)} train + {len(started.validation)} valid faces on {device}"
-          f"{f' x {ranks.world_size} processes' if ranks.world_size > 1 else ''}, {started.trainer.max_epochs} epochs"
-          f"{f', resuming after epoch {len(started.trainer.history)}' if started.trainer.history else ''}")
-    # SIGTERM stops it as Ctrl-C does (reports_errors); stops_told says what the checkpoint keeps.
-    with stops_told(net_name, started), tracked_run(config, net_name, started, device, ranks) as logger:
-        history = fit_logged(started, logger, callbacks)
-        finish(config, net_name, started, history, logger)
+    print(f"train {net_name}: {len(training.train_faces)} train + {len(training.valid_faces)} valid faces on {device}"
+          f"{f' x {ranks.world_size} processes' if ranks.world_size > 1 else ''}, {training.trainer.max_epochs} epochs"
+          f"{f', resuming after epoch {len(training.trainer.history)}' if training.trainer.history else ''}")
+    # SIGTERM stops it as Ctrl-C does (reports_errors); the stop's line says what the checkpoint keeps.
+    with stop_says_what_checkpoint_keeps(net_name, training), \
+            tracked_run(config, net_name, training, device, ranks) as logger:
+        history = fit_checkpointed(training, logger, callbacks)
+        finish(config, net_name, training, history, logger)
     # Last: until the files are written and MLflow has the run whole, a rerun resumes from it.
-    started.checkpoint.path.unlink(missing_ok=True)
+    training.checkpoint.path.unlink(missing_ok=True)
 
 
 @dataclass
-class Started:
-    """A training ready to fit: restored from its checkpoint, or at its first epoch."""
+class Training:
+    """One net's training, ready to fit: restored from its checkpoint, or at its first epoch."""
 
     trainer: Trainer
     checkpoint: Checkpoint
-    training: Tensors
-    validation: Tensors
+    train_faces: DeviceFaces
+    valid_faces: DeviceFaces
     summary: dict  # prepare's: the data's hash and source
 
 
-def restore_or_start(config: Config, net_name: str, device: torch.device, ranks: Ranks) -> Started:
+def restore_or_start(config: Config, net_name: str, device: torch.device, ranks: Ranks) -> Training:
     """Phase 1: the data on the device, the seeded trainer, and its checkpoint's state if it has one."""
     paths = config.paths
     summary = read_summary(paths.prepared_summary)
@@ -236,12 +237,12 @@ def restore_or_start(config: Config, net_name: str, device: torch.device, ranks:
                             config.checkpoint.interval_seconds, saves=ranks.lead)
     checkpoint.resume(trainer)
     layout = memory_format(config)
-    return Started(trainer, checkpoint, Tensors.of(training, device, layout), Tensors.of(validation, device, layout),
-                   summary)
+    return Training(trainer, checkpoint, DeviceFaces.of(training, device, layout),
+                    DeviceFaces.of(validation, device, layout), summary)
 
 
 @contextlib.contextmanager
-def tracked_run(config: Config, net_name: str, started: Started, device: torch.device,
+def tracked_run(config: Config, net_name: str, training: Training, device: torch.device,
                 ranks: Ranks) -> Iterator[MlflowLogger]:
     """The net's MLflow run, the checkpoint's own when it resumes one, and the logger that fills it."""
     params = {
@@ -249,10 +250,10 @@ def tracked_run(config: Config, net_name: str, started: Started, device: torch.d
         "net": net_name,
         "flip": config.net(net_name).flip,
         # The architecture of every net, net4's too, so that the runs table compares them.
-        "hidden": started.trainer.network.hidden,
-        "dropout": list(started.trainer.network.dropout),
-        "n_train": len(started.training),
-        "n_valid": len(started.validation),
+        "hidden": training.trainer.network.hidden,
+        "dropout": list(training.trainer.network.dropout),
+        "n_train": len(training.train_faces),
+        "n_valid": len(training.valid_faces),
         "device": str(device),
         "world_size": ranks.world_size,
         # Which CPU kernels computed it: the bits of a training without train.portable_cpu depend on them.
@@ -262,34 +263,34 @@ def tracked_run(config: Config, net_name: str, started: Started, device: torch.d
     generated = [paths.models, paths.metrics, paths.plots, paths.reports]
     # The net's colour in the pictures, for the UI's charts and runs table.
     lock = paths.training_lock(net_name)  # held by main()
-    tags = {"data_hash": started.summary["data_hash"], "net": net_name,
+    tags = {"data_hash": training.summary["data_hash"], "net": net_name,
             COLOUR_TAG: net_colour(list(config.nets).index(net_name)), LOCK_TAG: lock_tag(lock)}
-    inputs = faces_inputs(started.summary, training=len(started.training), validation=len(started.validation))
-    resumed_run = started.checkpoint.extra.get(RUN_KEY)
+    inputs = faces_inputs(training.summary, training=len(training.train_faces), validation=len(training.valid_faces))
+    resumed_run = training.checkpoint.extra.get(RUN_KEY)
     with training_run(net_name, params, tags, generated, resumed_run, inputs, device) as run:
         close_dead_runs(net_name, lock, run.info)
-        started.checkpoint.extra[RUN_KEY] = run.info.run_id
-        yield MlflowLogger()
+        training.checkpoint.extra[RUN_KEY] = run.info.run_id
+        yield MlflowLogger(resumed=resumed_run is not None)
 
 
-def fit_logged(started: Started, logger: MlflowLogger, callbacks: tuple[Callback, ...]) -> list[dict]:
+def fit_checkpointed(training: Training, logger: MlflowLogger, callbacks: tuple[Callback, ...]) -> list[dict]:
     """Phase 2: the epochs, each saved by the checkpoint, shown on the console and logged."""
-    trainer, checkpoint = started.trainer, started.checkpoint
-    trainer.callbacks += [checkpoint, EpochTable(), logger, *callbacks]
+    trainer, checkpoint = training.trainer, training.checkpoint
+    trainer.callbacks += [checkpoint, EpochTable(), *callbacks]
     # Whatever ends the training, the last finished epoch is saved and every epoch logged.
     with logger, checkpoint:
-        return fit(trainer, started.training, started.validation)
+        return fit(trainer, training.train_faces, training.valid_faces, logger)
 
 
-def finish(config: Config, net_name: str, started: Started, history: list[dict], logger: MlflowLogger) -> None:
+def finish(config: Config, net_name: str, training: Training, history: list[dict], logger: MlflowLogger) -> None:
     """Phase 3: the net ends with the weights of the kept epoch (callbacks.KeepBest): those are saved,
     with the files DVC tracks, and then logged."""
-    paths, network = config.paths, started.trainer.network
-    print(kept_weights(net_name, history, config.train_of(net_name)))
+    paths, network = config.paths, training.trainer.network
+    print(kept_weights_line(net_name, history, config.train_of(net_name)))
     save_model(paths.model(net_name), network)
     weights = weights_checksum(network)
     write_json(paths.model_info(net_name), {
-        "net": net_name, "data_hash": started.summary["data_hash"],
+        "net": net_name, "data_hash": training.summary["data_hash"],
         "kept_epoch": history[-1]["kept_epoch"], "config": config.training_params(net_name), WEIGHTS_TAG: weights,
     })
     write_history(paths.history(net_name), history)
@@ -310,15 +311,15 @@ def trained_config(config: Config, net_name: str) -> dict:
 
 
 @contextlib.contextmanager
-def stops_told(net_name: str, started: Started) -> Iterator[None]:
+def stop_says_what_checkpoint_keeps(net_name: str, training: Training) -> Iterator[None]:
     """An interrupt or a store that fails, as one line saying what the checkpoint keeps."""
-    checkpoint = started.checkpoint
+    checkpoint = training.checkpoint
     try:
         yield
     except KeyboardInterrupt:
         saved = checkpoint.saved_epochs
         raise Interrupted(
-            f"train {net_name} interrupted in epoch {len(started.trainer.history) + 1}; "
+            f"train {net_name} interrupted in epoch {len(training.trainer.history) + 1}; "
             + (f"{checkpoint.path} keeps epochs 1-{saved}: run the stage again (`dvc repro`) to continue" if saved
                else "no epoch had ended, so there is nothing to resume")
         ) from None

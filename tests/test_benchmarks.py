@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks import device_speed, portability, reference, train_speed
 from pipeline.base.model import KeypointNet
 from pipeline.faces.data import FaceSet
-from pipeline.training.loop import Tensors, Trainer, run_epoch
+from pipeline.training.loop import DeviceFaces, Trainer, run_epoch
 from project import ROOT, make_project, run, write_params
 
 # Every batch full, so an epoch's mean loss is the plain mean of its batch losses.
@@ -64,7 +64,7 @@ def test_reference_and_project_loops_give_the_same_losses_and_weights(dtype, los
     dataset = TensorDataset(torch.from_numpy(faces.X), torch.from_numpy(faces.y))
     orders = upcoming_orders(trainer.generator, N_IMAGES, EPOCHS)
 
-    project_losses = [float(run_epoch(trainer, Tensors.of(faces, torch.device("cpu")), train=True))
+    project_losses = [float(run_epoch(trainer, DeviceFaces.of(faces, torch.device("cpu")), train=True))
                       for _ in range(EPOCHS)]
     reference_losses = []
     for order in orders:

@@ -25,10 +25,9 @@ from pipeline.faces.augment import flip, flip_random_half
 from pipeline.faces.synthetic import render_faces
 from pipeline.predict import NamedFaces, predict_pixels
 from pipeline.training import checkpoint as checkpoints
-from pipeline.training.callbacks import AdjustHyperparameter
 from pipeline.training.checkpoint import Checkpoint
 from pipeline.training.graphs import CapturedSteps
-from pipeline.training.loop import Tensors, Trainer, fit, run_epoch
+from pipeline.training.loop import DeviceFaces, Trainer, fit, run_epoch
 from project import make_project, run, set_params
 from loops import EpochWeights, bright_square_faces, faces_of, stage_trainer
 from plain_loop import assert_same_training, fast_and_plain
@@ -171,11 +170,11 @@ def cuda_trainer(bf16=False, flip=False):
                    generator=torch.Generator(device=device).manual_seed(0),
                    augment=flip_random_half if flip else None,
                    augment_generator=torch.Generator(device=device).manual_seed(1) if flip else None,
-                   bf16=bf16, callbacks=[AdjustHyperparameter("lr", 0.03, 0.001)])
+                   schedules={"lr": (0.03, 0.001)}, bf16=bf16)
 
 
 def cuda_data(n, seed):
-    return Tensors.of(bright_square_faces(n, seed), torch.device(DEVICE))
+    return DeviceFaces.of(bright_square_faces(n, seed), torch.device(DEVICE))
 
 
 def test_bf16_on_cuda_trains_float32_weights_with_losses_close_to_float32():

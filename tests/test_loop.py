@@ -1,14 +1,15 @@
+import dataclasses
 import io
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from loops import EpochWeights, assert_weights, bright_square_faces, callback_of, data, falls_then_rises, make_trainer
+from loops import EpochWeights, assert_weights, bright_square_faces, data, falls_then_rises, make_trainer
 from pipeline.base.errors import PipelineError
 from pipeline.faces.data import loss_to_rmse_px
-from pipeline.training.callbacks import AdjustHyperparameter, EarlyStopping, EpochTable
-from pipeline.training.loop import Callback, Tensors, fit
+from pipeline.training.callbacks import EarlyStopping, EpochTable
+from pipeline.training.loop import Callback, DeviceFaces, fit, lowest_valid_loss
 from plain_loop import assert_same_training, fast_and_plain
 
 
@@ -43,7 +44,6 @@ def test_history_rows_hold_every_epoch_figure():
     history = fit(make_trainer(2), data(32), data(16, seed=1))
     assert [row["epoch"] for row in history] == [1, 2]
     row = history[0]
-    # The loop's figures, and the stage's KeepBest's.
     assert set(row) == {"epoch", "train_loss", "valid_loss", "train_valid_ratio", "valid_rmse_px",
                         "learning_rate", "momentum", "epoch_seconds", "valid_loss_best", "kept_epoch"}
     assert row["train_valid_ratio"] == pytest.approx(row["train_loss"] / row["valid_loss"])
@@ -57,24 +57,65 @@ def test_hooks_run_in_order():
                               "epoch_begin 2", "batch 1/2", "batch 2/2", "epoch_finished 2", "train_end"]
 
 
+class ListLogger:
+    """A MetricLogger that keeps what it is handed."""
+
+    def __init__(self):
+        self.rows, self.closed = [], False
+
+    def log_row(self, row, step):
+        self.rows.append((step, dict(row)))
+
+    def close(self):
+        self.closed = True
+
+
+class RowCopies(Callback):
+    def __init__(self):
+        self.rows = []
+
+    def on_epoch_finished(self, trainer, history):
+        self.rows.append(dict(history[-1]))
+
+
+def test_each_finished_row_goes_to_the_logger_as_the_callbacks_see_it_and_the_history_keeps_it():
+    logger, seen = ListLogger(), RowCopies()
+    trainer = make_trainer(3, [seen], keep="best")
+    history = fit(trainer, data(32), data(16, seed=1), logger)
+    assert [step for step, _ in logger.rows] == [1, 2, 3]
+    assert [row for _, row in logger.rows] == seen.rows == history  # complete when handed on, and never edited
+    assert not logger.closed  # whoever made the logger closes it
+
+
+def test_a_resumed_training_hands_its_earlier_rows_to_the_logger_first():
+    unbroken = fit(make_trainer(3), data(32), data(16, seed=1))
+    trainer, logger = make_trainer(3), ListLogger()
+    trainer.history = [dict(row) for row in unbroken[:2]]
+    fit(trainer, data(32), data(16, seed=1), logger)
+    assert [step for step, _ in logger.rows] == [1, 2, 3]
+    assert [row for _, row in logger.rows[:2]] == unbroken[:2]
+
+
 def test_annealing_sets_the_values_used_during_each_epoch():
-    callbacks = [AdjustHyperparameter("lr", 0.03, 0.0001), AdjustHyperparameter("momentum", 0.9, 0.999)]
-    history = fit(make_trainer(3, callbacks), data(32), data(16, seed=1))
+    trainer = make_trainer(3, schedules={"lr": (0.03, 0.0001), "momentum": (0.9, 0.999)})
+    history = fit(trainer, data(32), data(16, seed=1))
     assert [row["learning_rate"] for row in history] == pytest.approx([0.03, 0.01505, 0.0001])
     assert [row["momentum"] for row in history] == pytest.approx([0.9, 0.9495, 0.999])
 
 
 def test_annealing_any_hyperparameter_by_name():
-    trainer = make_trainer(2, [AdjustHyperparameter("weight_decay", 0.0, 0.5)])
+    trainer = make_trainer(2)
     # The stage's Nesterov SGD has no weight decay; torch's SGD, in its place, has.
     trainer.optimizer = torch.optim.SGD(trainer.network.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0)
+    trainer.schedules["weight_decay"] = (0.0, 0.5)
     fit(trainer, data(16), data(16, seed=1))
     assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.5
 
 
 def test_annealing_an_unknown_hyperparameter_is_a_clear_error():
-    with pytest.raises(PipelineError, match="train.schedules.lr_decay: the optimizer has no hyperparameter"):
-        fit(make_trainer(1, [AdjustHyperparameter("lr_decay", 0.1, 0.2)]), data(16), data(16, seed=1))
+    with pytest.raises(PipelineError, match="^train.schedules.lr_decay: the optimizer has no hyperparameter "
+                                            r"'lr_decay' \(it has lr, momentum\)$"):
+        dataclasses.replace(make_trainer(1), schedules={"lr_decay": (0.1, 0.2)})
 
 
 def test_same_seed_gives_identical_history_and_weights():
@@ -121,8 +162,8 @@ def test_contiguous_layout_gives_the_same_losses_as_channels_last():
     fast = fit(make_trainer(1), data(32), data(16, seed=1))
     trainer = make_trainer(1)
     trainer.model = trainer.model.to(memory_format=torch.contiguous_format)
-    plain_data = Tensors.of(bright_square_faces(32, 0), torch.device("cpu"), torch.contiguous_format)
-    plain_valid = Tensors.of(bright_square_faces(16, 1), torch.device("cpu"), torch.contiguous_format)
+    plain_data = DeviceFaces.of(bright_square_faces(32, 0), torch.device("cpu"), torch.contiguous_format)
+    plain_valid = DeviceFaces.of(bright_square_faces(16, 1), torch.device("cpu"), torch.contiguous_format)
     plain = fit(trainer, plain_data, plain_valid)
     assert plain[0]["train_loss"] == pytest.approx(fast[0]["train_loss"], rel=1e-4)
     assert plain[0]["valid_loss"] == pytest.approx(fast[0]["valid_loss"], rel=1e-4)
@@ -149,7 +190,7 @@ def test_epoch_table_on_a_terminal_marks_the_best_losses_in_colour(monkeypatch):
 
 def test_the_net_ends_with_the_weights_of_the_lowest_valid_loss_or_of_the_last_epoch():
     epochs = EpochWeights()
-    best = make_trainer(4, [falls_then_rises(), epochs], keep="best")
+    best = make_trainer(4, [epochs], keep="best", schedules=falls_then_rises())
     history = fit(best, data(16), data(16, seed=1))
     losses = [row["valid_loss"] for row in history]
     assert losses.index(min(losses)) == 1 and min(losses) < losses[-1]  # the construction: epoch 2 of 4 is best
@@ -157,7 +198,7 @@ def test_the_net_ends_with_the_weights_of_the_lowest_valid_loss_or_of_the_last_e
     assert [row["kept_epoch"] for row in history] == [1, 2, 2, 2]
     assert_weights(best.network, epochs.weights[1])
 
-    last = make_trainer(4, [falls_then_rises()], keep="last")
+    last = make_trainer(4, keep="last", schedules=falls_then_rises())
     history = fit(last, data(16), data(16, seed=1))
     assert [row["valid_loss"] for row in history] == losses
     assert [row["valid_loss_best"] for row in history] == [1.0, 1.0, 0.0, 0.0]
@@ -167,29 +208,39 @@ def test_the_net_ends_with_the_weights_of_the_lowest_valid_loss_or_of_the_last_e
 
 
 def test_early_stopping_ends_the_training_patience_epochs_after_the_best_one():
-    trainer = make_trainer(4, [falls_then_rises()], keep="best", patience=1)
+    trainer = make_trainer(4, keep="best", patience=1, schedules=falls_then_rises())
     history = fit(trainer, data(16), data(16, seed=1))
-    stopping = callback_of(trainer, EarlyStopping)
     assert [row["epoch"] for row in history] == [1, 2, 3]  # epoch 2 is the best, epoch 3 brings none
-    assert (stopping.stopped_epoch, history[-1]["kept_epoch"]) == (3, 2)
+    assert trainer.should_stop and (trainer.best_epoch, history[-1]["kept_epoch"]) == (2, 2)
 
 
 def rows(*valid_losses):
     return [{"epoch": epoch, "valid_loss": loss} for epoch, loss in enumerate(valid_losses, start=1)]
 
 
+def resumed(history, max_epochs):
+    """What fit() hands the callbacks of a training resumed with this history."""
+    return SimpleNamespace(history=history, max_epochs=max_epochs, should_stop=False,
+                           best_epoch=lowest_valid_loss(history)[0])
+
+
+def test_the_lowest_valid_loss_is_its_first_epoch_and_none_before_any():
+    assert lowest_valid_loss(rows(0.5, 0.3, 0.4, 0.3)) == (2, 0.3)  # a tie is no new best
+    assert lowest_valid_loss([]) == (0, float("inf"))
+
+
 def test_early_stopping_counts_from_the_history_so_a_resumed_training_stops_where_an_unbroken_one_does():
-    trainer = SimpleNamespace(history=rows(0.5, 0.3, 0.4), max_epochs=10, should_stop=False)
+    trainer = resumed(rows(0.5, 0.3, 0.4), max_epochs=10)
     stopping = EarlyStopping(2)
     stopping.on_train_begin(trainer)  # resumed after epoch 3: one epoch without a new best so far
     assert not trainer.should_stop
-    trainer.history += rows(0.5, 0.3, 0.4, 0.3)[3:]  # a tie is no new best
+    trainer.history += rows(0.5, 0.3, 0.4, 0.3)[3:]  # a tie is no new best: fit() keeps epoch 2
     stopping.on_epoch_finished(trainer, trainer.history)
-    assert trainer.should_stop and stopping.stopped_epoch == 4
-    stopped = SimpleNamespace(history=rows(0.5, 0.3, 0.4, 0.3), max_epochs=10, should_stop=False)
+    assert trainer.should_stop
+    stopped = resumed(rows(0.5, 0.3, 0.4, 0.3), max_epochs=10)
     EarlyStopping(2).on_train_begin(stopped)  # resumed after the stop: no further epoch
     assert stopped.should_stop
-    ended = SimpleNamespace(history=rows(0.5, 0.3, 0.4, 0.3), max_epochs=4, should_stop=False)
+    ended = resumed(rows(0.5, 0.3, 0.4, 0.3), max_epochs=4)
     EarlyStopping(2).on_train_begin(ended)  # the last epoch ended the training anyway: no early stop
     assert not ended.should_stop
 

@@ -23,7 +23,6 @@ from pipeline.predict import NamedFaces, predict_pixels
 from pipeline.tracking.logger import MlflowLogger
 from pipeline.tracking.runs import COLOUR_TAG, MODEL_SIGNATURE, faces_inputs, git_state, log_model, training_run
 from pipeline.tracking.store import EXPERIMENT, TrackingError, connect
-from pipeline.training.callbacks import AdjustHyperparameter
 from pipeline.training.loop import Callback, fit
 from project import free_port, make_project, run, set_params
 from loops import data, make_trainer
@@ -34,12 +33,11 @@ pytestmark = pytest.mark.slow
 
 
 def train_logged(net_name="net4", epochs=3):
-    trainer = make_trainer(epochs, [AdjustHyperparameter("lr", 0.03, 0.0001), AdjustHyperparameter("momentum", 0.9, 0.999)])
+    trainer = make_trainer(epochs, schedules={"lr": (0.03, 0.0001), "momentum": (0.9, 0.999)})
     with training_run(net_name, {"train.max_epochs": epochs, "n_train": 32}, {"data_hash": "abc123"}, []) as run:
         logger = MlflowLogger()
-        trainer.callbacks.append(logger)
         with logger:
-            history = fit(trainer, data(32), data(16, seed=1))
+            history = fit(trainer, data(32), data(16, seed=1), logger)
         logger.log_model(trainer.network)
     return run.info.run_id, history
 
@@ -125,9 +123,8 @@ def test_every_epoch_before_a_failure_is_logged_once(failure, error, message):
     with pytest.raises(error, match=message):
         with training_run("net4", {}, {}, []) as run:
             logger = MlflowLogger()
-            trainer.callbacks.append(logger)
             with logger:
-                fit(trainer, data(32), data(16, seed=1))
+                fit(trainer, data(32), data(16, seed=1), logger)
     client = mlflow.MlflowClient()
     finished = client.get_run(run.info.run_id)
     assert finished.info.status == "FAILED"
@@ -165,9 +162,9 @@ def test_rows_the_store_refuses_are_kept_and_logged_once_when_it_takes_them_agai
     with training_run("net4", {}, {}, []) as run:
         logger = MlflowLogger()
         outage = StoreRefusesTheRun(run.info.run_id, after=2, until=4, capfd=capfd)
-        trainer.callbacks += [logger, outage]
+        trainer.callbacks.append(outage)
         with logger:
-            fit(trainer, data(32), data(16, seed=1))
+            fit(trainer, data(32), data(16, seed=1), logger)
     store = f"warning: MLflow tracking store {mlflow.get_tracking_uri()}"
     # One line when the store failed, one when it took the rows again.
     stdout = outage.stdout + capfd.readouterr().out
@@ -186,10 +183,10 @@ def test_an_epoch_stopped_before_the_logger_saw_it_is_still_logged():
     with pytest.raises(KeyboardInterrupt):
         with training_run("net4", {}, {}, []) as run:
             logger = MlflowLogger()
-            # Ctrl-C while another callback handles the end of epoch 2, before the logger has its row.
-            trainer.callbacks += [RaiseIn("on_epoch_finished", 2, KeyboardInterrupt()), logger]
+            # Ctrl-C while a callback handles the end of epoch 2: the logger had its row before any callback.
+            trainer.callbacks.append(RaiseIn("on_epoch_finished", 2, KeyboardInterrupt()))
             with logger:
-                fit(trainer, data(32), data(16, seed=1))
+                fit(trainer, data(32), data(16, seed=1), logger)
     client = mlflow.MlflowClient()
     assert client.get_run(run.info.run_id).info.status == "KILLED"
     assert [point.step for point in client.get_metric_history(run.info.run_id, "valid_loss")] == [1, 2]
@@ -215,9 +212,8 @@ def test_a_failed_training_marks_the_run_failed():
     with pytest.raises(Exception, match="diverged"):
         with training_run("net4", {}, {}, []) as run:
             logger = MlflowLogger()
-            trainer.callbacks.append(logger)
             with logger:
-                fit(trainer, data(32), data(16, seed=1))
+                fit(trainer, data(32), data(16, seed=1), logger)
     assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
 
 

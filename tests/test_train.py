@@ -23,7 +23,7 @@ from loops import callback_of, data
 from pipeline.base.config import NetConfig
 from pipeline.faces.data import loss_to_rmse_px
 from pipeline.tracking.store import EXPERIMENT
-from pipeline.train import build_trainer, kept_weights
+from pipeline.train import build_trainer, kept_weights_line
 from pipeline.training.callbacks import EarlyStopping, KeepBest
 from pipeline.training.loop import run_epoch
 from project import default_config, free_port, make_project, run, set_params
@@ -303,15 +303,16 @@ def test_the_params_choose_the_kept_weights_and_early_stopping():
     config = default_config()
     assert (config.train.keep, config.train.patience) == ("best", 0)  # the seed protocol runs every epoch
     cpu = torch.device("cpu")
-    [keep] = [c for c in build_trainer(config, "net4", cpu).callbacks if isinstance(c, (KeepBest, EarlyStopping))]
-    assert isinstance(keep, KeepBest) and keep.restore
-    last = dataclasses.replace(config, train=dataclasses.replace(config.train, keep="last", patience=50))
-    keep, stopping = [c for c in build_trainer(last, "net4", cpu).callbacks if isinstance(c, (KeepBest, EarlyStopping))]
-    assert not keep.restore and stopping.patience == 50
+    best = build_trainer(config, "net4", cpu)
+    assert best.keep_best and [type(c) for c in best.callbacks] == [KeepBest]
+    last = build_trainer(dataclasses.replace(config, train=dataclasses.replace(config.train, keep="last", patience=50)),
+                         "net4", cpu)
+    [stopping] = last.callbacks
+    assert not last.keep_best and isinstance(stopping, EarlyStopping) and stopping.patience == 50
 
     rows = [{"epoch": epoch, "valid_loss": loss, "valid_rmse_px": loss_to_rmse_px(loss), "kept_epoch": 1}
             for epoch, loss in enumerate([0.01, 0.04, 0.09], start=1)]
-    assert kept_weights("net4", rows, dataclasses.replace(config.train, patience=2)) == (
+    assert kept_weights_line("net4", rows, dataclasses.replace(config.train, patience=2)) == (
         "train net4: kept the weights of epoch 1 (the lowest valid loss: valid loss 0.010000, 4.800 px); "
         "stopped early after epoch 3 of 90: 2 epochs without a new lowest valid loss")
 

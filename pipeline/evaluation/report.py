@@ -112,7 +112,7 @@ def comparison_markdown(results: dict, nets: list[str], data_hash: str, n_test: 
         "",
         markdown_table(SUMMARY_HEADER, summary_rows(results, nets)),
         "",
-        *kept_weights(results, nets),
+        *kept_weights_paragraph(results, nets),
         "## Comparison",
         "",
         *(f"- {line}" for line in comparison_lines(results, nets)),
@@ -129,7 +129,7 @@ def comparison_markdown(results: dict, nets: list[str], data_hash: str, n_test: 
     ])
 
 
-def kept_weights(results: dict, nets: list[str]) -> list[str]:
+def kept_weights_paragraph(results: dict, nets: list[str]) -> list[str]:
     """The epoch whose weights each net's test figures are of (kept_epoch of models/<net>.json: the
     lowest valid loss's with train.keep: best), as a paragraph; none for models that do not say."""
     kept = [f"{net}'s of epoch {results[net]['kept_epoch']}" for net in nets

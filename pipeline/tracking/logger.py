@@ -1,4 +1,4 @@
-"""The one MLflow callback of the training loop: it reads the history and logs every key of it."""
+"""The training loop's MLflow logger: every key of each epoch's row, logged with step = epoch."""
 
 from __future__ import annotations
 
@@ -13,21 +13,20 @@ from mlflow.utils.time import get_current_time_millis
 from pipeline.base.weights import weights_checksum
 from pipeline.tracking.runs import WEIGHTS_TAG, log_model
 from pipeline.tracking.store import TrackingError, reason, store_calls, store_failure
-from pipeline.training.loop import Callback
 
 
-class MlflowLogger(Callback):
-    """Log every key of each epoch's history row (step = epoch) and, once the files are written, the model,
-    into the MLflow run active when the logger is made (tracking.training_run's).
+class MlflowLogger:
+    """A training.loop.MetricLogger: log every key of each epoch's row (step = epoch) and, once the files
+    are written, the model, into the MLflow run active when the logger is made (tracking.training_run's).
 
     A thread writes the rows, so the loop never waits on the store: at most once a second, it
     sends whatever rows have queued up in one request. A store that fails does not stop the
     training: the thread keeps the rows and tries again after 2 s, 4 s, 8 s, ... (at most a
     minute apart), with one warning when the store fails and one when it answers again. Use the
-    logger as a context manager: leaving it makes a last try to store every row, however the
+    logger as a context manager: leaving it closes it, a last try to store every row, however the
     training ended; rows the store still refuses then are a TrackingError. A resumed training
-    brings the history of its earlier epochs; those the run lacks (the process died, or the store
-    was down, before they were logged) are logged first, and no epoch twice.
+    hands the rows of its earlier epochs again; those the run lacks (the process died, or the store
+    was down, before they were logged) are logged, and no epoch twice.
 
     Why a thread of its own rather than MLflow's asynchronous logging (`log_batch(...,
     synchronous=False)`): MLflow's queue also batches rows in the background, but a batch that
@@ -41,7 +40,7 @@ class MlflowLogger(Callback):
     SECONDS_BETWEEN_REQUESTS = 1.0
     MAX_SECONDS_BETWEEN_TRIES = 60.0
 
-    def __init__(self):
+    def __init__(self, resumed: bool = False):
         # The active run is the one the model is logged to (MLflow's log_model takes no run id): the
         # epochs go to the same one.
         active = mlflow.active_run()
@@ -49,26 +48,35 @@ class MlflowLogger(Callback):
             raise TrackingError("MlflowLogger logs into the active MLflow run, and none is active")
         self.run_id = active.info.run_id
         self.client = mlflow.MlflowClient()
-        self.history: list[dict] = []
-        self.logged: set[int] = set()  # the epochs in the run or on their way to it
+        # The epochs in the run or on their way to it; a resumed run's are asked for with its first row
+        # (None until then), a new run has none.
+        self.logged: set[int] | None = None if resumed else set()
         self._rows: queue.SimpleQueue[list[Metric]] = queue.SimpleQueue()
         self._unsent: list[list[Metric]] = []  # each epoch's metrics, oldest first, until the store has them
         self._sender: threading.Thread | None = None
         self._flushing = threading.Event()
         self._failure: Exception | None = None  # while the store fails: its last error
 
-    def on_train_begin(self, trainer) -> None:
-        self.history = trainer.history
-        if trainer.history:
-            # Each epoch is logged whole in one request, so any one key tells which epochs are in.
-            key = next(key for key in trainer.history[0] if key != "epoch")
-            with store_calls(f"the epochs of run {self.run_id} could not be read"):
-                self.logged = {point.step for point in self.client.get_metric_history(self.run_id, key)}
-        for row in trainer.history:
-            self._send(row)
+    def log_row(self, row: dict, step: int) -> None:
+        if self.logged is None:
+            self.logged = self._logged_steps(next(key for key in row if key != "epoch"))
+        # An epoch logged before its checkpoint was written is computed again, identically, on
+        # resuming; the run keeps the first.
+        if step in self.logged:
+            return
+        self.logged.add(step)
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_rows, name="mlflow logger", daemon=True)
+            self._sender.start()
+        # Stamped once: a request that reached the store but whose answer was lost is sent again
+        # with the very same metrics, which MLflow stores once.
+        now = get_current_time_millis()
+        self._rows.put([Metric(key, float(value), now, step) for key, value in row.items() if key != "epoch"])
 
-    def on_epoch_finished(self, trainer, history: list[dict]) -> None:
-        self._send(history[-1])
+    def _logged_steps(self, key: str) -> set[int]:
+        """The steps the run has: each epoch is logged whole in one request, so any one key tells."""
+        with store_calls(f"the epochs of run {self.run_id} could not be read"):
+            return {point.step for point in self.client.get_metric_history(self.run_id, key)}
 
     def log_model(self, model: torch.nn.Module) -> None:
         """The trained net, unless the run has it: a rerun after a failure past this point logs no second one.
@@ -88,20 +96,6 @@ class MlflowLogger(Callback):
         experiment_id = self.client.get_run(self.run_id).info.experiment_id
         models = self.client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{self.run_id}'")
         return any(model.status == LoggedModelStatus.READY for model in models)
-
-    def _send(self, row: dict) -> None:
-        # An epoch logged before its checkpoint was written is computed again, identically, on
-        # resuming; the run keeps the first.
-        if row["epoch"] in self.logged:
-            return
-        self.logged.add(row["epoch"])
-        if self._sender is None:
-            self._sender = threading.Thread(target=self._send_rows, name="mlflow logger", daemon=True)
-            self._sender.start()
-        # Stamped once: a request that reached the store but whose answer was lost is sent again
-        # with the very same metrics, which MLflow stores once.
-        now = get_current_time_millis()
-        self._rows.put([Metric(key, float(value), now, row["epoch"]) for key, value in row.items() if key != "epoch"])
 
     def _send_rows(self) -> None:
         pause = self.SECONDS_BETWEEN_REQUESTS
@@ -148,7 +142,7 @@ class MlflowLogger(Callback):
                   "the metrics kept are logged", flush=True)
         self._failure = None
 
-    def flush(self) -> None:
+    def close(self) -> None:
         """A last try to store every queued row; the rows the store still refuses are a TrackingError."""
         if self._sender is not None:
             self._flushing.set()
@@ -165,14 +159,10 @@ class MlflowLogger(Callback):
 
     def __exit__(self, kind, error, traceback) -> None:
         if kind is None:
-            self.flush()
+            self.close()
             return
-        # A stop between an epoch's end and its row reaching this logger (another callback's hook
-        # was running) leaves a finished epoch unsent.
-        for row in self.history:
-            self._send(row)
         try:
-            self.flush()
+            self.close()
         except TrackingError:
             pass  # the error in flight is the one to report
 

@@ -1,38 +1,14 @@
-"""The training loop's callbacks: the annealing, the console table, the best epoch's weights and early stopping."""
+"""The training loop's callbacks: the console table, the best epoch's weights and early stopping."""
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 from typing import TextIO
 
-from pipeline.base.errors import PipelineError
 from pipeline.base.weights import copy_into
 from pipeline.training.loop import Callback, Trainer
-from pipeline.training.schedule import linear
-
-
-class AdjustHyperparameter(Callback):
-    """Set an optimizer hyperparameter (lr, momentum, weight_decay, ...) linearly over the epochs."""
-
-    def __init__(self, name: str, start: float, stop: float):
-        self.name, self.start, self.stop = name, start, stop
-
-    def on_train_begin(self, trainer: Trainer) -> None:
-        known = trainer.optimizer.param_groups[0]
-        if self.name not in known or not isinstance(known[self.name], (int, float)):
-            numeric = sorted(key for key, value in known.items() if isinstance(value, (int, float)))
-            raise PipelineError(
-                f"train.schedules.{self.name}: the optimizer has no hyperparameter {self.name!r} "
-                f"(it has {', '.join(numeric)})"
-            )
-
-    def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None:
-        value = linear(self.start, self.stop, trainer.max_epochs, epoch)
-        for group in trainer.optimizer.param_groups:
-            group[self.name] = value
 
 
 class EpochTable(Callback):
@@ -102,24 +78,17 @@ class EpochTable(Callback):
 
 
 class KeepBest(Callback):
-    """The weights of the epoch with the lowest valid loss: skorch's Checkpoint(monitor="valid_loss_best")
-    and Lightning's ModelCheckpoint(monitor="valid_loss"), kept in memory on the training device.
+    """With train.keep: best, the weights of the epoch with the lowest valid loss, as skorch's
+    Checkpoint(monitor="valid_loss_best") and Lightning's ModelCheckpoint(monitor="valid_loss") keep
+    them, but in memory on the training device; the net gets them back when the training ends.
 
-    Every history row gets `valid_loss_best` (1.0 when the epoch's valid loss is the lowest so far,
-    else 0.0, as in skorch's history; a number, so that MLflow logs it) and `kept_epoch`, the epoch
-    whose weights the training keeps if it ends there. With `restore` (train.keep: best) a new
-    best epoch's weights are copied into a buffer on the device (no allocation, no wait for the
-    host: the comparison uses the valid loss the history already has), and the net gets them back
-    when the training ends; without it (train.keep: last) nothing is copied and the net ends with
-    the last epoch's weights. The best epoch and its weights are part of the training's state
-    (`state_dict`, saved by checkpoint.Checkpoint), so a resumed training keeps the same weights.
+    A new best epoch (its row's valid_loss_best, which fit() sets) has its weights copied into a
+    buffer on the device: no allocation, no wait for the host. The weights are this callback's
+    state (state_dict, saved by checkpoint.Checkpoint), so a resumed training keeps the same ones.
     """
 
-    def __init__(self, restore: bool = True):
-        self.restore = restore
-        self.epoch = 0  # the best epoch so far (0: none yet)
-        self.valid_loss = math.inf
-        self.weights: dict | None = None  # the best epoch's state_dict, with restore
+    def __init__(self):
+        self.weights: dict | None = None  # the best epoch's state_dict (None: no epoch yet)
 
     def on_train_begin(self, trainer: Trainer) -> None:
         if self.weights is not None:
@@ -128,52 +97,41 @@ class KeepBest(Callback):
             self.weights = {key: value.to(device) for key, value in self.weights.items()}
 
     def on_epoch_finished(self, trainer: Trainer, history: list[dict]) -> None:
-        row = history[-1]
-        best = row["valid_loss"] < self.valid_loss  # a tie is no new best: the earlier epoch stays
-        if best:
-            self.epoch, self.valid_loss = row["epoch"], row["valid_loss"]
-            if self.restore:
-                self.weights = copy_into(self.weights, trainer.network.state_dict())
-        row["valid_loss_best"] = 1.0 if best else 0.0
-        row["kept_epoch"] = self.epoch if self.restore else row["epoch"]
+        if history[-1]["valid_loss_best"]:
+            self.weights = copy_into(self.weights, trainer.network.state_dict())
 
     def on_train_end(self, trainer: Trainer, history: list[dict]) -> None:
-        if self.restore and self.weights is not None:
+        if self.weights is not None:
             trainer.network.load_state_dict(self.weights)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "valid_loss": self.valid_loss, "weights": self.weights}
+        return {"weights": self.weights}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.valid_loss, self.weights = state["epoch"], state["valid_loss"], state["weights"]
+        self.weights = state["weights"]
 
 
 class EarlyStopping(Callback):
     """Stop the training once `patience` epochs in a row have brought no new lowest valid loss
     (skorch's EarlyStopping on valid_loss): the last epoch is then the best one plus `patience`.
 
-    Derived from the history alone, so a resumed training stops where an unbroken one does; one
-    that had already stopped runs no further epoch. The schedules keep their max_epochs span.
+    Derived from fit()'s best epoch, itself derived from the history, so a resumed training stops
+    where an unbroken one does; one that had already stopped runs no further epoch. The schedules
+    keep their max_epochs span.
     """
 
     def __init__(self, patience: int):
         if patience < 1:
             raise ValueError("patience must be at least 1")
         self.patience = patience
-        self.best_epoch, self.best_loss = 0, math.inf
-        self.stopped_epoch = 0  # the epoch the training stopped after (0: it did not stop early)
 
     def on_train_begin(self, trainer: Trainer) -> None:
-        self.best_epoch, self.best_loss, self.stopped_epoch = 0, math.inf, 0
-        for row in trainer.history:
-            self._update(trainer, row)
+        if trainer.history:
+            self._stop_if_patience_ran_out(trainer, trainer.history[-1]["epoch"])
 
     def on_epoch_finished(self, trainer: Trainer, history: list[dict]) -> None:
-        self._update(trainer, history[-1])
+        self._stop_if_patience_ran_out(trainer, history[-1]["epoch"])
 
-    def _update(self, trainer: Trainer, row: dict) -> None:
-        if row["valid_loss"] < self.best_loss:
-            self.best_epoch, self.best_loss = row["epoch"], row["valid_loss"]
-        if row["epoch"] - self.best_epoch >= self.patience and row["epoch"] < trainer.max_epochs:
-            self.stopped_epoch = row["epoch"]
+    def _stop_if_patience_ran_out(self, trainer: Trainer, epoch: int) -> None:
+        if epoch - trainer.best_epoch >= self.patience and epoch < trainer.max_epochs:
             trainer.should_stop = True

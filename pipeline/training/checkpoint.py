@@ -50,11 +50,9 @@ def restore_generators(trainer: Trainer, states: dict[str, torch.Tensor]) -> Non
         trainer.augment_generator.set_state(states["augment"])
 
 
-def stateful_callbacks(trainer: Trainer) -> dict[str, Callback]:
-    """The callbacks whose state is part of the training's, by class name: those with `state_dict()`
-    and `load_state_dict(state)`, as Lightning's callbacks have them (callbacks.KeepBest)."""
-    return {type(callback).__name__: callback for callback in trainer.callbacks
-            if hasattr(callback, "state_dict") and hasattr(callback, "load_state_dict")}
+def callback_states(trainer: Trainer) -> dict[str, dict]:
+    """The callbacks' own states by state_key (Lightning's layout); those without one take no room."""
+    return {callback.state_key: state for callback in trainer.callbacks if (state := callback.state_dict())}
 
 
 def write_training_state(path: Path, state: dict) -> None:
@@ -78,8 +76,8 @@ class Checkpoint(Callback):
 
     `resume()` restores the saved state if it was saved with the same settings (their
     fingerprint), else the training starts afresh. While training, every finished epoch's
-    weights, optimizer state, random generators and callbacks' states (`stateful_callbacks`: the
-    best epoch and its weights) are copied on the training device (one pass over 96 MB:
+    weights, optimizer state, random generators and callbacks' states (`callback_states`: the
+    best epoch's weights) are copied on the training device (one pass over 96 MB:
     microseconds on a GPU, milliseconds on a CPU); a thread writes such a copy to disk
     at most every `interval_seconds`, so the loop never waits for the disk and a long training
     writes a few hundred MB, not a checkpoint per epoch. The last epoch is written at the end of
@@ -122,10 +120,11 @@ class Checkpoint(Callback):
         trainer.optimizer.load_state_dict(state["optimizer"])
         restore_generators(trainer, state["generators"])
         saved = state["callbacks"]
-        for name, callback in stateful_callbacks(trainer).items():
-            if name not in saved:
-                raise PipelineError(f"{self.path}: holds no state of the callback {name}; {RESTART}")
-            callback.load_state_dict(saved[name])
+        for callback in trainer.callbacks:
+            if callback.state_dict():
+                if callback.state_key not in saved:
+                    raise PipelineError(f"{self.path}: holds no state of the callback {callback.state_key}; {RESTART}")
+                callback.load_state_dict(saved[callback.state_key])
         trainer.history = list(state["history"])
         self.extra = dict(state["extra"])
         self.saved_epochs = len(trainer.history)
@@ -152,7 +151,7 @@ class Checkpoint(Callback):
             "optimizer": trainer.optimizer.state_dict(),
             "generators": generator_states(trainer),
             # The best epoch's weights among them: a pass over 32 MB more, on the device like the rest.
-            "callbacks": {name: callback.state_dict() for name, callback in stateful_callbacks(trainer).items()},
+            "callbacks": callback_states(trainer),
         })
         self._epochs[spare] = len(history)
         self._latest = spare

@@ -1,5 +1,10 @@
-"""fit(): one epoch function for training and validation, one history of per-epoch dicts, and the
-hooks (Callback) through which everything else takes part.
+"""fit(): one epoch function for training and validation, one history of per-epoch dicts, the
+hooks (Callback) through which everything else takes part, and the logger (MetricLogger) that
+each finished epoch's row is handed to.
+
+Read fit() top to bottom: the schedules set each epoch's hyperparameters, one pass trains and one
+validates, and the loop itself completes the row (the best valid loss so far, the epoch whose
+weights the training keeps) before anything else sees it. Callbacks read rows; none edits them.
 
 Under torch.distributed every rank runs the same loop on its share of each global batch.
 """
@@ -10,7 +15,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -20,6 +25,7 @@ from torch import nn
 from pipeline.base.errors import PipelineError
 from pipeline.faces.data import FaceSet, loss_to_rmse_px
 from pipeline.training.graphs import CapturedSteps
+from pipeline.training.schedule import linear
 
 # Validation batches: inference needs no stored activations, so 1024 faces take about 1.2 GB at
 # the first convolution; beyond that the launches saved no longer matter.
@@ -29,7 +35,7 @@ Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Te
 
 
 @dataclass
-class Tensors:
+class DeviceFaces:
     """A face set on the training device, images in the layout the model runs fastest on."""
 
     images: torch.Tensor
@@ -37,7 +43,7 @@ class Tensors:
 
     @classmethod
     def of(cls, faces: FaceSet, device: torch.device,
-           memory_format: torch.memory_format = torch.channels_last) -> "Tensors":
+           memory_format: torch.memory_format = torch.channels_last) -> "DeviceFaces":
         images = torch.from_numpy(faces.X).to(device).contiguous(memory_format=memory_format)
         return cls(images, torch.from_numpy(faces.y).to(device))
 
@@ -46,7 +52,22 @@ class Tensors:
 
 
 class Callback:
-    """Hooks of the training loop; each does nothing unless a subclass says otherwise."""
+    """Hooks of the training loop; each does nothing unless a subclass says otherwise.
+
+    A callback with state of its own, which a resumed training needs back (KeepBest's weights),
+    returns it from state_dict() and takes it back in load_state_dict(), as Lightning's callbacks
+    do; checkpoint.Checkpoint saves it under state_key. An empty state_dict() means none.
+    """
+
+    @property
+    def state_key(self) -> str:
+        return type(self).__name__
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def on_train_begin(self, trainer: Trainer) -> None:
         pass
@@ -64,6 +85,16 @@ class Callback:
         pass
 
 
+class MetricLogger(Protocol):
+    """Where fit() hands each epoch's finished row, step = epoch (torchtune's MetricLoggerInterface).
+
+    A resumed training hands its earlier epochs' rows again first: a logger keeps no step twice.
+    Whoever makes the logger closes it (close() stores what is still queued)."""
+
+    def log_row(self, row: dict, step: int) -> None: ...
+
+    def close(self) -> None: ...
+
 
 @dataclass
 class Trainer:
@@ -76,6 +107,10 @@ class Trainer:
     generator: torch.Generator
     augment: Augment | None = None
     augment_generator: torch.Generator | None = None
+    # Optimizer hyperparameters annealed linearly over max_epochs: name -> (first epoch's value, last's).
+    schedules: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # The weights a training ends with: the lowest valid loss's (a callback, KeepBest, keeps them) or the last epoch's.
+    keep_best: bool = True
     bf16: bool = False
     callbacks: list[Callback] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
@@ -86,7 +121,19 @@ class Trainer:
     cuda_graphs: bool = False
     # Set by a callback (early stopping) to end the training before max_epochs; fit() checks it before each epoch.
     should_stop: bool = False
+    # The epoch of the lowest valid loss so far and that loss (0 and infinity before the first epoch):
+    # fit() keeps them, derived from the history, so that a resumed training has them too.
+    best_epoch: int = field(default=0, init=False)
+    best_valid_loss: float = field(default=math.inf, init=False)
     _captured_steps: CapturedSteps | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        known = self.optimizer.param_groups[0]
+        for name in self.schedules:
+            if not isinstance(known.get(name), (int, float)):
+                numeric = sorted(key for key, value in known.items() if isinstance(value, (int, float)))
+                raise PipelineError(f"train.schedules.{name}: the optimizer has no hyperparameter {name!r} "
+                                    f"(it has {', '.join(numeric)})")
 
     @property
     def network(self) -> nn.Module:
@@ -106,7 +153,7 @@ class Trainer:
         return self._captured_steps(functools.partial(train_step, self), images, targets, global_rows)
 
 
-def batches(trainer: Trainer, data: Tensors, batch_size: int,
+def batches(trainer: Trainer, data: DeviceFaces, batch_size: int,
             train: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """The epoch's batches, shuffled and augmented when `train`: this rank's share of each global
     batch, and the global batch's size.
@@ -146,7 +193,7 @@ def train_step(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor, gl
     return loss.detach()
 
 
-def run_epoch(trainer: Trainer, data: Tensors, train: bool) -> torch.Tensor:
+def run_epoch(trainer: Trainer, data: DeviceFaces, train: bool) -> torch.Tensor:
     """One pass over `data`: an SGD epoch when `train`, else an evaluation. Returns the mean loss as
     a tensor on the device: summed there and never read inside the epoch, so a GPU never waits for
     the host (fit reads both passes' losses at once)."""
@@ -169,11 +216,37 @@ def run_epoch(trainer: Trainer, data: Tensors, train: bool) -> torch.Tensor:
     return total / len(data)
 
 
-def fit(trainer: Trainer, train: Tensors, valid: Tensors) -> list[dict]:
+def anneal(trainer: Trainer, epoch: int) -> None:
+    """Set each scheduled hyperparameter to its value for `epoch`, in every param group, before the
+    epoch runs (NesterovSGD copies the numbers to the device as its next step begins)."""
+    for name, (start, stop) in trainer.schedules.items():
+        value = linear(start, stop, trainer.max_epochs, epoch)
+        for group in trainer.optimizer.param_groups:
+            group[name] = value
+
+
+def lowest_valid_loss(history: list[dict]) -> tuple[int, float]:
+    """The epoch of the lowest valid loss and that loss: the first such epoch, since a tie is no new
+    best; (0, infinity) before any epoch."""
+    best_epoch, best_loss = 0, math.inf
+    for row in history:
+        if row["valid_loss"] < best_loss:
+            best_epoch, best_loss = row["epoch"], row["valid_loss"]
+    return best_epoch, best_loss
+
+
+def fit(trainer: Trainer, train: DeviceFaces, valid: DeviceFaces, logger: MetricLogger | None = None) -> list[dict]:
+    """Train up to max_epochs (a resumed training from the epoch after its history's last), handing each
+    epoch's row to the callbacks and the logger; returns the history."""
+    trainer.best_epoch, trainer.best_valid_loss = lowest_valid_loss(trainer.history)
+    if logger is not None:
+        for row in trainer.history:  # a resumed training's earlier epochs, which the run may lack
+            logger.log_row(row, step=row["epoch"])
     trainer.notify("on_train_begin")
     for epoch in range(len(trainer.history) + 1, trainer.max_epochs + 1):
         if trainer.should_stop:  # a resumed training may have stopped already (on_train_begin says so)
             break
+        anneal(trainer, epoch)
         trainer.notify("on_epoch_begin", epoch)
         hyperparameters = trainer.optimizer.param_groups[0]
         started = time.perf_counter()
@@ -185,7 +258,10 @@ def fit(trainer: Trainer, train: Tensors, valid: Tensors) -> list[dict]:
                 f"training diverged in epoch {epoch}: train loss {train_loss}, valid loss {valid_loss} "
                 "(a smaller learning rate, train.schedules.lr, may help)"
             )
-        trainer.history.append({
+        new_best = valid_loss < trainer.best_valid_loss  # a tie is no new best: the earlier epoch stays
+        if new_best:
+            trainer.best_epoch, trainer.best_valid_loss = epoch, valid_loss
+        row = {
             "epoch": epoch,
             "train_loss": train_loss,
             "valid_loss": valid_loss,
@@ -194,7 +270,15 @@ def fit(trainer: Trainer, train: Tensors, valid: Tensors) -> list[dict]:
             "learning_rate": hyperparameters["lr"],
             "momentum": hyperparameters.get("momentum", 0.0),
             "epoch_seconds": time.perf_counter() - started,
-        })
+            # skorch's flag, as a number so that MLflow logs it.
+            "valid_loss_best": 1.0 if new_best else 0.0,
+            "kept_epoch": trainer.best_epoch if trainer.keep_best else epoch,
+        }
+        # Queued for the logger before the history has it: a stop in between leaves the epoch to be
+        # computed again, identically, on resuming, and the logger keeps its first row.
+        if logger is not None:
+            logger.log_row(row, step=epoch)
+        trainer.history.append(row)
         trainer.notify("on_epoch_finished", trainer.history)
     trainer.notify("on_train_end", trainer.history)
     return trainer.history

@@ -8,8 +8,7 @@ import torch
 from pipeline.base.config import NetConfig, Schedule
 from pipeline.faces.data import FaceSet
 from pipeline.train import build_trainer
-from pipeline.training.callbacks import AdjustHyperparameter
-from pipeline.training.loop import Callback, Tensors
+from pipeline.training.loop import Callback, DeviceFaces
 from project import default_config
 
 
@@ -35,14 +34,18 @@ def stage_trainer(net, device, declared: NetConfig | None = None, **train_settin
     return build_trainer(config, net, torch.device(device)), config.train.schedules
 
 
-def make_trainer(max_epochs, callbacks=(), flip=False, lr=0.01, momentum=0.9, keep="last", patience=0, dropout=None):
+def make_trainer(max_epochs, callbacks=(), flip=False, lr=0.01, momentum=0.9, keep="last", patience=0, dropout=None,
+                 schedules=None):
     """The stage's trainer of net5 (flips) or net4 on the CPU, or of net6 (flips and these `dropout`
-    rates): batches of 16, seed 0, a constant learning rate and momentum (a callback may anneal them),
-    train.keep and train.patience as given; `callbacks` come after the stage's own."""
+    rates): batches of 16, seed 0, a constant learning rate and momentum unless `schedules` (name ->
+    (start, stop)) anneals them, train.keep and train.patience as given; `callbacks` come after the
+    stage's own."""
     net, declared = ("net6", NetConfig(flip=flip, dropout=dropout)) if dropout else ("net5" if flip else "net4", None)
     trainer, _ = stage_trainer(net, "cpu", declared, max_epochs=max_epochs, batch_size=16, seed=0,
                                keep=keep, patience=patience,
                                schedules={"lr": Schedule(lr, lr), "momentum": Schedule(momentum, momentum)})
+    # Past params.yaml's checks: the tests anneal to values no user would (a negative learning rate).
+    trainer.schedules.update(schedules or {})
     trainer.callbacks += callbacks
     return trainer
 
@@ -56,7 +59,7 @@ def callback_of(trainer, kind):
 def faces_of(dtype, n, seed, device="cpu"):
     """bright_square_faces on the device, in that precision."""
     faces = bright_square_faces(n, seed)
-    return Tensors.of(FaceSet(faces.X.astype(dtype), faces.y.astype(dtype)), torch.device(device))
+    return DeviceFaces.of(FaceSet(faces.X.astype(dtype), faces.y.astype(dtype)), torch.device(device))
 
 
 def data(n=64, seed=0):
@@ -64,9 +67,9 @@ def data(n=64, seed=0):
 
 
 def falls_then_rises():
-    """A learning rate annealed from 0.3 to -0.3 over 4 epochs: descent, then ascent, so that on
-    tiny data the valid loss is lowest in epoch 2 and the weights of the last epoch are worse."""
-    return AdjustHyperparameter("lr", 0.3, -0.3)
+    """Schedules for make_trainer: a learning rate annealed from 0.3 to -0.3 over 4 epochs, descent then
+    ascent, so that on tiny data the valid loss is lowest in epoch 2 and the last epoch's weights are worse."""
+    return {"lr": (0.3, -0.3)}
 
 
 class EpochWeights(Callback):

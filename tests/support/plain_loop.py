@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from loops import faces_of, stage_trainer
-from pipeline.training.loop import Tensors, Trainer, fit
+from pipeline.training.loop import DeviceFaces, Trainer, fit
 from pipeline.training.schedule import linear
 
 
-def plain_fit(trainer: Trainer, train: Tensors, valid: Tensors, schedules: dict) -> tuple[list[dict], torch.nn.Module]:
+def plain_fit(trainer: Trainer, train: DeviceFaces, valid: DeviceFaces, schedules: dict) -> tuple[list[dict], torch.nn.Module]:
     """Train a copy of `trainer`'s net for trainer.max_epochs with its seeds; the trainer is not touched."""
     model = copy.deepcopy(trainer.network)
     optimizer = torch.optim.SGD(model.parameters(), lr=schedules["lr"].start, momentum=schedules["momentum"].start,
