@@ -24,8 +24,9 @@ from mlflow.entities import DatasetInput
 from mlflow.entities.model_registry import ModelVersion
 
 from pipeline.base.config import Config, flatten, load_config
-from pipeline.base.errors import PipelineError, reports_errors
+from pipeline.base.errors import PipelineError
 from pipeline.base.files import read_json, write_json, write_text
+from pipeline.base.reporting import reports_errors
 from pipeline.base.weights import load_model, weights_checksum
 from pipeline.evaluation import plots
 from pipeline.evaluation.colours import BASELINE_COLOUR, net_colour

@@ -47,8 +47,10 @@ import torch
 from PIL import Image, ImageCms, ImageOps
 
 from pipeline.base.config import Config, load_config
-from pipeline.base.errors import PipelineError, counted, reports_errors
+from pipeline.base.errors import PipelineError
 from pipeline.base.files import atomic_write, read_json, write_text
+from pipeline.base.reporting import reports_errors
+from pipeline.base.text import counted
 from pipeline.base.weights import load_model
 from pipeline.evaluation.metrics import PREDICTION_BATCH, predict
 from pipeline.evaluation.plots import draw_keypoints

@@ -14,8 +14,9 @@ from __future__ import annotations
 import sys
 
 from pipeline.base.config import load_config
-from pipeline.base.errors import PipelineError, reports_errors
+from pipeline.base.errors import PipelineError
 from pipeline.base.files import read_json
+from pipeline.base.reporting import reports_errors
 from pipeline.tracking.registry import CHAMPION, Trained, promote, register
 from pipeline.tracking.runs import WEIGHTS_TAG, recorded_training_run
 from pipeline.tracking.store import connect

@@ -23,9 +23,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.base.config import Config, TrainConfig, flatten, load_config
-from pipeline.base.errors import Interrupted, PipelineError, reports_errors
+from pipeline.base.errors import Interrupted, PipelineError
 from pipeline.base.files import atomic_write, exclusive_lock, write_json
 from pipeline.base.model import HIDDEN, KeypointNet, parameter_count
+from pipeline.base.reporting import reports_errors
 from pipeline.base.sources import code_hash
 from pipeline.base.weights import save_model, weights_checksum
 from pipeline.evaluation.colours import net_colour

@@ -14,8 +14,10 @@ import pytest
 from PIL import Image
 
 from faults import read_only, run_with
-from pipeline.base.errors import Interrupted, publishing, reports_errors
+from pipeline.base.errors import Interrupted
 from pipeline.base.files import write_text
+from pipeline.base.interrupts import publishing
+from pipeline.base.reporting import reports_errors
 from project import copy_project, make_project, run
 from trainings import start
 
