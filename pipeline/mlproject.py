@@ -26,8 +26,8 @@ from pipeline.base.errors import PipelineError, describe
 from pipeline.base.params_file import PARAMS_FILE
 from pipeline.base.reporting import reports_errors
 from pipeline.base.weights import load_model
-from pipeline.tracking.runs import run_of_weights
 from pipeline.tracking.store import EXPERIMENT, connect
+from pipeline.tracking.trained_by import run_of_weights
 
 TARGETS = {"main": [], "train": ["train"], "evaluate": ["evaluate"]}
 

@@ -6,13 +6,15 @@ import queue
 import threading
 
 import mlflow
+import numpy as np
 import torch
 from mlflow.entities import LoggedModelStatus, Metric
 from mlflow.utils.time import get_current_time_millis
 
 from pipeline.base.weights import weights_checksum
-from pipeline.tracking.runs import WEIGHTS_TAG, log_model
+from pipeline.tracking.export import log_model
 from pipeline.tracking.store import TrackingError, reason, store_calls, store_failure
+from pipeline.tracking.trained_by import WEIGHTS_TAG
 from pipeline.training.loop import Callback
 
 
@@ -70,7 +72,7 @@ class MlflowLogger(Callback):
     def on_epoch_finished(self, trainer, history: list[dict]) -> None:
         self._send(history[-1])
 
-    def log_model(self, model: torch.nn.Module) -> None:
+    def log_model(self, model: torch.nn.Module, example_faces: np.ndarray) -> None:
         """The trained net, unless the run has it: a rerun after a failure past this point logs no second one.
 
         Then the run is tagged with the weights' checksum, which run_of_weights finds it by.
@@ -80,7 +82,7 @@ class MlflowLogger(Callback):
             raise TrackingError(f"the model was not logged to run {self.run_id}: it is no longer the active run")
         with store_calls(f"the model was not logged to run {self.run_id}"):
             if not self._has_model():
-                log_model(model)
+                log_model(model, example_faces)
             self.client.set_tag(self.run_id, WEIGHTS_TAG, weights_checksum(model))
 
     def _has_model(self) -> bool:
