@@ -1,4 +1,4 @@
-"""The one-line ending of every program (pipeline/base/errors.py): Ctrl-C and SIGTERM, in the wrapper
+"""The one-line ending of every program (pipeline/base/reporting.py): Ctrl-C and SIGTERM, in the wrapper
 and in every stage and `predict` run as a user runs them; and no library's noise on stderr."""
 
 import hashlib
@@ -16,7 +16,6 @@ from PIL import Image
 from faults import read_only, run_with
 from pipeline.base.errors import Interrupted
 from pipeline.base.files import write_text
-from pipeline.base.interrupts import publishing
 from pipeline.base.reporting import reports_errors
 from project import copy_project, make_project, run
 from trainings import start
@@ -39,7 +38,7 @@ def test_ctrl_c_in_a_program_is_one_line_saying_nothing_was_written(capsys):
     def main():
         raise KeyboardInterrupt
 
-    assert interrupted_line(capsys, main) == "error: test_errors interrupted; nothing of this run was written: run it again\n"
+    assert interrupted_line(capsys, main) == "error: test_reporting interrupted; nothing of this run was written: run it again\n"
 
 
 def test_sigterm_in_a_program_is_ctrl_c_and_names_what_it_had_written(tmp_path, capsys):
@@ -53,22 +52,10 @@ def test_sigterm_in_a_program_is_ctrl_c_and_names_what_it_had_written(tmp_path, 
 
     before = signal.getsignal(signal.SIGTERM)
     error = interrupted_line(capsys, main)
-    assert error == (f"error: test_errors interrupted; of this run it kept {tmp_path / 'first.txt'}, "
+    assert error == (f"error: test_reporting interrupted; of this run it kept {tmp_path / 'first.txt'}, "
                      f"{tmp_path / 'second.txt'} (each written whole) and wrote nothing else: run it again for the rest\n")
     assert not (tmp_path / "third.txt").exists()
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the program's only while main() runs
-
-
-def test_an_interrupt_while_an_output_takes_its_place_waits_for_it_and_names_it(tmp_path, capsys):
-    @reports_errors
-    def main():
-        with publishing(tmp_path / "out.txt"):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.1)  # the signal's handler has run
-            (tmp_path / "out.txt").write_text("whole")
-        time.sleep(10)  # never reached
-
-    assert f"it kept {tmp_path / 'out.txt'} (each written whole)" in interrupted_line(capsys, main)
 
 
 def test_a_program_that_says_its_own_interrupt_keeps_its_line(capsys):
@@ -96,7 +83,7 @@ def test_an_allocation_that_fails_is_one_line_naming_memory_and_the_knob(capsys,
     with pytest.raises(SystemExit) as exit_:
         main()
     assert exit_.value.code == 2
-    assert capsys.readouterr().err == ("error: test_errors: out of memory: lower train.batch_size, or free memory "
+    assert capsys.readouterr().err == ("error: test_reporting: out of memory: lower train.batch_size, or free memory "
                                        "(other programs, ulimit -v)\n")
 
 
