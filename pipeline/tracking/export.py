@@ -35,8 +35,9 @@ def example_faces(images: torch.Tensor) -> np.ndarray:
 
 
 def log_model(model: torch.nn.Module, faces: np.ndarray) -> None:
-    """Log the net to the active run as an MLflow model that speaks pixels and loads on any machine;
-    `faces` (uint8 (n, 96, 96), from example_faces) give its input example and the export's.
+    """Log the net to the active run as an MLflow model that speaks pixels and loads on any machine.
+    `faces` (uint8 (n, 96, 96): example_faces of the data it trained on) are what it is exported
+    from, and the first is its input example.
 
     The model (pyfunc_model.py, MLflow's "model from code") takes 96x96 faces of 8-bit gray levels
     and returns the 30 keypoints in pixels under Kaggle's column names. The net is exported with
