@@ -3,7 +3,7 @@
 Writes <paths.metrics>/evaluate.json (the headline test figures, DVC metrics),
 <paths.metrics>/keypoint_errors.csv, <paths.metrics>/valid_rmse.csv (DVC's plot of the nets), four pictures
 under paths.plots and reports/comparison.md, and adds each net's test figures and the pictures to that
-net's own training run in MLflow (the run the training noted for its weights, runs.record_training_run),
+net's own training run in MLflow (the run the training noted for its weights, trained_by.record_training_run),
 whose model it registers as a version of registry.model_name; in the workspace, it points the nets'
 aliases and the champion alias at them (pipeline.tracking.registry).
 
@@ -24,8 +24,9 @@ from mlflow.entities import DatasetInput
 from mlflow.entities.model_registry import ModelVersion
 
 from pipeline.base.config import Config, flatten, load_config
-from pipeline.base.errors import PipelineError, reports_errors
+from pipeline.base.errors import PipelineError
 from pipeline.base.files import read_json, write_json, write_text
+from pipeline.base.reporting import reports_errors
 from pipeline.base.weights import load_model, weights_checksum
 from pipeline.evaluation import plots
 from pipeline.evaluation.colours import BASELINE_COLOUR, net_colour
@@ -35,9 +36,11 @@ from pipeline.evaluation.report import (BASELINE_LABEL, SUMMARY_HEADER, answer, 
                              summary_rows, text_table)
 from pipeline.faces.data import FaceSet, load_faces, pixels_of, read_summary, unscale_keypoints
 from pipeline.faces.kaggle import read_table
+from pipeline.tracking.datasets import faces_inputs
+from pipeline.tracking.evaluation_log import log_evaluation
 from pipeline.tracking.registry import EXPERIMENT_TAG, Trained, in_workspace, promote, register, trained_run
-from pipeline.tracking.runs import WEIGHTS_TAG, faces_inputs, log_evaluation, recorded_training_run
 from pipeline.tracking.store import EXPERIMENT, TrackingError, connect
+from pipeline.tracking.trained_by import WEIGHTS_TAG, recorded_training_run
 from pipeline.training.device import use_portable_cpu_kernels
 
 KEYPOINT_ERRORS = "keypoint_errors.csv"

@@ -21,11 +21,13 @@ import mlflow
 from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 
-from pipeline.base.config import PARAMS_FILE, Config, flatten, load_config
-from pipeline.base.errors import PipelineError, describe, reports_errors
+from pipeline.base.config import Config, flatten, load_config
+from pipeline.base.errors import PipelineError, describe
+from pipeline.base.params_file import PARAMS_FILE
+from pipeline.base.reporting import reports_errors
 from pipeline.base.weights import load_model
-from pipeline.tracking.runs import run_of_weights
 from pipeline.tracking.store import EXPERIMENT, connect
+from pipeline.tracking.trained_by import run_of_weights
 
 TARGETS = {"main": [], "train": ["train"], "evaluate": ["evaluate"]}
 

@@ -47,8 +47,10 @@ import torch
 from PIL import Image, ImageCms, ImageOps
 
 from pipeline.base.config import Config, load_config
-from pipeline.base.errors import PipelineError, counted, reports_errors
+from pipeline.base.errors import PipelineError
 from pipeline.base.files import atomic_write, read_json, write_text
+from pipeline.base.reporting import reports_errors
+from pipeline.base.text import counted
 from pipeline.base.weights import load_model
 from pipeline.evaluation.metrics import PREDICTION_BATCH, predict
 from pipeline.evaluation.plots import draw_keypoints
@@ -57,8 +59,8 @@ from pipeline.faces.data import images_of, pixels_of, unscale_keypoints
 from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, LOOKUP_COLUMNS, check_rows, integer_column, read_table
 from pipeline.tracking import registry
 from pipeline.tracking.registry import is_model_uri
-from pipeline.tracking.runs import WEIGHTS_TAG, run_of_weights
 from pipeline.tracking.store import TrackingError, connect, store_exists, tracking_uri
+from pipeline.tracking.trained_by import WEIGHTS_TAG, run_of_weights
 
 # A test.csv compressed as such (test.csv.gz) is still meant as a CSV: its check says how to decompress it.
 COMPRESSED_SUFFIXES = (".gz", ".zip", ".bz2", ".xz", ".zst")

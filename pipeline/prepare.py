@@ -5,8 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.base.config import PARAMS_FILE, load_config
-from pipeline.base.errors import PipelineError, counted, reports_errors
+from pipeline.base.config import load_config
+from pipeline.base.errors import PipelineError
+from pipeline.base.params_file import PARAMS_FILE
+from pipeline.base.reporting import reports_errors
+from pipeline.base.text import counted
 from pipeline.evaluation.plots import face_grid
 from pipeline.faces.data import LoadReport, StoredFaces, content_hash, load_split, save_prepared, unscale_keypoints
 

@@ -4,7 +4,7 @@ metrics/evaluate.json, as the evaluate stage does in the workspace.
 
 For after `dvc exp apply` or `dvc checkout`, which bring back the models and their figures without
 running evaluate (`dvc repro` is up to date); a version the store lacks is registered from the run
-that the training noted for the weights (runs.record_training_run). The rules are in docs/mlflow.md.
+that the training noted for the weights (trained_by.record_training_run). The rules are in docs/mlflow.md.
 
 Usage: python -m pipeline.promote
 """
@@ -14,11 +14,12 @@ from __future__ import annotations
 import sys
 
 from pipeline.base.config import load_config
-from pipeline.base.errors import PipelineError, reports_errors
+from pipeline.base.errors import PipelineError
 from pipeline.base.files import read_json
+from pipeline.base.reporting import reports_errors
 from pipeline.tracking.registry import CHAMPION, Trained, promote, register
-from pipeline.tracking.runs import WEIGHTS_TAG, recorded_training_run
 from pipeline.tracking.store import connect
+from pipeline.tracking.trained_by import WEIGHTS_TAG, recorded_training_run
 
 REMEDY = "run the pipeline first: `dvc repro`"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.base.config import load_config
-from pipeline.base.errors import reports_errors
+from pipeline.base.reporting import reports_errors
 from pipeline.faces.kaggle import write_training_csv
 from pipeline.faces.synthetic import render_faces
 

@@ -23,19 +23,23 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.base.config import Config, TrainConfig, flatten, load_config
-from pipeline.base.errors import Interrupted, PipelineError, reports_errors
+from pipeline.base.errors import Interrupted, PipelineError
 from pipeline.base.files import atomic_write, exclusive_lock, write_json
 from pipeline.base.model import HIDDEN, KeypointNet, parameter_count
+from pipeline.base.reporting import reports_errors
 from pipeline.base.sources import code_hash
 from pipeline.base.weights import save_model, weights_checksum
 from pipeline.evaluation.colours import net_colour
 from pipeline.evaluation.metrics import best_valid
 from pipeline.faces.augment import flip_random_half
 from pipeline.faces.data import load_faces, loss_to_rmse_px, read_summary, split
+from pipeline.tracking.datasets import faces_inputs
+from pipeline.tracking.dead_runs import LOCK_TAG, close_dead_runs, lock_tag
+from pipeline.tracking.export import example_faces
 from pipeline.tracking.logger import MlflowLogger
-from pipeline.tracking.runs import (COLOUR_TAG, LOCK_TAG, WEIGHTS_TAG, close_dead_runs, faces_inputs, lock_tag,
-                                    record_training_run, training_run)
+from pipeline.tracking.runs import COLOUR_TAG, training_run
 from pipeline.tracking.store import TrackingError, connect
+from pipeline.tracking.trained_by import WEIGHTS_TAG, record_training_run
 from pipeline.training.callbacks import EarlyStopping, EpochTable, KeepBest
 from pipeline.training.checkpoint import Checkpoint
 from pipeline.training.device import (Ranks, place_model, process_group, resolve_device, use_deterministic_kernels,
@@ -300,7 +304,7 @@ def finish(config: Config, net_name: str, training: Training, history: list[dict
     record_training_run(paths.training_runs, net_name, weights, logger.run_id)
     # After the files: a failure to write them (a full disk) leaves no logged model for the rerun to
     # log a second time.
-    logger.log_model(network)
+    logger.log_model(network, example_faces(training.train_faces.images))
 
 
 def trained_config(config: Config, net_name: str) -> dict:

@@ -9,7 +9,7 @@ import time
 import mlflow
 import pytest
 
-from pipeline.tracking.runs import LOCK_TAG, NOTE_TAG, close_dead_runs, lock_tag
+from pipeline.tracking.dead_runs import LOCK_TAG, NOTE_TAG, close_dead_runs, lock_tag
 from pipeline.tracking.store import set_experiment
 from project import make_project, run, set_params
 from trainings import runs, start, train

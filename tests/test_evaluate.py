@@ -15,7 +15,7 @@ from pipeline.base.weights import load_model, weights_checksum
 from pipeline.evaluation.metrics import mean_shape, predict, rmse_px
 from pipeline.faces.data import load_faces, read_summary
 from pipeline.faces.kaggle import KEYPOINTS, write_training_csv
-from pipeline.tracking.runs import WEIGHTS_TAG
+from pipeline.tracking.trained_by import WEIGHTS_TAG
 from project import REPRODUCED_EPOCHS, copy_project, default_config, make_project, run, set_params
 from trainings import trained_run_of
 

@@ -2,7 +2,7 @@
 
 import ast
 
-from pipeline.base.sources import ROOT, imports_of, modules, module_file
+from pipeline.base.sources import PACKAGE, ROOT, import_chains, imports_of, module_file, modules
 
 # Each wing may import its own modules and those of lower wings; training and evaluation are peers,
 # so neither imports the other. The programs (the stages, predict, promote, mlproject) sit above them all.
@@ -51,14 +51,23 @@ def test_the_modules_import_one_another_in_no_cycle():
     assert cycles == []
 
 
-def test_the_training_wing_imports_no_mlflow_and_reads_no_params():
-    """The train stage hands the loop what params.yaml says; the loop runs anywhere without MLflow."""
-    for module in modules():
-        if wing(module) == "training":
-            imported = {alias.name.split(".")[0] if isinstance(node, ast.Import) else (node.module or "").split(".")[0]
-                        for node in ast.walk(ast.parse(module_file(module).read_text()))
-                        if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
-            assert "mlflow" not in imported and "pipeline.base.config" not in imports_of(module), module
+def libraries_of(module: str) -> set[str]:
+    """The top-level packages besides this one that `module` imports, anywhere in it (mlflow, torch, ...)."""
+    tree = ast.parse(module_file(module).read_text())
+    names = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    names += [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0]
+    return {name.split(".")[0] for name in names} - {PACKAGE}
+
+
+def test_the_training_wing_loads_no_mlflow_and_no_params_not_even_through_another_module():
+    """The train stage hands the loop what params.yaml says; the loop runs anywhere without MLflow.
+    Every module a training module runs counts, whatever its wing: faces.data, which the loop
+    imports, loads no config either."""
+    loaded = [" -> ".join(chain) + (" -> mlflow" if "mlflow" in libraries_of(reached) else "")
+              for module in modules() if wing(module) == "training"
+              for reached, chain in import_chains(module).items()
+              if reached == "pipeline.base.config" or "mlflow" in libraries_of(reached)]
+    assert not loaded, "\n".join(["the training wing loads what it must not:", *loaded])
 
 
 def test_the_wings_packages_hold_only_their_docstrings():

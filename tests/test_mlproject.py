@@ -13,7 +13,7 @@ from pipeline.base.errors import PipelineError
 from pipeline.base.model import KeypointNet
 from pipeline.base.weights import weights_checksum
 from pipeline.mlproject import dvc_command, link_net_runs, overrides_from
-from pipeline.tracking.runs import WEIGHTS_TAG, run_of_weights
+from pipeline.tracking.trained_by import WEIGHTS_TAG, run_of_weights
 
 
 def test_overrides_become_dvc_settings_and_unknown_keys_a_guess():

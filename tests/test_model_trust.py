@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipeline import predict
-from pipeline.tracking.runs import MODEL_SIGNATURE
+from pipeline.tracking.export import MODEL_SIGNATURE
 from pipeline.tracking.store import connect
 
 EVIL_CODE = '''

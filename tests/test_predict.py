@@ -19,8 +19,8 @@ from pipeline.base.model import KeypointNet
 from pipeline.base.weights import load_model, save_model, weights_checksum
 from pipeline.faces.kaggle import KEYPOINT_COLUMNS, LOOKUP_COLUMNS, read_table
 from pipeline.predict import Frame, NamedFaces, main, predict_pixels, read_face, submission_table
-from pipeline.tracking.runs import WEIGHTS_TAG
 from pipeline.tracking.store import connect
+from pipeline.tracking.trained_by import WEIGHTS_TAG
 from project import ROOT, make_project, run
 
 # Every 8-bit level, in a 96x96 face so that no resizing blurs the comparison.

@@ -19,9 +19,12 @@ from pipeline.base.model import KeypointNet
 from pipeline.base.weights import load_model, weights_checksum
 from pipeline.faces.kaggle import KEYPOINT_COLUMNS
 from pipeline.predict import NamedFaces, predict_pixels
+from pipeline.tracking.export import MODEL_SIGNATURE, example_faces
 from pipeline.tracking.logger import MlflowLogger
 from pipeline.tracking.registry import Trained, promote, register
-from pipeline.tracking.runs import MODEL_SIGNATURE, WEIGHTS_TAG, training_run
+from pipeline.tracking.runs import training_run
+from pipeline.tracking.trained_by import WEIGHTS_TAG
+from loops import data
 from project import copy_project, default_config, free_port, run, tool_env
 
 # Real trainings, evaluations and servers.
@@ -103,7 +106,7 @@ def logged_run(net, seed):
     """A run with a logged model of a net of its own weights (untrained: the registry needs no good ones)."""
     with training_run(net, {}, {"net": net, "data_hash": "0123456789abcdef"}, []) as active:
         torch.manual_seed(seed)
-        MlflowLogger().log_model(KeypointNet())
+        MlflowLogger().log_model(KeypointNet(), example_faces(data(2).images))
     run_id = active.info.run_id
     return Trained(net, run_id, mlflow.MlflowClient().get_run(run_id).data.tags[WEIGHTS_TAG])
 

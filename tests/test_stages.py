@@ -107,3 +107,10 @@ def test_every_stage_lists_exactly_the_pipeline_modules_its_command_runs():
         module = stage["cmd"].split()[2]
         listed = sorted(dep for dep in stage["deps"] if dep.startswith("pipeline/"))
         assert listed == [str(path.relative_to(ROOT)) for path in stage_code(module)], name
+
+
+def test_a_training_runs_no_code_of_the_synthetic_faces():
+    """The logged model's input example is a face the net trained on: the renderer reaches a training
+    only through the faces it renders, so that an edit to it that renders the same faces reruns no
+    training and leaves a checkpoint resumable (its code hash)."""
+    assert ROOT / "pipeline/faces/synthetic.py" not in stage_code("pipeline.train")

@@ -8,20 +8,19 @@ import urllib.request
 
 import matplotlib
 import mlflow
-import numpy as np
 import pytest
 import torch
 from matplotlib.colors import to_hex
-from mlflow.exceptions import MlflowException
 
 from pipeline.base.errors import PipelineError
 from pipeline.base.model import KeypointNet
 from pipeline.evaluation.colours import NET_COLOURS, net_colour
 from pipeline.faces.kaggle import KEYPOINT_COLUMNS
-from pipeline.faces.synthetic import render_faces
-from pipeline.predict import NamedFaces, predict_pixels
+from pipeline.tracking.datasets import faces_inputs
+from pipeline.tracking.export import example_faces
+from pipeline.tracking.git import git_state
 from pipeline.tracking.logger import MlflowLogger
-from pipeline.tracking.runs import COLOUR_TAG, MODEL_SIGNATURE, faces_inputs, git_state, log_model, training_run
+from pipeline.tracking.runs import COLOUR_TAG, training_run
 from pipeline.tracking.store import EXPERIMENT, TrackingError, connect
 from pipeline.training.loop import Callback, fit
 from project import free_port, make_project, run, set_params
@@ -30,15 +29,18 @@ from trainings import RaiseIn, logged, metric_keys, runs, saved_epochs, start, t
 
 # Trainings logged into real MLflow stores and servers.
 pytestmark = pytest.mark.slow
+# The faces a model is logged with (the train stage's are its first training faces).
+FACES = example_faces(data(2).images)
 
 
 def train_logged(net_name="net4", epochs=3):
     trainer = make_trainer(epochs, schedules={"lr": (0.03, 0.0001), "momentum": (0.9, 0.999)})
+    training = data(32)
     with training_run(net_name, {"train.max_epochs": epochs, "n_train": 32}, {"data_hash": "abc123"}, []) as run:
         logger = MlflowLogger()
         with logger:
-            history = fit(trainer, data(32), data(16, seed=1), logger)
-        logger.log_model(trainer.network)
+            history = fit(trainer, training, data(16, seed=1), logger)
+        logger.log_model(trainer.network, example_faces(training.images))
     return run.info.run_id, history
 
 
@@ -66,43 +68,6 @@ def test_every_epoch_is_logged_at_its_step():
     # What the UI shows as the run's "Created by" and "Source": the user and the command's file.
     assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.type"] == "LOCAL"
     assert run.data.tags["mlflow.source.name"] == sys.argv[0]
-
-
-def test_the_model_is_logged_with_a_signature_and_a_face_as_its_example_and_speaks_pixels():
-    run_id, _ = train_logged(epochs=1)
-    models = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
-    assert len(models) == 1
-    local = mlflow.artifacts.download_artifacts(models[0].model_uri)
-    logged = mlflow.models.Model.load(local)
-    assert logged.signature == MODEL_SIGNATURE
-    assert str(logged.signature.inputs) == "[Tensor('uint8', (-1, 96, 96))]"
-    # The example is a synthetic face, as render_faces draws them.
-    example = logged.load_input_example(local)
-    assert np.array_equal(example, render_faces(1, seed=0, missing_fraction=0.0)[0])
-    faces, _ = render_faces(3, seed=1, missing_fraction=0.0)
-    predicted = mlflow.pyfunc.load_model(models[0].model_uri).predict(faces)
-    assert list(predicted.columns) == list(KEYPOINT_COLUMNS) and predicted.shape == (3, 30)
-    with pytest.raises(MlflowException, match="Failed to enforce schema"):  # levels, not images in 0..1
-        mlflow.pyfunc.load_model(models[0].model_uri).predict(faces.astype(np.float32) / 255)
-
-
-def test_the_logged_model_is_a_host_copy_that_predicts_pixels_as_predict_does_and_logs_quietly(capfd):
-    trainer = make_trainer(2)
-    fit(trainer, data(32), data(16, seed=1))
-    net = trainer.network
-    with training_run("net4", {}, {}, []) as run:
-        log_model(net)
-    noise = capfd.readouterr()
-    assert "Failed to validate" not in noise.err + noise.out and "[[" not in noise.err + noise.out
-    assert "Downloading artifacts" not in noise.err + noise.out and "type hints" not in noise.err + noise.out
-    assert net.features[0].weight.is_contiguous(memory_format=torch.channels_last)  # the net itself untouched
-    [model] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-    faces, _ = render_faces(5, seed=2, missing_fraction=0.0)
-    served = mlflow.pyfunc.load_model(model.model_uri).predict(faces)
-    expected = predict_pixels(net, NamedFaces([""] * 5, faces))
-    # The same to the 4 decimals predict prints: the exported net's kernels may differ in the 6th digit.
-    assert list(served.columns) == list(KEYPOINT_COLUMNS)
-    np.testing.assert_allclose(served.to_numpy(), expected, rtol=0, atol=5e-5)
 
 
 class DivergeIn(Callback):
@@ -376,10 +341,10 @@ def test_a_server_that_dies_mid_training_then_a_model_file_that_fails_lose_nothi
 def test_a_resumed_run_that_has_its_model_logs_no_second_one():
     net = KeypointNet()
     with training_run("net4", {}, {}, []) as run:
-        MlflowLogger().log_model(net)
+        MlflowLogger().log_model(net, FACES)
     # A rerun after a failure past the logging of the model (the store failed to mark the run finished).
     with training_run("net4", {}, {}, [], resume_run_id=run.info.run_id):
-        MlflowLogger().log_model(net)
+        MlflowLogger().log_model(net, FACES)
     assert len(models_of(run.info.run_id)) == 1
 
 
@@ -391,7 +356,7 @@ def test_the_logger_logs_into_the_active_run_and_refuses_another():
         assert logger.run_id == first.info.run_id
     refusal = f"^the model was not logged to run {first.info.run_id}: it is no longer the active run$"
     with training_run("net4", {}, {}, []) as second, pytest.raises(TrackingError, match=refusal):
-        logger.log_model(KeypointNet())
+        logger.log_model(KeypointNet(), FACES)
     assert models_of(first.info.run_id) == [] and models_of(second.info.run_id) == []
 
 

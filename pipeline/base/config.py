@@ -15,9 +15,10 @@ from pathlib import Path
 from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.error import MarkedYAMLError
 
-from pipeline.base.errors import PipelineError, shown
+from pipeline.base.errors import PipelineError
+from pipeline.base.params_file import PARAMS_FILE
+from pipeline.base.text import shown
 
-PARAMS_FILE = Path("params.yaml")
 # Seeds go to numpy, which refuses negative ones, and to torch, which takes at most 64 bits (the
 # flips' generator gets seed + 1): 32 bits suit every generator there is.
 MAX_SEED = 2**32 - 1
@@ -34,7 +35,7 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Short enough for every file named after a net (its checkpoint's lock, <net>.json, a temporary file
 # beside it) to stay far below the 255 bytes a file name may have.
 MAX_NET_NAME = 64
-# A key longer than this is shown cut short (errors.shown), like a value.
+# A key longer than this is shown cut short (text.shown), like a value.
 MAX_KEY = 64
 # Upper bounds of sizes that can only be mistakes, each far beyond any use of this pipeline: past them
 # the stages would fail for memory (9 GB of pixels a million faces) or run for years.

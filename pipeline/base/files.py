@@ -17,7 +17,8 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 
-from pipeline.base.errors import PipelineError, describe, os_failure, publishing
+from pipeline.base.errors import PipelineError, describe, os_failure
+from pipeline.base.interrupts import publishing
 
 TEMPORARY_SUFFIX = ".tmp"
 # renameat2()'s flag that swaps two paths in one step (linux/fs.h), and its "relative to the working

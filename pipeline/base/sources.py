@@ -31,15 +31,23 @@ def imports_of(module: str) -> list[str]:
     return sorted(set(_imported(ast.parse(module_file(module).read_text()))))
 
 
+def import_chains(module: str) -> dict[str, list[str]]:
+    """Every module of the package that `module` runs, directly or not, itself included, with a
+    shortest chain of imports that runs it (["pipeline.training.loop", "pipeline.faces.data", ...]):
+    what a rule on everything a module loads names when it is broken."""
+    chains, pending = {module: [module]}, [module]
+    while pending:
+        name = pending.pop(0)  # breadth first: the first chain found to a module is a shortest one
+        for imported in imports_of(name):
+            if imported not in chains:
+                chains[imported] = [*chains[name], imported]
+                pending.append(imported)
+    return chains
+
+
 def stage_code(module: str) -> list[Path]:
     """The files of `module` and of every module of the package it runs, directly or not."""
-    found, pending = set(), [module]
-    while pending:
-        name = pending.pop()
-        if name not in found:
-            found.add(name)
-            pending += imports_of(name)
-    return sorted(module_file(name) for name in found)
+    return sorted(module_file(name) for name in import_chains(module))
 
 
 def code_hash(module: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.base.errors import counted
+from pipeline.base.text import counted
 from pipeline.faces.kaggle import KEYPOINTS
 
 BASELINE_LABEL = "mean-shape baseline"

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.base.config import PARAMS_FILE
-from pipeline.base.errors import PipelineError, counted, describe
+from pipeline.base.errors import PipelineError, describe
 from pipeline.base.files import atomic_folder, json_text, read_json
+from pipeline.base.params_file import PARAMS_FILE
+from pipeline.base.text import counted
 from pipeline.faces.kaggle import IMAGE_SIZE, KEYPOINT_COLUMNS, read_training_chunks, require_file
 
 PREPARE = "run `dvc repro prepare`"

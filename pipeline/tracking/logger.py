@@ -6,13 +6,15 @@ import queue
 import threading
 
 import mlflow
+import numpy as np
 import torch
 from mlflow.entities import LoggedModelStatus, Metric
 from mlflow.utils.time import get_current_time_millis
 
 from pipeline.base.weights import weights_checksum
-from pipeline.tracking.runs import WEIGHTS_TAG, log_model
+from pipeline.tracking.export import log_model
 from pipeline.tracking.store import TrackingError, reason, store_calls, store_failure
+from pipeline.tracking.trained_by import WEIGHTS_TAG
 
 
 class MlflowLogger:
@@ -78,8 +80,9 @@ class MlflowLogger:
         with store_calls(f"the epochs of run {self.run_id} could not be read"):
             return {point.step for point in self.client.get_metric_history(self.run_id, key)}
 
-    def log_model(self, model: torch.nn.Module) -> None:
-        """The trained net, unless the run has it: a rerun after a failure past this point logs no second one.
+    def log_model(self, model: torch.nn.Module, example_faces: np.ndarray) -> None:
+        """The trained net, with `example_faces` (uint8, as export.example_faces makes them) as its input
+        example, unless the run has it: a rerun after a failure past this point logs no second one.
 
         Then the run is tagged with the weights' checksum, which run_of_weights finds it by.
         """
@@ -88,7 +91,7 @@ class MlflowLogger:
             raise TrackingError(f"the model was not logged to run {self.run_id}: it is no longer the active run")
         with store_calls(f"the model was not logged to run {self.run_id}"):
             if not self._has_model():
-                log_model(model)
+                log_model(model, example_faces)
             self.client.set_tag(self.run_id, WEIGHTS_TAG, weights_checksum(model))
 
     def _has_model(self) -> bool:

@@ -4,7 +4,7 @@ workspace (each net's name, and the champion); a version checked before its code
 
 The evaluate stage registers, since only it knows the test RMSE a version is tagged with and the
 champion is chosen by: a version registered by the training would lack both until then. It registers
-the model of the run that the training noted for the weights (runs.record_training_run), never a
+the model of the run that the training noted for the weights (trained_by.record_training_run), never a
 run found by its tags, which anyone who
 can write to the store could plant.
 
@@ -34,9 +34,10 @@ from mlflow.store.artifact.utils.models import _parse_model_uri, get_model_name_
 
 from pipeline.base.errors import PipelineError
 from pipeline.tracking import pyfunc_model
-from pipeline.tracking.runs import MODEL_SIGNATURE, WEIGHTS_TAG
+from pipeline.tracking.export import MODEL_SIGNATURE
 from pipeline.tracking.store import (TrackingError, connect, project_root, sqlite_file, store_calls, store_exists,
                                      store_failure, tracking_uri)
+from pipeline.tracking.trained_by import WEIGHTS_TAG
 
 CHAMPION = "champion"
 MODELS_URI = "models:/"
@@ -60,7 +61,7 @@ ARTIFACTS = {pyfunc_model.NET_ARTIFACT: "artifacts/net.pt2", pyfunc_model.COLUMN
 
 @dataclass(frozen=True)
 class Trained:
-    """A net's training: its MLflow run (runs.recorded_training_run) and its weights' checksum (models/<net>.json)."""
+    """A net's training: its MLflow run (trained_by.recorded_training_run) and its weights' checksum (models/<net>.json)."""
 
     net: str
     run_id: str

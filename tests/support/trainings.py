@@ -11,8 +11,8 @@ import pandas as pd
 import torch
 
 from pipeline.base.weights import load_checked
-from pipeline.tracking.runs import TRAINING_RUN_KEY, WEIGHTS_TAG
 from pipeline.tracking.store import EXPERIMENT
+from pipeline.tracking.trained_by import TRAINING_RUN_KEY, WEIGHTS_TAG
 from pipeline.training.checkpoint import read_training_state
 from pipeline.training.loop import Callback
 from project import run, tool_env
@@ -55,7 +55,7 @@ def metric_keys(project, net="net4"):
 
 
 def trained_run_of(project, net):
-    """The MLflow run that the training noted for the project's weights of the net (runs.record_training_run)."""
+    """The MLflow run that the training noted for the project's weights of the net (trained_by.record_training_run)."""
     weights = json.loads((project / "models" / f"{net}.json").read_text())[WEIGHTS_TAG]
     [record] = (project / "training-runs").glob(f"{net}-{weights[:16]}.json")
     return json.loads(record.read_text())[TRAINING_RUN_KEY]
