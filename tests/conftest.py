@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from project import reproduce_once  # noqa: E402
+from tests.support.project import reproduce_once  # noqa: E402
 
 
 def cuda_unusable() -> str | None:
@@ -78,7 +78,7 @@ def temporary_tracking_store(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory, worker_id):
-    """A project after `dvc repro` (tests/project.py, reproduce_once), shared by every test process:
+    """A project after `dvc repro` (tests/support/project.py, reproduce_once), shared by every test process:
     pytest-xdist's workers have temporary folders side by side, and build it once between them."""
     root = tmp_path_factory.getbasetemp()
     return reproduce_once(root.parent if worker_id != "master" else root)

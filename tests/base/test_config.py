@@ -10,7 +10,7 @@ from dvc.utils.serialize import parse_yaml
 from pipeline.base.config import MAX_EXPANDED_VALUES, flatten, load_config
 from pipeline.base.errors import PipelineError
 from pipeline.train import main as train_main
-from project import DEFAULT_PARAMS, default_config, default_params
+from tests.support.project import DEFAULT_PARAMS, default_config, default_params
 
 
 def write_params(tmp_path, change):

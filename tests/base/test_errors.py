@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faults import read_only, run_with
+from tests.support.faults import read_only, run_with
 from pipeline.base.errors import Interrupted, publishing, reports_errors
 from pipeline.base.files import write_text
-from project import copy_project, make_project, run
-from trainings import start
+from tests.support.project import copy_project, make_project, run
+from tests.support.trainings import start
 
 # What a run may change besides its outputs: the store, the checkpoints, git's and DVC's own files.
 NOT_OUTPUTS = ("mlflow.db", "mlruns", "checkpoints", ".git", ".dvc")

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from faults import full_disk, read_only, run_with
+from tests.support.faults import full_disk, read_only, run_with
 from pipeline.base.errors import PipelineError
 from pipeline.base.files import atomic_folder, atomic_write, exclusive_lock, write_json, write_text
-from project import ROOT
+from tests.support.project import ROOT
 
 
 def test_write_text_leaves_no_scratch_file(tmp_path):

@@ -8,8 +8,8 @@ from pipeline.base.errors import PipelineError
 from pipeline.base.model import KeypointNet
 from pipeline.base.weights import copy_into, load_checked, load_model, save_checked, save_model
 from pipeline.training.checkpoint import STATE_FORMAT, Checkpoint, read_training_state, write_training_state
-from loops import make_trainer
-from project import ROOT
+from tests.support.loops import make_trainer
+from tests.support.project import ROOT
 
 MARKER = torch.arange(1000, 1256, dtype=torch.float32)  # bytes easy to find in the file
 

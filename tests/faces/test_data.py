@@ -12,7 +12,7 @@ from pipeline.faces.data import (
     unscale_keypoints,
 )
 from pipeline.faces.kaggle import KAGGLE_MEANS, read_training_chunks, read_training_csv, write_training_csv
-from project import make_project, run
+from tests.support.project import make_project, run
 
 
 def write_faces(path, n=20, incomplete=(), seed=0):

@@ -16,8 +16,8 @@ from pipeline.evaluation.metrics import mean_shape, predict, rmse_px
 from pipeline.faces.data import load_faces, read_summary
 from pipeline.faces.kaggle import KEYPOINTS, write_training_csv
 from pipeline.tracking.runs import WEIGHTS_TAG
-from project import REPRODUCED_EPOCHS, copy_project, default_config, make_project, run, set_params
-from trainings import trained_run_of
+from tests.support.project import REPRODUCED_EPOCHS, copy_project, default_config, make_project, run, set_params
+from tests.support.trainings import trained_run_of
 
 # Every test reads a project that trained both nets through `dvc repro`.
 pytestmark = pytest.mark.slow

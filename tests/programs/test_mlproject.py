@@ -1,6 +1,6 @@
 """The commands behind MLproject's entry points, and the links from the project run to the net runs.
 
-`mlflow run .` itself, twice, runs in tests/test_pipeline.py; here the store is the test's own.
+`mlflow run .` itself, twice, runs in tests/programs/test_pipeline.py; here the store is the test's own.
 """
 
 import time

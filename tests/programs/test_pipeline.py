@@ -17,8 +17,8 @@ from pipeline.evaluation.colours import BASELINE_COLOUR, net_colour
 from pipeline.faces.data import load_faces, read_summary
 from pipeline.faces.kaggle import read_training_csv, write_training_csv
 from pipeline.tracking.store import EXPERIMENT
-from project import REPRODUCED_EPOCHS, copy_project, make_project, run, set_params
-from trainings import start
+from tests.support.project import REPRODUCED_EPOCHS, copy_project, make_project, run, set_params
+from tests.support.trainings import start
 
 # Real stages in processes of their own, through DVC and MLflow: the slow half of the suite.
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from pipeline.faces.kaggle import KEYPOINT_COLUMNS, LOOKUP_COLUMNS, read_table
 from pipeline.predict import Frame, NamedFaces, main, predict_pixels, read_face, submission_table
 from pipeline.tracking.runs import WEIGHTS_TAG
 from pipeline.tracking.store import connect
-from project import ROOT, make_project, run
+from tests.support.project import ROOT, make_project, run
 
 # Every 8-bit level, in a 96x96 face so that no resizing blurs the comparison.
 GRADIENT = (np.arange(96 * 96) % 256).astype(np.uint8).reshape(96, 96)

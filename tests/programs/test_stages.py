@@ -8,7 +8,7 @@ import yaml
 
 from pipeline.faces.kaggle import COLUMNS, KAGGLE_MEANS, write_training_csv
 from pipeline.base.sources import stage_code
-from project import ROOT, make_project, run, set_params
+from tests.support.project import ROOT, make_project, run, set_params
 
 # Stages run as their commands, in processes of their own.
 pytestmark = pytest.mark.slow

@@ -18,17 +18,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from faults import full_disk, run_with
-from loops import callback_of, data
+from tests.support.faults import full_disk, run_with
+from tests.support.loops import callback_of, data
 from pipeline.base.config import NetConfig
 from pipeline.faces.data import loss_to_rmse_px
 from pipeline.tracking.store import EXPERIMENT
 from pipeline.train import build_trainer, kept_weights
 from pipeline.training.callbacks import EarlyStopping, KeepBest
 from pipeline.training.loop import run_epoch
-from project import default_config, free_port, make_project, run, set_params
-from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start, train,
-                       wait_for_checkpoint, weights)
+from tests.support.project import ROOT, default_config, free_port, make_project, run, set_params
+from tests.support.trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start,
+                                     train, wait_for_checkpoint, weights)
 
 # Real stages in processes of their own, through DVC and MLflow: the slow half of the suite.
 pytestmark = pytest.mark.slow
@@ -267,7 +267,7 @@ def test_processes_creating_one_store_at_once_all_succeed(tmp_path, monkeypatch)
         "connect()\n"
     )
     racers = [subprocess.Popen([sys.executable, "-c", script], env=os.environ, stderr=subprocess.PIPE, text=True,
-                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                               cwd=ROOT)
               for _ in range(4)]
     time.sleep(3)  # let every racer finish importing, so that they connect together
     go.touch()

@@ -10,7 +10,7 @@ from benchmarks import device_speed, portability, reference, train_speed
 from pipeline.base.model import KeypointNet
 from pipeline.faces.data import FaceSet
 from pipeline.training.loop import Tensors, Trainer, run_epoch
-from project import ROOT, make_project, run, write_params
+from tests.support.project import ROOT, make_project, run, write_params
 
 # Every batch full, so an epoch's mean loss is the plain mean of its batch losses.
 BATCH_SIZE, N_IMAGES, EPOCHS = 16, 48, 3

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from project import ROOT
+from tests.support.project import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")

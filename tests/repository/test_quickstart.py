@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from project import ROOT
+from tests.support.project import ROOT
 
 README = (ROOT / "README.md").read_text()
 

@@ -3,7 +3,7 @@ cache lacks the committed weights (they were trained elsewhere, and the project 
 
 import pytest
 
-from project import run
+from tests.support.project import run
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pipeline.faces.data import FaceSet
 from pipeline.train import build_trainer
 from pipeline.training.callbacks import AdjustHyperparameter
 from pipeline.training.loop import Callback, Tensors
-from project import default_config
+from tests.support.project import default_config
 
 
 def bright_square_faces(n, seed):

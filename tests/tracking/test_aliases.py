@@ -15,9 +15,9 @@ from PIL import Image
 from pipeline.base.weights import load_model
 from pipeline.faces.kaggle import KEYPOINT_COLUMNS
 from pipeline.predict import NamedFaces, predict_pixels
-from project import copy_project, make_project, run, set_params
-from trainings import trained_run_of
-from test_tracking import tracking_server  # noqa: F401 - a fixture: a real `mlflow server`
+from tests.support.project import copy_project, make_project, run, set_params
+from tests.support.trainings import trained_run_of
+from tests.tracking.test_tracking import tracking_server  # noqa: F401 - a fixture: a real `mlflow server`
 
 # Real experiments, trainings and servers.
 pytestmark = pytest.mark.slow

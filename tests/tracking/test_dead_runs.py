@@ -11,8 +11,8 @@ import pytest
 
 from pipeline.tracking.runs import LOCK_TAG, NOTE_TAG, close_dead_runs, lock_tag
 from pipeline.tracking.store import set_experiment
-from project import make_project, run, set_params
-from trainings import runs, start, train
+from tests.support.project import make_project, run, set_params
+from tests.support.trainings import runs, start, train
 
 
 def test_only_the_runs_of_the_net_under_the_held_lock_are_marked_killed(tmp_path):

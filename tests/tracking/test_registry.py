@@ -22,7 +22,7 @@ from pipeline.predict import NamedFaces, predict_pixels
 from pipeline.tracking.logger import MlflowLogger
 from pipeline.tracking.registry import Trained, promote, register
 from pipeline.tracking.runs import MODEL_SIGNATURE, WEIGHTS_TAG, training_run
-from project import copy_project, default_config, free_port, run, tool_env
+from tests.support.project import copy_project, default_config, free_port, run, tool_env
 
 # Real trainings, evaluations and servers.
 pytestmark = pytest.mark.slow

@@ -7,9 +7,9 @@ import sys
 import mlflow
 import pytest
 
-from faults import read_only, run_with
+from tests.support.faults import read_only, run_with
 from pipeline.tracking.store import EXPERIMENT, TrackingError, connect
-from project import make_project
+from tests.support.project import make_project
 
 
 def one_line_failure(project, *mounts, uri):

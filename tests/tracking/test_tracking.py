@@ -25,9 +25,9 @@ from pipeline.tracking.runs import COLOUR_TAG, MODEL_SIGNATURE, faces_inputs, gi
 from pipeline.tracking.store import EXPERIMENT, TrackingError, connect
 from pipeline.training.callbacks import AdjustHyperparameter
 from pipeline.training.loop import Callback, fit
-from project import free_port, make_project, run, set_params
-from loops import data, make_trainer
-from trainings import RaiseIn, logged, metric_keys, runs, saved_epochs, start, train
+from tests.support.project import free_port, make_project, run, set_params
+from tests.support.loops import data, make_trainer
+from tests.support.trainings import RaiseIn, logged, metric_keys, runs, saved_epochs, start, train
 
 # Trainings logged into real MLflow stores and servers.
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ from pipeline.base.weights import load_model, save_model
 from pipeline.training.callbacks import KeepBest
 from pipeline.training.checkpoint import Checkpoint, fingerprint, read_training_state
 from pipeline.training.loop import Callback, fit
-from loops import EpochWeights, assert_weights, callback_of, data, falls_then_rises, make_trainer
-from trainings import RaiseIn
+from tests.support.loops import EpochWeights, assert_weights, callback_of, data, falls_then_rises, make_trainer
+from tests.support.trainings import RaiseIn
 
 # Trainings stopped, saved and resumed.
 pytestmark = pytest.mark.slow

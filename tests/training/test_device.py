@@ -16,7 +16,7 @@ from pipeline.training.checkpoint import fingerprint
 from pipeline.training.device import (PORTABLE_CPU_KERNELS, Ranks, keep_default_layout_of_single_channel_convolutions,
                                       place_model, training_device, use_deterministic_kernels, use_float32_precision,
                                       use_portable_cpu_kernels)
-from project import ROOT, default_config
+from tests.support.project import ROOT, default_config
 
 PORTABLE = """
 import os, torch

@@ -29,11 +29,11 @@ from pipeline.training.callbacks import AdjustHyperparameter
 from pipeline.training.checkpoint import Checkpoint
 from pipeline.training.graphs import CapturedSteps
 from pipeline.training.loop import Tensors, Trainer, fit, run_epoch
-from project import make_project, run, set_params
-from loops import EpochWeights, bright_square_faces, faces_of, stage_trainer
-from plain_loop import assert_same_training, fast_and_plain
-from trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start,
-                       wait_for_checkpoint, weights)
+from tests.support.project import make_project, run, set_params
+from tests.support.loops import EpochWeights, bright_square_faces, faces_of, stage_trainer
+from tests.support.plain_loop import assert_same_training, fast_and_plain
+from tests.support.trainings import (assert_same_weights, history, logged, metric_keys, runs, saved_epochs, start,
+                                     wait_for_checkpoint, weights)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -7,13 +7,13 @@ import weakref
 import pytest
 import torch
 
-from emulated_cuda import CaptureViolation, EmulatedCuda
-from loops import faces_of, stage_trainer
+from tests.support.emulated_cuda import CaptureViolation, EmulatedCuda
+from tests.support.loops import faces_of, stage_trainer
 from pipeline.base.config import NetConfig
 from pipeline.training.checkpoint import Checkpoint
 from pipeline.training.loop import fit
 from pipeline.training.optim import NesterovSGD
-from trainings import RaiseIn
+from tests.support.trainings import RaiseIn
 
 pytestmark = pytest.mark.slow
 

@@ -4,12 +4,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loops import EpochWeights, assert_weights, bright_square_faces, callback_of, data, falls_then_rises, make_trainer
+from tests.support.loops import EpochWeights, assert_weights, bright_square_faces, callback_of, data, falls_then_rises, make_trainer
 from pipeline.base.errors import PipelineError
 from pipeline.faces.data import loss_to_rmse_px
 from pipeline.training.callbacks import AdjustHyperparameter, EarlyStopping, EpochTable
 from pipeline.training.loop import Callback, Tensors, fit
-from plain_loop import assert_same_training, fast_and_plain
+from tests.support.plain_loop import assert_same_training, fast_and_plain
 
 
 class Recorder(Callback):
