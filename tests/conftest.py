@@ -1,5 +1,10 @@
+import contextlib
+import functools
 import os
 import random
+import sqlite3
+from pathlib import Path
+from typing import Callable
 
 # Each of pytest-xdist's workers, and every process its tests start, computes on its share of the cores
 # (`-n 2` on 2 cores: one each). Set before torch is imported: more threads than cores, which every
@@ -9,15 +14,22 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
                                                      // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import mlflow  # noqa: E402
+import mlflow.store.db.utils as mlflow_db  # noqa: E402
+import mlflow.store.model_registry.sqlalchemy_store as registry_sqlalchemy_store  # noqa: E402
 from mlflow.tracking._model_registry.registry import ModelRegistryStoreRegistry  # noqa: E402
 from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistrySqlAlchemyStore  # noqa: E402
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # noqa: E402
 from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import sqlalchemy  # noqa: E402
 import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 from tests.support.project import reproduce_once  # noqa: E402
+
+# MLflow's own, kept before any test replaces it (temporary_tracking_store).
+INITIALIZE_TABLES = mlflow_db._initialize_tables
 
 
 def cuda_unusable() -> str | None:
@@ -56,7 +68,7 @@ def fixed_seeds():
 
 
 @pytest.fixture(autouse=True)
-def temporary_tracking_store(tmp_path, monkeypatch):
+def temporary_tracking_store(tmp_path, monkeypatch, migrated_store):
     """Every test logs into its own SQLite store, never into the project's."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # A passing test's folder is deleted (pytest.ini) and its name given to the next test of the same
@@ -70,15 +82,62 @@ def temporary_tracking_store(tmp_path, monkeypatch):
         store._engine_map.clear()
     # A stage run in-process sets MLflow's global URI, which outranks the variable: forget it.
     mlflow.set_tracking_uri(None)
+    # MLflow's migrations take 5 to 8 s for each new SQLite store; a store this process creates gets
+    # the tables of one store migrated once per run instead, when and where MLflow would create them.
+    copy_migrated = functools.partial(initialize_from_template, migrated_store)
+    monkeypatch.setattr(mlflow_db, "_initialize_tables", copy_migrated)
+    monkeypatch.setattr(registry_sqlalchemy_store, "_initialize_tables", copy_migrated)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     return uri
 
 
-@pytest.fixture(scope="session")
-def reproduced(tmp_path_factory, worker_id):
-    """A project after `dvc repro` (tests/support/project.py, reproduce_once), shared by every test process:
-    pytest-xdist's workers have temporary folders side by side, and build it once between them."""
+def shared_temporary_folder(tmp_path_factory) -> Path:
+    """The run's base temporary folder, which every test process shares: pytest-xdist's workers have
+    theirs side by side in it."""
     root = tmp_path_factory.getbasetemp()
-    return reproduce_once(root.parent if worker_id != "master" else root)
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+@pytest.fixture(scope="session")
+def migrated_store(tmp_path_factory) -> Callable[[], Path]:
+    """The path of an empty SQLite store with MLflow's tables, migrated by whichever test process first
+    asks, once for them all: a run that opens no store pays nothing."""
+    folder = shared_temporary_folder(tmp_path_factory)
+    template = folder / "migrated-mlflow.db"
+
+    def made() -> Path:
+        with FileLock(str(folder / "migrated-mlflow.lock")):
+            if not template.exists():
+                partial = template.with_suffix(".partial")
+                partial.unlink(missing_ok=True)  # a migration that failed half-way
+                engine = sqlalchemy.create_engine(f"sqlite:///{partial}")
+                try:
+                    INITIALIZE_TABLES(engine)
+                finally:
+                    engine.dispose()
+                partial.rename(template)
+        return template
+    return made
+
+
+def initialize_from_template(template: Callable[[], Path], engine: sqlalchemy.Engine) -> None:
+    """MLflow's _initialize_tables for a new SQLite store: the migrated tables copied into the file MLflow
+    has just opened, by SQLite's own backup. The template has no Default experiment, which records the
+    working directory as its artifact folder: the store creates it, as it does in a new store."""
+    if engine.dialect.name != "sqlite":
+        INITIALIZE_TABLES(engine)
+        return
+    with contextlib.closing(sqlite3.connect(template())) as source:
+        target = engine.raw_connection()
+        try:
+            source.backup(target.driver_connection)
+        finally:
+            target.close()
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory):
+    """A project after `dvc repro` (tests/support/project.py, reproduce_once), built once for every test process."""
+    return reproduce_once(shared_temporary_folder(tmp_path_factory))
