@@ -75,17 +75,28 @@ def test_a_cublas_workspace_that_is_not_deterministic_is_refused_in_one_line(mon
         use_deterministic_kernels(True)
 
 
+@pytest.fixture
+def determinism_restored(monkeypatch):
+    """use_deterministic_kernels sets switches global to the process: the next test gets them back as they were."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory, torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    yield
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)  # the value the call set; monkeypatch puts back one it removed
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    (torch.utils.deterministic.fill_uninitialized_memory, torch.backends.cudnn.deterministic,
+     torch.backends.cudnn.benchmark) = saved[2:]
+
+
 @pytest.mark.parametrize("preset, expected", [("", ":4096:8"), (":16:8", ":16:8"), (":4096:2", ":4096:2")])
-def test_the_cublas_workspace_is_set_or_kept_as_determinism_asks(preset, expected):
-    """In a process of its own: deterministic mode is global to the process."""
-    deterministic = "True" if expected != ":4096:2" else "False"
-    code = ("import os; from pipeline.training.device import use_deterministic_kernels; "
-            f"{f'os.environ[{chr(39)}CUBLAS_WORKSPACE_CONFIG{chr(39)}] = {preset!r}; ' if preset else ''}"
-            f"use_deterministic_kernels({deterministic}); print(os.environ.get('CUBLAS_WORKSPACE_CONFIG'))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                            env={key: value for key, value in os.environ.items() if key != "CUBLAS_WORKSPACE_CONFIG"})
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == expected
+def test_the_cublas_workspace_is_set_or_kept_as_determinism_asks(preset, expected, monkeypatch, determinism_restored):
+    deterministic = expected != ":4096:2"
+    if preset:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", preset)
+    use_deterministic_kernels(deterministic)
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == expected
+    assert torch.are_deterministic_algorithms_enabled() is deterministic
 
 
 @pytest.mark.parametrize("tf32", [False, True])
