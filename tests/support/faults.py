@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from project import tool_env
+from tests.support.project import tool_env
 
 
 @functools.cache

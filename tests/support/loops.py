@@ -9,7 +9,7 @@ from pipeline.base.config import NetConfig, Schedule
 from pipeline.faces.data import FaceSet
 from pipeline.train import build_trainer
 from pipeline.training.loop import Callback, DeviceFaces
-from project import default_config
+from tests.support.project import default_config
 
 
 def bright_square_faces(n, seed):

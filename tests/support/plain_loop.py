@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loops import faces_of, stage_trainer
+from tests.support.loops import faces_of, stage_trainer
 from pipeline.training.loop import DeviceFaces, Trainer, fit
 from pipeline.training.schedule import linear
 

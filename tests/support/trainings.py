@@ -1,4 +1,4 @@
-"""Real trainings in a scratch project (tests/project.py), and what they leave: files, checkpoints, MLflow runs;
+"""Real trainings in a scratch project (tests/support/project.py), and what they leave: files, checkpoints, MLflow runs;
 and a callback that stops an in-process training where a test wants it."""
 
 import json
@@ -15,7 +15,7 @@ from pipeline.tracking.store import EXPERIMENT
 from pipeline.tracking.trained_by import TRAINING_RUN_KEY, WEIGHTS_TAG
 from pipeline.training.checkpoint import read_training_state
 from pipeline.training.loop import Callback
-from project import run, tool_env
+from tests.support.project import run, tool_env
 
 
 def start(project, *command):
