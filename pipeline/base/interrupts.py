@@ -12,13 +12,14 @@ from pipeline.base.errors import Interrupted
 
 
 class _Outputs:
-    """The outputs the running program has published whole (pipeline.base.files), in order, and an
-    interrupt held back while one of them takes its place."""
+    """The outputs the running program has published whole (pipeline.base.files), in order, an
+    interrupt held back while one of them takes its place, and whether any interrupt came."""
 
     def __init__(self):
         self.written: list[Path] = []
         self.publishing = False
         self.interrupt_held = False
+        self.interrupt_came = False
 
 
 _outputs = _Outputs()
@@ -49,6 +50,13 @@ def interrupted(program: str) -> Interrupted:
                        " wrote nothing else: run it again for the rest")
 
 
+def interrupt_came() -> bool:
+    """Whether Ctrl-C or SIGTERM came in the block of interrupts_handled. Python ignores an exception
+    raised where it cannot propagate (in a __del__ or a weakref callback: "Exception ignored in"), so a
+    signal that lands there raises nothing, and the program goes on unless it asks this."""
+    return _outputs.interrupt_came
+
+
 @contextlib.contextmanager
 def interrupts_handled() -> Iterator[None]:
     """Ctrl-C, and SIGTERM (a scheduler, `kill` or DVC stopping the job) the same way, raise
@@ -58,12 +66,14 @@ def interrupts_handled() -> Iterator[None]:
     (a program's main() called twice in one process, as the tests do).
     """
     def interrupt(signum, frame):
+        _outputs.interrupt_came = True
         if _outputs.publishing:
             _outputs.interrupt_held = True
         else:
             raise KeyboardInterrupt
 
     _outputs.written.clear()
+    _outputs.interrupt_came = False
     previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.base.errors import PipelineError, is_out_of_memory, os_failure, out_of_memory
-from pipeline.base.interrupts import interrupted, interrupts_handled
+from pipeline.base.interrupts import interrupt_came, interrupted, interrupts_handled
 
 
 def reports_errors(main: Callable[..., None] | None = None, *, memory_knobs: str = "") -> Callable[..., None]:
@@ -30,7 +30,10 @@ def reports_errors(main: Callable[..., None] | None = None, *, memory_knobs: str
     def wrapper(*args, **kwargs):
         try:
             with interrupts_handled():
-                return main(*args, **kwargs)
+                result = main(*args, **kwargs)
+                if interrupt_came():  # one Python ignored: the program ends as stopped all the same
+                    raise KeyboardInterrupt
+                return result
         except KeyboardInterrupt:
             failure = interrupted(program)
         except PipelineError as error:

@@ -58,6 +58,29 @@ def test_sigterm_in_a_program_is_ctrl_c_and_names_what_it_had_written(tmp_path, 
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the program's only while main() runs
 
 
+class SignalledWhileCollected:
+    """An object whose finalizer gets SIGTERM: the KeyboardInterrupt raised there is one Python ignores."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(10_000))  # bytecode, where the handler runs
+
+
+def test_an_interrupt_that_python_ignored_still_ends_the_program_as_interrupted(tmp_path, capsys, monkeypatch):
+    ignored = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: ignored.append(unraisable.exc_type))
+
+    @reports_errors
+    def main():
+        SignalledWhileCollected()  # collected at once, SIGTERM and all
+        write_text(tmp_path / "first.txt", "whole")
+
+    error = interrupted_line(capsys, main)
+    assert ignored == [KeyboardInterrupt]  # the signal did land where Python ignores exceptions
+    assert error == (f"error: test_reporting interrupted; of this run it kept {tmp_path / 'first.txt'} (each written "
+                     "whole) and wrote nothing else: run it again for the rest\n")
+
+
 def test_a_program_that_says_its_own_interrupt_keeps_its_line(capsys):
     """As the train stage does, naming the epochs its checkpoint keeps."""
     @reports_errors
