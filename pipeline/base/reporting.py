@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from pipeline.base.errors import PipelineError, is_out_of_memory, os_failure, out_of_memory
+from pipeline.base.errors import Interrupted, PipelineError, is_out_of_memory, os_failure, out_of_memory
 from pipeline.base.interrupts import interrupt_came, interrupted, interrupts_handled
 
 
@@ -37,7 +37,9 @@ def reports_errors(main: Callable[..., None] | None = None, *, memory_knobs: str
         except KeyboardInterrupt:
             failure = interrupted(program)
         except PipelineError as error:
-            failure = error
+            # After an interrupt that a library swallowed, its next call fails for it (SQLAlchemy: "Can't
+            # reconnect until invalid transaction is rolled back"): the stop is what the user asked for.
+            failure = interrupted(program) if interrupt_came() and not isinstance(error, Interrupted) else error
         except OSError as error:
             failure = out_of_memory(program, knobs) if is_out_of_memory(error) else os_failure(error)
         except (MemoryError, RuntimeError) as error:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.support.faults import read_only, run_with
-from pipeline.base.errors import Interrupted
+from pipeline.base.errors import Interrupted, PipelineError
 from pipeline.base.files import write_text
 from pipeline.base.reporting import reports_errors
 from tests.support.project import copy_project, make_project, run
@@ -66,9 +66,15 @@ class SignalledWhileCollected:
         sum(range(10_000))  # bytecode, where the handler runs
 
 
-def test_an_interrupt_that_python_ignored_still_ends_the_program_as_interrupted(tmp_path, capsys, monkeypatch):
-    ignored = []
-    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: ignored.append(unraisable.exc_type))
+@pytest.fixture
+def ignored(monkeypatch):
+    """The types of the exceptions Python ignores in the test ("Exception ignored in ...")."""
+    types = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: types.append(unraisable.exc_type))
+    return types
+
+
+def test_an_interrupt_that_python_ignored_still_ends_the_program_as_interrupted(tmp_path, capsys, ignored):
 
     @reports_errors
     def main():
@@ -216,3 +222,13 @@ def test_a_home_that_cannot_be_written_gives_no_matplotlib_warnings(tmp_path):
                       HOME=str(home), XDG_CONFIG_HOME="", XDG_CACHE_HOME="", MPLCONFIGDIR="")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
+
+
+def test_an_error_after_an_interrupt_a_library_swallowed_is_reported_as_the_interrupt(capsys, ignored):
+    @reports_errors
+    def main():
+        SignalledWhileCollected()
+        raise PipelineError("MLflow tracking store is not usable: Can't reconnect until invalid transaction is rolled back")
+
+    assert interrupted_line(capsys, main) == "error: test_reporting interrupted; nothing of this run was written: run it again\n"
+    assert ignored == [KeyboardInterrupt]
