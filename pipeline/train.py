@@ -233,7 +233,7 @@ def restore_or_start(config: Config, net_name: str, device: torch.device, ranks:
     """Phase 1: the data on the device, the seeded trainer, and its checkpoint's state if it has one."""
     paths = config.paths
     summary = read_summary(paths.prepared_summary)
-    training, validation = split(load_faces(paths.train_faces, summary), config.train.valid_fraction,
+    train_set, valid_set = split(load_faces(paths.train_faces, summary), config.train.valid_fraction,
                                  seed=config.train.seed, key="train.valid_fraction")
     trainer = build_trainer(config, net_name, device, ranks)
     checkpoint = Checkpoint(paths.checkpoint(net_name),
@@ -241,8 +241,8 @@ def restore_or_start(config: Config, net_name: str, device: torch.device, ranks:
                             config.checkpoint.interval_seconds, saves=ranks.lead)
     checkpoint.resume(trainer)
     layout = memory_format(config)
-    return Training(trainer, checkpoint, DeviceFaces.of(training, device, layout),
-                    DeviceFaces.of(validation, device, layout), summary)
+    return Training(trainer, checkpoint, DeviceFaces.of(train_set, device, layout),
+                    DeviceFaces.of(valid_set, device, layout), summary)
 
 
 @contextlib.contextmanager
