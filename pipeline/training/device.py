@@ -117,7 +117,10 @@ def use_deterministic_kernels(deterministic: bool) -> None:
                 f"train.deterministic asks: unset it (the stage sets {DETERMINISTIC_CUBLAS_WORKSPACES[0]}) or set one "
                 f"of {', '.join(DETERMINISTIC_CUBLAS_WORKSPACES)}")
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = preset
-    torch.use_deterministic_algorithms(deterministic)
+    # torch.use_deterministic_algorithms(mode) is this call plus the same flag in torch.compile's
+    # config, whose import (torch._inductor, torch._dynamo) costs 1 to 2 s of every training's start;
+    # nothing here compiles.
+    torch._C._set_deterministic_algorithms(deterministic)
     # Deterministic mode also fills every new tensor with NaN, to expose reads of uninitialised
     # memory; no kernel here reads any, and the fill would cost a pass over every activation.
     torch.utils.deterministic.fill_uninitialized_memory = False

@@ -99,6 +99,16 @@ def test_the_cublas_workspace_is_set_or_kept_as_determinism_asks(preset, expecte
     assert torch.are_deterministic_algorithms_enabled() is deterministic
 
 
+def test_deterministic_kernels_load_no_compiler():
+    """torch.use_deterministic_algorithms imports torch.compile's stack, 1 to 2 s of every training's
+    start; the stage sets the same switch without it."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys; from pipeline.training.device import use_deterministic_kernels; "
+                               "use_deterministic_kernels(True); print('torch._inductor' in sys.modules)"],
+        cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert loaded == "False\n"
+
+
 @pytest.mark.parametrize("tf32", [False, True])
 def test_float32_is_ieee_on_a_gpu_unless_tf32_is_asked_for(tf32):
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
