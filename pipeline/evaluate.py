@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 import torch
 from mlflow.entities import DatasetInput
@@ -30,8 +31,8 @@ from pipeline.base.reporting import reports_errors
 from pipeline.base.weights import load_model, weights_checksum
 from pipeline.evaluation import plots
 from pipeline.evaluation.colours import BASELINE_COLOUR, net_colour
-from pipeline.evaluation.metrics import (comparisons, face_squared_errors_px, mean_shape, predict, rmse_curves,
-                                         score, summarize)
+from pipeline.evaluation.metrics import (comparisons, face_squared_errors_px, mean_shape, pooled_score, predict,
+                                         rmse_curves, score, summarize)
 from pipeline.evaluation.report import (BASELINE_LABEL, SUMMARY_HEADER, answer, comparison_lines, comparison_markdown,
                              summary_rows, text_table)
 from pipeline.faces.data import FaceSet, load_faces, pixels_of, read_summary, unscale_keypoints
@@ -67,9 +68,9 @@ def read_history(path: Path) -> pd.DataFrame:
     return read_table(path, HISTORY_COLUMNS)
 
 
-def read_model_info(path: Path, net: str, config: Config, data_hash: str) -> dict:
+def read_model_info(path: Path, net: str, seed: int, config: Config, data_hash: str) -> dict:
     """models/<net>.json (the kept epoch, the weights' checksum), after checking that the net was trained
-    on the prepared data with the params params.yaml now gives it.
+    on the prepared data with the params params.yaml now gives it, under `seed`.
 
     A net trained on an earlier preparation may have seen today's test faces while training, so
     its test error would flatter it; one trained with other params (params.yaml edited while `dvc
@@ -86,7 +87,7 @@ def read_model_info(path: Path, net: str, config: Config, data_hash: str) -> dic
     if missing or not isinstance(info["config"], dict):
         raise PipelineError(f"{path}: records no {(missing or ['config'])[0]} (written by an older training): "
                             f"{retrain}")
-    trained, current = flatten(info["config"]), flatten(config.training_params(net))
+    trained, current = flatten(info["config"]), flatten(config.training_params(net, seed))
     # The net's own keys first: one of them (nets.<net>.max_epochs) also sets its train.* value.
     for key in sorted(dict.fromkeys([*current, *trained]), key=lambda key: not key.startswith("nets.")):
         if trained.get(key, NOT_SET) != current.get(key, NOT_SET):
@@ -115,11 +116,15 @@ def bootstrap_progress(resamples: int, seconds: Callable[[], float] = time.monot
     return said
 
 
-def mlflow_metrics(results: dict, net: str) -> dict[str, float]:
-    """The net's headline test figures. The per-keypoint errors go to the run as keypoint_errors.csv:
-    as 15 metrics they were 15 charts ahead of the training curves in MLflow's chart view."""
+def mlflow_metrics(results: dict, net: str, seed: int) -> dict[str, float]:
+    """The headline test figures of the net's training under `seed`, and with several seeds the net's
+    mean over them. The per-keypoint errors go to the run as keypoint_errors.csv: as 15 metrics they
+    were 15 charts ahead of the training curves in MLflow's chart view."""
+    figures = results[net]
+    seeds = figures.get("seeds")
     return {
-        "test_rmse_px": results[net]["test_rmse_px"],
+        "test_rmse_px": seeds[str(seed)]["test_rmse_px"] if seeds else figures["test_rmse_px"],
+        **({"net_mean_test_rmse_px": figures["test_rmse_px"]} if seeds else {}),
         "baseline_test_rmse_px": results["baseline"]["test_rmse_px"],
     }
 
@@ -140,8 +145,12 @@ def dvc_metrics(results: dict, nets: list[str]) -> dict:
         # Short names: `dvc metrics show` prints a column per name, as wide as the name.
         return {"improvement_percent": comparison[name]["test_rmse_improvement_percent"], **interval}
 
+    def tested(label: str) -> dict:
+        # With several seeds, the mean's spread and each seed's figure (metrics.pooled_score).
+        return {key: results[label][key] for key in ("test_rmse_px", "test_rmse_px_sd", "seeds") if key in results[label]}
+
     return {
-        **{label: {"test_rmse_px": results[label]["test_rmse_px"]} for label in [*nets, "baseline"]},
+        **{label: tested(label) for label in [*nets, "baseline"]},
         **{name: compared(name) for name in comparisons(nets)},
     }
 
@@ -188,12 +197,12 @@ def draw_pictures(folder: Path, results: dict, histories: dict[str, pd.DataFrame
     return {title: path[name] for name, title in PICTURE_TITLES.items()}
 
 
-def trained_here(folder: str, net: str, weights: str) -> Trained | None:
+def trained_here(folder: str, net: str, weights: str, model_path: Path) -> Trained | None:
     """The net's training, with the run that trained these weights as this machine's training noted it."""
     run_id = recorded_training_run(folder, net, weights)
     if run_id is None:
-        print(f"warning: {net}: no training in this project noted the MLflow run of these weights (they were "
-              "trained elsewhere): its test figures are not logged to MLflow", file=sys.stderr)
+        print(f"warning: {model_path}: no training in this project noted the MLflow run of these weights (they "
+              "were trained elsewhere): its test figures are not logged to MLflow", file=sys.stderr)
         return None
     return Trained(net, run_id, weights)
 
@@ -218,18 +227,18 @@ def log_to_run(model_name: str, trained: Trained | None, metrics: dict[str, floa
         return None
 
 
-def point_aliases(model_name: str, versions: dict[str, ModelVersion | None]) -> None:
-    """In the workspace, the aliases on the versions of its nets (registry.promote), once every net
-    evaluated has one: the best of some nets is not the best of all. In a queued or temporary
-    experiment, none: its weights are not the workspace's. With none registered, their own warnings
-    have said why."""
+def point_aliases(model_name: str, versions: dict[str, list[ModelVersion | None]]) -> None:
+    """In the workspace, the aliases on the versions of its nets' trainings, one per seed
+    (registry.promote), once every training evaluated has one: the best of some is not the best of
+    all. In a queued or temporary experiment, none: its weights are not the workspace's. With none
+    registered, their own warnings have said why."""
     experiment = os.environ.get("DVC_EXP_NAME")
     if not in_workspace():
         print(f"evaluate: experiment {experiment}'s versions are tagged {EXPERIMENT_TAG}={experiment}; the aliases "
               "stay on the workspace's (`dvc exp apply` and `python -m pipeline.promote` move them here)")
         return
-    unregistered = [net for net, version in versions.items() if version is None]
-    if len(unregistered) == len(versions):
+    unregistered = [net for net, trainings in versions.items() if None in trainings]
+    if all(version is None for trainings in versions.values() for version in trainings):
         return
     try:
         if unregistered:
@@ -245,30 +254,40 @@ def main() -> None:
     # The nets' forward passes too give the same bits on any CPU where their training did.
     use_portable_cpu_kernels(config.train.portable_cpu)
     paths = config.paths
-    nets = list(config.nets)
+    nets, seeds = list(config.nets), config.train.seeds
     summary = read_summary(paths.prepared_summary)
     data_hash = summary["data_hash"]
-    infos = {net: read_model_info(paths.model_info(net), net, config, data_hash) for net in nets}
+    # Every training: each net under each seed, the first seed's the net's own files (PathsConfig).
+    trainings = [(net, seed) for net in nets for seed in seeds]
+    files = {(net, seed): config.files_seed(seed) for net, seed in trainings}
+    infos = {(net, seed): read_model_info(paths.model_info(net, files[net, seed]), net, seed, config, data_hash)
+             for net, seed in trainings}
+    # The first seed's: the learning curves and the training figures are those of one training.
     histories = {net: read_history(paths.history(net)) for net in nets}
     train, test = load_faces(paths.train_faces, summary), load_faces(paths.test_faces, summary)
-    # On the CPU whatever the training device: the test set is small, and CPU kernels give the
-    # same evaluate.json on every machine.
-    models = {net: load_model(paths.model(net), "cpu") for net in nets}
-    for net in nets:
-        check_weights(paths.model(net), infos[net], models[net], paths.model_info(net))
-    predictions = {net: predict(models[net], test.X) for net in nets}
+    predictions = {}
+    for net, seed in trainings:
+        # On the CPU whatever the training device: the test set is small, and CPU kernels give the
+        # same evaluate.json on every machine.
+        model_path = paths.model(net, files[net, seed])
+        model = load_model(model_path, "cpu")
+        check_weights(model_path, infos[net, seed], model, paths.model_info(net, files[net, seed]))
+        predictions[net, seed] = predict(model, test.X)
     baseline = mean_shape(train.y, len(test))
-    face_errors = {**{net: face_squared_errors_px(predictions[net], test.y) for net in nets},
+    face_errors = {**{net: np.stack([face_squared_errors_px(predictions[net, seed], test.y) for seed in seeds])
+                      for net in nets},
                    "baseline": face_squared_errors_px(baseline, test.y)}
+    scores = {net: pooled_score({seed: score(predictions[net, seed], test.y) for seed in seeds}) for net in nets}
     resamples = config.evaluate.bootstrap_resamples
-    results = summarize({net: score(predictions[net], test.y) for net in nets}, score(baseline, test.y), histories,
-                        face_errors, resamples, config.evaluate.seed, bootstrap_progress(resamples))
+    results = summarize(scores, score(baseline, test.y), histories, face_errors, resamples, config.evaluate.seed,
+                        bootstrap_progress(resamples))
     for net in nets:  # the epoch whose weights were tested, for the report (report.kept_weights_paragraph)
-        results[net]["kept_epoch"] = infos[net].get("kept_epoch")
+        results[net]["kept_epoch"] = infos[net, seeds[0]].get("kept_epoch")
     write_json(paths.test_figures, dvc_metrics(results, nets))
     write_text(Path(paths.metrics) / KEYPOINT_ERRORS, keypoint_errors_csv(results, [*nets, "baseline"]))
     write_text(Path(paths.metrics) / VALID_RMSE, valid_rmse_csv(histories, nets, results["baseline"]["test_rmse_px"]))
-    pictures = draw_pictures(Path(paths.plots), results, histories, test, predictions, nets)
+    pictures = draw_pictures(Path(paths.plots), results, histories, test,
+                             {net: predictions[net, seeds[0]] for net in nets}, nets)
     report = paths.comparison_report
     write_text(report, comparison_markdown(results, nets, data_hash, len(test), pictures, report, EXPERIMENT))
     try:
@@ -278,13 +297,16 @@ def main() -> None:
         print(f"warning: test figures not logged to MLflow ({error})", file=sys.stderr)
     else:
         model_name = config.registry.model_name
-        point_aliases(model_name, {
-            net: log_to_run(model_name, trained_here(paths.training_runs, net, infos[net][WEIGHTS_TAG]),
-                            mlflow_metrics(results, net),
-                            [*pictures.values(), report, Path(paths.metrics) / KEYPOINT_ERRORS],
-                            faces_inputs(summary, test=len(test)))
-            for net in nets})
-    print(f"evaluate: {len(test)} test faces, data hash {data_hash}")
+        point_aliases(model_name, {net: [
+            log_to_run(model_name,
+                       trained_here(paths.training_runs, net, infos[net, seed][WEIGHTS_TAG],
+                                    paths.model(net, files[net, seed])),
+                       mlflow_metrics(results, net, seed),
+                       [*pictures.values(), report, Path(paths.metrics) / KEYPOINT_ERRORS],
+                       faces_inputs(summary, test=len(test)))
+            for seed in seeds] for net in nets})
+    print(f"evaluate: {len(test)} test faces{f', {len(seeds)} seeds of each net' if len(seeds) > 1 else ''}, "
+          f"data hash {data_hash}")
     print(text_table(SUMMARY_HEADER, summary_rows(results, nets)))
     print("\n".join(comparison_lines(results, nets)))
     print(f"{answer(results, nets)}.")

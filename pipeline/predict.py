@@ -366,14 +366,17 @@ def training_run(net: str, model: torch.nn.Module) -> str:
     return f"MLflow run {run.info.run_id}" if run else f"trained by no run of {tracking_uri()}"
 
 
-def workspace_weights(config: Config) -> dict[str, str]:
-    """The checksum of each net's weights in models/, as models/<net>.json records it (nets without one
-    left out: nothing to compare an alias with)."""
-    recorded = {}
+def workspace_weights(config: Config) -> dict[str, set[str]]:
+    """The checksums of each net's weights in models/, one per seed of train.seeds, as their .json
+    files record them (nets without any left out: nothing to compare an alias with)."""
+    recorded: dict[str, set[str]] = {}
     for net in config.nets:
-        with contextlib.suppress(PipelineError):
-            recorded[net] = read_json(config.paths.model_info(net), "").get(WEIGHTS_TAG)
-    return {net: weights for net, weights in recorded.items() if weights}
+        for seed in config.train.seeds:
+            with contextlib.suppress(PipelineError):
+                weights = read_json(config.paths.model_info(net, config.files_seed(seed)), "").get(WEIGHTS_TAG)
+                if weights:
+                    recorded.setdefault(net, set()).add(weights)
+    return recorded
 
 
 def load_predictor(config: Config, net: str) -> tuple[Callable[[NamedFaces], np.ndarray], Callable[[], str]]:

@@ -1,6 +1,6 @@
 """Point the Model Registry's aliases at the workspace's models: each net's alias (models:/<name>@<net>)
-on the version of models/<net>.pt, and the champion alias on the one of the lowest test RMSE in
-metrics/evaluate.json, as the evaluate stage does in the workspace.
+on the version of models/<net>.pt, and the champion alias on the net of the lowest mean test RMSE over
+train.seeds in metrics/evaluate.json, on its best seed's version, as the evaluate stage does in the workspace.
 
 For after `dvc exp apply` or `dvc checkout`, which bring back the models and their figures without
 running evaluate (`dvc repro` is up to date); a version the store lacks is registered from the run
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.base.config import load_config
+from pipeline.base.config import Config, load_config
 from pipeline.base.errors import PipelineError
 from pipeline.base.files import read_json
 from pipeline.base.reporting import reports_errors
@@ -30,30 +30,42 @@ def main(argv: list[str] | None = None) -> None:
     if args:
         raise PipelineError("usage: python -m pipeline.promote (it reads params.yaml, models/ and metrics/)")
     config = load_config()
-    paths, model_name = config.paths, config.registry.model_name
-    figures = read_json(paths.test_figures, REMEDY)
-    trained, tested = {}, {}
-    for net in config.nets:
-        info_path = paths.model_info(net)
-        info = read_json(info_path, REMEDY)
-        if WEIGHTS_TAG not in info:
-            raise PipelineError(f"{info_path}: records no {WEIGHTS_TAG} (written by an older training): train it "
-                                f"again (`dvc repro train@{net}`)")
-        run_id = recorded_training_run(paths.training_runs, net, info[WEIGHTS_TAG])
-        if run_id is None:
-            raise PipelineError(f"{paths.model(net)}: no training in this project noted the MLflow run of these "
-                                f"weights (they were trained elsewhere): train it here (`dvc repro --force train@{net}`)")
-        if not isinstance(figures.get(net), dict) or "test_rmse_px" not in figures[net]:
-            raise PipelineError(f"{paths.test_figures}: no test_rmse_px of {net}: evaluate it first (`dvc repro`)")
-        trained[net] = Trained(net, run_id, info[WEIGHTS_TAG])
-        tested[net] = figures[net]["test_rmse_px"]
+    model_name = config.registry.model_name
+    figures = read_json(config.paths.test_figures, REMEDY)
+    trainings = {net: [tested_training(config, net, seed, figures) for seed in config.train.seeds]
+                 for net in config.nets}
     connect()
-    versions = {net: register(model_name, trained[net], tested[net]) for net in config.nets}
+    versions = {net: [register(model_name, trained, tested) for trained, tested in each]
+                for net, each in trainings.items()}
     champion = promote(model_name, versions)
-    for net, version in versions.items():
-        print(f"promote: models:/{model_name}@{net} -> version {version.version}")
-    print(f"promote: models:/{model_name}@{CHAMPION} -> version {champion.version} ({champion.tags['net']}, "
+    for net, each in versions.items():
+        print(f"promote: models:/{model_name}@{net} -> version {each[0].version}")
+    seeds = config.train.seeds
+    mean = f", the lowest mean of {len(seeds)} seeds" if len(seeds) > 1 else ""
+    print(f"promote: models:/{model_name}@{CHAMPION} -> version {champion.version} ({champion.tags['net']}{mean}, "
           f"test RMSE {float(champion.tags['test_rmse_px']):.2f} px)")
+
+
+def tested_training(config: Config, net: str, seed: int, figures: dict) -> tuple[Trained, float]:
+    """The net's training under `seed`, with the run the training noted for its weights, and its test
+    RMSE as evaluate.json has it; refused in one line where either is missing."""
+    paths, files = config.paths, config.files_seed(seed)
+    info_path = paths.model_info(net, files)
+    info = read_json(info_path, REMEDY)
+    if WEIGHTS_TAG not in info:
+        raise PipelineError(f"{info_path}: records no {WEIGHTS_TAG} (written by an older training): train it "
+                            f"again (`dvc repro train@{net}`)")
+    run_id = recorded_training_run(paths.training_runs, net, info[WEIGHTS_TAG])
+    if run_id is None:
+        raise PipelineError(f"{paths.model(net, files)}: no training in this project noted the MLflow run of these "
+                            f"weights (they were trained elsewhere): train it here (`dvc repro --force train@{net}`)")
+    tested = figures.get(net) if isinstance(figures.get(net), dict) else {}
+    if len(config.train.seeds) > 1:
+        tested = (tested.get("seeds") or {}).get(str(seed)) or {}
+    if not isinstance(tested, dict) or "test_rmse_px" not in tested:
+        raise PipelineError(f"{paths.test_figures}: no test_rmse_px of {net} under seed {seed}: evaluate it first "
+                            "(`dvc repro`)")
+    return Trained(net, run_id, info[WEIGHTS_TAG]), tested["test_rmse_px"]
 
 
 if __name__ == "__main__":

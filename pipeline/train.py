@@ -3,6 +3,9 @@
 Usage: python -m pipeline.train <net>      (a net named under `nets` in params.yaml)
        torchrun --nproc_per_node=N -m pipeline.train <net>      (data-parallel over N processes)
 
+The net is trained once per seed of train.seeds, in their order: the first seed's files are the net's
+own (models/<net>.pt, ...), the others' are in models/<net>-seeds/ (PathsConfig).
+
 A training that was stopped (Ctrl-C, SIGTERM, kill -9, a crash) continues from its checkpoint
 under paths.checkpoints when run again with the same settings.
 """
@@ -14,7 +17,7 @@ import csv
 import os
 import resource
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -62,12 +65,15 @@ def memory_format(config: Config) -> torch.memory_format:
     return torch.channels_last if config.train.channels_last else torch.contiguous_format
 
 
-def build_trainer(config: Config, net_name: str, device: torch.device, ranks: Ranks = Ranks()) -> Trainer:
+def build_trainer(config: Config, net_name: str, device: torch.device, ranks: Ranks = Ranks(),
+                  seed: int | None = None) -> Trainer:
     """The seed's network as the net sets it (dropout, width) and Nesterov SGD, annealed as params.yaml
-    says; seeded throughout. It ends with the weights train.keep chooses, and stops early after
-    train.patience epochs with no new best (the net's own max_epochs and patience where it sets them)."""
+    says; seeded throughout with `seed` (the first of train.seeds by default). It ends with the weights
+    train.keep chooses, and stops early after train.patience epochs with no new best (the net's own
+    max_epochs and patience where it sets them)."""
     settings = config.train_of(net_name)
-    torch.manual_seed(settings.seed)
+    seed = settings.seeds[0] if seed is None else seed
+    torch.manual_seed(seed)
     model = place_model(KeypointNet(**config.net(net_name).model_options()), device, memory_format(config))
     if ranks.world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -80,9 +86,9 @@ def build_trainer(config: Config, net_name: str, device: torch.device, ranks: Ra
         optimizer=optimizer,
         max_epochs=settings.max_epochs,
         batch_size=settings.batch_size,
-        generator=torch.Generator(device=device).manual_seed(settings.seed),
+        generator=torch.Generator(device=device).manual_seed(seed),
         augment=flip_random_half if flip else None,
-        augment_generator=torch.Generator(device=device).manual_seed(settings.seed + 1) if flip else None,
+        augment_generator=torch.Generator(device=device).manual_seed(seed + 1) if flip else None,
         schedules={name: (schedule.start, schedule.stop) for name, schedule in settings.schedules.items()},
         keep_best=settings.keep == "best",
         bf16=settings.bf16,
@@ -171,7 +177,25 @@ def main(argv: list[str] | None = None) -> None:
         if ranks.lead:
             connect()
         with process_group(ranks, device):
-            train(config, net_name, device, ranks)
+            for seed in config.train.seeds:
+                train(config, net_name, device, ranks, seed=seed)
+        if ranks.lead:
+            keep_only_listed_seeds(config, net_name)
+
+
+def keep_only_listed_seeds(config: Config, net_name: str) -> None:
+    """The net's folder of seeds (an output of train@<net>, so there even when empty) with the files of
+    the seeds train.seeds lists after the first, and no others: those of a longer list, trained earlier,
+    would be evaluated with the seeds of today's."""
+    folder = config.paths.seeds_folder(net_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = config.paths
+    listed = {path.name for seed in config.train.seeds[1:]
+              for path in (paths.model(net_name, seed), paths.model_info(net_name, seed),
+                           paths.history(net_name, seed), paths.train_metrics(net_name, seed))}
+    for path in folder.iterdir():
+        if path.name not in listed and path.is_file():
+            path.unlink()
 
 
 def set_up_process(config: Config, ranks: Ranks = Ranks()) -> torch.device:
@@ -187,10 +211,13 @@ def set_up_process(config: Config, ranks: Ranks = Ranks()) -> torch.device:
     return device
 
 
-def training_settings(config: Config, net_name: str, data_hash: str, device: torch.device, ranks: Ranks) -> dict:
+def training_settings(config: Config, net_name: str, data_hash: str, device: torch.device, ranks: Ranks,
+                      seed: int | None = None) -> dict:
     """What shapes a training's result: a checkpoint saved with other settings is not resumed."""
+    seed = config.train.seeds[0] if seed is None else seed
     return {
-        "net": net_name, "train": asdict(config.train_of(net_name)), "net_settings": config.net(net_name).to_dict(),
+        "net": net_name, "train": config.train_of(net_name).of_seed(seed),
+        "net_settings": config.net(net_name).to_dict(),
         "data_hash": data_hash, "device": device.type, "world_size": ranks.world_size,
         "code": code_hash("pipeline.train"),
         # How cuBLAS sums on a GPU (device.use_deterministic_kernels), which the params do not say.
@@ -199,14 +226,18 @@ def training_settings(config: Config, net_name: str, data_hash: str, device: tor
 
 
 def train(config: Config, net_name: str, device: torch.device, ranks: Ranks,
-          callbacks: tuple[Callback, ...] = ()) -> None:
-    """One training in three phases: restore it from its checkpoint or start it, fit it in its MLflow
-    run, finish it (the files, then the logged model). Other ranks than the lead only fit."""
-    training = restore_or_start(config, net_name, device, ranks)
+          callbacks: tuple[Callback, ...] = (), seed: int | None = None) -> None:
+    """One training, under `seed` (the first of train.seeds by default), in three phases: restore it
+    from its checkpoint or start it, fit it in its MLflow run, finish it (the files, then the logged
+    model). Other ranks than the lead only fit."""
+    seed = config.train.seeds[0] if seed is None else seed
+    training = restore_or_start(config, net_name, seed, device, ranks)
     if not ranks.lead:
         fit(training.trainer, training.train_faces, training.valid_faces)
         return
-    print(f"train {net_name}: {len(training.train_faces)} train + {len(training.valid_faces)} valid faces on {device}"
+    seeds = config.train.seeds
+    under = f" under seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})" if len(seeds) > 1 else ""
+    print(f"train {net_name}{under}: {len(training.train_faces)} train + {len(training.valid_faces)} valid faces on {device}"
           f"{f' x {ranks.world_size} processes' if ranks.world_size > 1 else ''}, {training.trainer.max_epochs} epochs"
           f"{f', resuming after epoch {len(training.trainer.history)}' if training.trainer.history else ''}")
     # SIGTERM stops it as Ctrl-C does (reports_errors); the stop's line says what the checkpoint keeps.
@@ -220,8 +251,9 @@ def train(config: Config, net_name: str, device: torch.device, ranks: Ranks,
 
 @dataclass
 class Training:
-    """One net's training, ready to fit: restored from its checkpoint, or at its first epoch."""
+    """One net's training under one seed, ready to fit: restored from its checkpoint, or at its first epoch."""
 
+    seed: int
     trainer: Trainer
     checkpoint: Checkpoint
     train_faces: DeviceFaces
@@ -229,19 +261,19 @@ class Training:
     summary: dict  # prepare's: the data's hash and source
 
 
-def restore_or_start(config: Config, net_name: str, device: torch.device, ranks: Ranks) -> Training:
+def restore_or_start(config: Config, net_name: str, seed: int, device: torch.device, ranks: Ranks) -> Training:
     """Phase 1: the data on the device, the seeded trainer, and its checkpoint's state if it has one."""
     paths = config.paths
     summary = read_summary(paths.prepared_summary)
     train_set, valid_set = split(load_faces(paths.train_faces, summary), config.train.valid_fraction,
-                                 seed=config.train.seed, key="train.valid_fraction")
-    trainer = build_trainer(config, net_name, device, ranks)
-    checkpoint = Checkpoint(paths.checkpoint(net_name),
-                            training_settings(config, net_name, summary["data_hash"], device, ranks),
+                                 seed=seed, key="train.valid_fraction")
+    trainer = build_trainer(config, net_name, device, ranks, seed)
+    checkpoint = Checkpoint(paths.checkpoint(net_name, config.files_seed(seed)),
+                            training_settings(config, net_name, summary["data_hash"], device, ranks, seed),
                             config.checkpoint.interval_seconds, saves=ranks.lead)
     checkpoint.resume(trainer)
     layout = memory_format(config)
-    return Training(trainer, checkpoint, DeviceFaces.of(train_set, device, layout),
+    return Training(seed, trainer, checkpoint, DeviceFaces.of(train_set, device, layout),
                     DeviceFaces.of(valid_set, device, layout), summary)
 
 
@@ -250,8 +282,10 @@ def tracked_run(config: Config, net_name: str, training: Training, device: torch
                 ranks: Ranks) -> Iterator[MlflowLogger]:
     """The net's MLflow run, the checkpoint's own when it resumes one, and the logger that fills it."""
     params = {
-        **flatten(trained_config(config, net_name)),
+        **flatten(trained_config(config, net_name, training.seed)),
         "net": net_name,
+        # The training's seed under a short name, to group and filter runs by in the UI (docs/mlflow.md).
+        "seed": training.seed,
         "flip": config.net(net_name).flip,
         # The architecture of every net, net4's too, so that the runs table compares them.
         "hidden": training.trainer.network.hidden,
@@ -289,16 +323,16 @@ def fit_checkpointed(training: Training, logger: MlflowLogger, callbacks: tuple[
 def finish(config: Config, net_name: str, training: Training, history: list[dict], logger: MlflowLogger) -> None:
     """Phase 3: the net ends with the weights of the kept epoch (callbacks.KeepBest): those are saved,
     with the files DVC tracks, and then logged."""
-    paths, network = config.paths, training.trainer.network
+    paths, network, seed = config.paths, training.trainer.network, config.files_seed(training.seed)
     print(kept_weights_line(net_name, history, config.train_of(net_name)))
-    save_model(paths.model(net_name), network)
+    save_model(paths.model(net_name, seed), network)
     weights = weights_checksum(network)
-    write_json(paths.model_info(net_name), {
-        "net": net_name, "data_hash": training.summary["data_hash"],
-        "kept_epoch": history[-1]["kept_epoch"], "config": config.training_params(net_name), WEIGHTS_TAG: weights,
+    write_json(paths.model_info(net_name, seed), {
+        "net": net_name, "data_hash": training.summary["data_hash"], "kept_epoch": history[-1]["kept_epoch"],
+        "config": config.training_params(net_name, training.seed), WEIGHTS_TAG: weights,
     })
-    write_history(paths.history(net_name), history)
-    write_json(paths.train_metrics(net_name), final_figures(history))
+    write_history(paths.history(net_name, seed), history)
+    write_json(paths.train_metrics(net_name, seed), final_figures(history))
     # The run and the checksum let evaluate register this training's own model, and no run planted
     # in a shared store with the same tags.
     record_training_run(paths.training_runs, net_name, weights, logger.run_id)
@@ -307,11 +341,11 @@ def finish(config: Config, net_name: str, training: Training, history: list[dict
     logger.log_model(network, example_faces(training.train_faces.images))
 
 
-def trained_config(config: Config, net_name: str) -> dict:
-    """The params as the net trains with them, for its MLflow run: train.* with the net's own max_epochs
-    and patience, and every net as params.yaml gives it, so that net4's and net5's runs have the params
-    of the code before net options."""
-    return {**config.to_dict(), "train": asdict(config.train_of(net_name))}
+def trained_config(config: Config, net_name: str, seed: int) -> dict:
+    """The params as the net trains with them under `seed`, for its MLflow run: train.* with the net's
+    own max_epochs and patience and the seed (TrainConfig.of_seed), and every net as params.yaml gives
+    it, so that net4's and net5's runs have the params of the code before net options."""
+    return {**config.to_dict(), "train": config.train_of(net_name).of_seed(seed)}
 
 
 @contextlib.contextmanager

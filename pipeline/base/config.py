@@ -84,28 +84,40 @@ class PathsConfig:
         """evaluate.json: each net's test RMSE, which the champion is chosen by (pipeline.promote too)."""
         return Path(self.metrics) / "evaluate.json"
 
-    def checkpoint(self, net: str) -> Path:
+    def checkpoint(self, net: str, seed: int | None = None) -> Path:
         """The state of an unfinished training. Not a stage output: a finished training deletes it,
         and as an output DVC would cache each one (96 MB)."""
-        return Path(self.checkpoints) / f"{net}.pt"
+        return Path(self.checkpoints) / (f"{net}.pt" if seed is None else f"{net}-seed{seed}.pt")
 
     def training_lock(self, net: str) -> Path:
         """Held by the one process training `net` in this project."""
         return Path(self.checkpoints) / f"{net}.lock"
 
-    def model(self, net: str) -> Path:
-        return Path(self.models) / f"{net}.pt"
+    # A net's files. `seed` None: the training under the first seed of train.seeds, whose files are the
+    # net's own, as they were before seeds were listed; another seed's are in the net's folder of seeds.
 
-    def model_info(self, net: str) -> Path:
+    def model(self, net: str, seed: int | None = None) -> Path:
+        return Path(self.models) / f"{net}.pt" if seed is None else self.seeds_folder(net) / f"seed{seed}.pt"
+
+    def model_info(self, net: str, seed: int | None = None) -> Path:
         """What trained the weights beside it: the params (Config.training_params), the data hash, the
         kept epoch, the MLflow run and the weights' checksum."""
-        return Path(self.models) / f"{net}.json"
+        return Path(self.models) / f"{net}.json" if seed is None else self.seeds_folder(net) / f"seed{seed}.json"
 
-    def history(self, net: str) -> Path:
-        return Path(self.metrics) / "history" / f"{net}.csv"
+    def history(self, net: str, seed: int | None = None) -> Path:
+        if seed is None:
+            return Path(self.metrics) / "history" / f"{net}.csv"
+        return self.seeds_folder(net) / f"seed{seed}-history.csv"
 
-    def train_metrics(self, net: str) -> Path:
-        return Path(self.metrics) / "train" / f"{net}.json"
+    def train_metrics(self, net: str, seed: int | None = None) -> Path:
+        if seed is None:
+            return Path(self.metrics) / "train" / f"{net}.json"
+        return self.seeds_folder(net) / f"seed{seed}-train.json"
+
+    def seeds_folder(self, net: str) -> Path:
+        """The files of the net's trainings under the seeds after the first: one output of train@<net>
+        (empty with one seed), so that dvc.yaml declares them whatever train.seeds lists."""
+        return Path(self.models) / f"{net}-seeds"
 
 
 @dataclass(frozen=True)
@@ -152,7 +164,7 @@ class TrainConfig:
     keep: str
     batch_size: int
     valid_fraction: float
-    seed: int
+    seeds: tuple[int, ...]
     device: str
     deterministic: bool
     channels_last: bool
@@ -168,7 +180,7 @@ class TrainConfig:
         _require(self.keep in KEEP, "train.keep", f"must be {' or '.join(KEEP)}")
         _require_within(self.batch_size, 1, MAX_BATCH_SIZE, "train.batch_size")
         _require(0 < self.valid_fraction < 1, "train.valid_fraction", "must be strictly between 0 and 1")
-        _require_seed(self.seed, "train.seed")
+        _require_seeds(self.seeds, "train.seeds")
         _require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "train.device", "must be auto, cpu, cuda or cuda:N",
@@ -183,6 +195,14 @@ class TrainConfig:
             0 < momentum.start < 1 and 0 <= momentum.stop < 1,
             "train.schedules.momentum", "start must be in (0, 1) and stop in [0, 1)",
         )
+
+
+    def of_seed(self, seed: int) -> dict:
+        """train.* as one training of the list reads it: its own seed, as `seed`, where the list stands.
+        A training's records (models/<net>.json, its MLflow params, its checkpoint) name the seed that
+        made it, and stay as they are when other seeds join the list."""
+        return {("seed" if name == "seeds" else name): (seed if name == "seeds" else value)
+                for name, value in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -297,10 +317,16 @@ class Config:
         return dataclasses.replace(self.train, **{key: getattr(net, key) for key in TRAIN_OVERRIDES
                                                   if getattr(net, key) is not None})
 
-    def training_params(self, name: str) -> dict:
-        """What train reads that shapes net `name`'s weights, as params.yaml spells it: train.* with the
-        net's own values (train_of) and nets.<name>. models/<net>.json records it; evaluate checks it."""
-        return {"train": dataclasses.asdict(self.train_of(name)), "nets": {name: self.net(name).to_dict()}}
+    def training_params(self, name: str, seed: int) -> dict:
+        """What train reads that shapes net `name`'s weights under `seed`, as params.yaml spells it:
+        train.* with the net's own values (train_of) and the seed (TrainConfig.of_seed), and nets.<name>.
+        models/<net>.json records it; evaluate checks it."""
+        return {"train": self.train_of(name).of_seed(seed), "nets": {name: self.net(name).to_dict()}}
+
+    def files_seed(self, seed: int) -> int | None:
+        """The `seed` argument of PathsConfig's files of a training under `seed`: None for the first
+        seed of train.seeds, whose files are the net's own."""
+        return None if seed == self.train.seeds[0] else seed
 
     def to_dict(self) -> dict:
         """The params as params.yaml spells them: each net with the keys it was given."""
@@ -394,6 +420,14 @@ def _require_seed(seed: int, key: str) -> None:
     _require(0 <= seed <= MAX_SEED, key, f"must be an integer in 0..{MAX_SEED}")
 
 
+def _require_seeds(seeds: tuple[int, ...], key: str) -> None:
+    _require(len(seeds) > 0, key, "must list one seed at least, such as [42]")
+    for index, seed in enumerate(seeds):
+        _require_seed(seed, f"{key}[{index}]")
+        # A seed twice is one training counted twice: the pooled figures would weigh it double.
+        _require(seed not in seeds[:index], key, f"lists {seed} twice: each seed is one training, once")
+
+
 def _require(condition: bool, key: str, rule: str) -> None:
     if not condition:
         raise PipelineError(f"{key} {rule}")
@@ -422,6 +456,10 @@ def _build(kind, value, key: str):
         # An optional key (`int | None = None`): None stands for its absence, so a value given is of the other kind.
         (given_kind,) = [arg for arg in typing.get_args(kind) if arg is not type(None)]
         return _build(given_kind, value, key)
+    if origin is tuple and typing.get_args(kind)[1:] == (Ellipsis,):
+        if not isinstance(value, list):
+            raise PipelineError(f"{where} must be a list, such as [1, 2, 3], got {shown(value)}")
+        return tuple(_build(typing.get_args(kind)[0], item, f"{key}[{index}]") for index, item in enumerate(value))
     if origin is tuple:
         item_kinds = typing.get_args(kind)
         if not isinstance(value, list) or len(value) != len(item_kinds):

@@ -68,6 +68,21 @@ def score(predicted: np.ndarray, true: np.ndarray) -> dict:
     return {"test_rmse_px": rmse_px(predicted, true), "per_keypoint_rmse_px": per_keypoint_rmse_px(predicted, true)}
 
 
+def pooled_score(scores: dict[int, dict]) -> dict:
+    """A net's figures over its trainings, one score per seed: each the mean over the seeds, since a
+    user retraining the net gets one training drawn at random. With several seeds, also each seed's
+    test RMSE and their standard deviation (n - 1), which says how far one training strays."""
+    pooled = {
+        "test_rmse_px": float(np.mean([figures["test_rmse_px"] for figures in scores.values()])),
+        "per_keypoint_rmse_px": {name: float(np.mean([figures["per_keypoint_rmse_px"][name]
+                                                      for figures in scores.values()])) for name in KEYPOINTS},
+    }
+    if len(scores) > 1:
+        pooled["test_rmse_px_sd"] = float(np.std([figures["test_rmse_px"] for figures in scores.values()], ddof=1))
+        pooled["seeds"] = {str(seed): {"test_rmse_px": figures["test_rmse_px"]} for seed, figures in scores.items()}
+    return pooled
+
+
 def best_valid(history: pd.DataFrame) -> tuple[float, int]:
     """The lowest valid loss and the first epoch that reached it."""
     best_row = history["valid_loss"].idxmin()
@@ -97,18 +112,31 @@ def face_squared_errors_px(predicted: np.ndarray, true: np.ndarray) -> np.ndarra
 
 
 def resampled_rmse_px(face_errors: np.ndarray, resamples: int, seed: int) -> np.ndarray:
-    """The test RMSE px of `resamples` bootstrap resamples of the faces (drawn with replacement).
+    """The test RMSE px of `resamples` bootstrap resamples of a model's trainings and the test faces.
 
-    The draws depend only on the seed and the number of faces, so every model evaluated with the
-    same seed is scored on the same resamples: the comparisons are paired, and the noise that the
-    choice of test faces adds to both models cancels out of their difference.
+    `face_errors` is (faces,) for one training, or (trainings, faces): a row per seed of train.seeds.
+    Two levels: each resample draws the faces with replacement, and the trainings with replacement,
+    and is the mean over the drawn trainings of each one's RMSE on the drawn faces; so its spread
+    covers both which faces were tested and how the trainings fell out.
+
+    The draws depend only on the seed and the numbers of faces and trainings, so every model
+    evaluated with the same seed is scored on the same resamples: the comparisons are paired, and
+    the noise that the choice of test faces (and of training seeds, the nets' row i sharing seed i)
+    adds to both models cancels out of their difference. The faces are drawn from `seed`'s stream as
+    with one training alone, and the trainings from a stream of their own: trainings that agree
+    exactly give the interval of one training.
     """
-    rng = np.random.default_rng(seed)
-    n_faces = len(face_errors)
+    errors = np.atleast_2d(face_errors)
+    n_trainings, n_faces = errors.shape
+    face_rng, training_rng = np.random.default_rng(seed), np.random.default_rng([seed, n_trainings])
     # Chunks of draws, so that a large test set needs no (resamples x faces) matrix at once.
     chunk = max(1, BOOTSTRAP_DRAWS_AT_ONCE // n_faces)
-    rmse = [np.sqrt(face_errors[rng.integers(0, n_faces, (min(chunk, resamples - done), n_faces))].mean(axis=1))
-            for done in range(0, resamples, chunk)]
+    rmse = []
+    for done in range(0, resamples, chunk):
+        faces = face_rng.integers(0, n_faces, (min(chunk, resamples - done), n_faces))
+        per_training = np.stack([np.sqrt(row[faces].mean(axis=1)) for row in errors], axis=1)
+        drawn = training_rng.integers(0, n_trainings, (len(faces), n_trainings))
+        rmse.append(np.take_along_axis(per_training, drawn, axis=1).mean(axis=1))
     return np.concatenate(rmse)
 
 
@@ -163,8 +191,8 @@ def summarize(scores: dict[str, dict], baseline: dict, histories: dict[str, pd.D
     Every net is compared with the mean-shape baseline (a net that does not beat it has learnt no
     faces); the first net (net4 in params.yaml) is the reference the others are compared with, as
     the seed compares net5 with net4. Each comparison of test RMSE carries its 95% interval from
-    a paired bootstrap over the test faces (`face_errors` per model, "baseline" included), and
-    whether that interval excludes no difference at all. `progress` hears (comparisons done, of how
+    a paired bootstrap over the test faces and the trainings' seeds (`face_errors` per model,
+    "baseline" included: resampled_rmse_px), and whether that interval excludes no difference at all. `progress` hears (comparisons done, of how
     many) after each.
     """
     training, target_loss = training_comparison(histories)
@@ -172,7 +200,9 @@ def summarize(scores: dict[str, dict], baseline: dict, histories: dict[str, pd.D
     comparison = {
         "target_valid_loss": target_loss,
         "target_valid_rmse_px": float(loss_to_rmse_px(target_loss)),
-        "test_faces": len(next(iter(face_errors.values()))),
+        "test_faces": int(np.atleast_2d(next(iter(face_errors.values()))).shape[1]),
+        # The trainings of each net the figures pool (train.seeds), as many for every net.
+        "seeds": int(max(len(np.atleast_2d(errors)) for errors in face_errors.values())),
         "bootstrap_resamples": resamples,
     }
     compared = comparisons(list(scores))

@@ -26,7 +26,8 @@ def summary_rows(results: dict, nets: list[str]) -> list[tuple[str, ...]]:
     rows = [
         (
             net,
-            f"{results[net]['test_rmse_px']:.3f}",
+            f"{results[net]['test_rmse_px']:.3f}"
+            + (f" ± {results[net]['test_rmse_px_sd']:.3f} sd" if "test_rmse_px_sd" in results[net] else ""),
             f"{results[net]['best_valid_rmse_px']:.3f}",
             f"{results[net]['best_valid_loss']:.6f}",
             str(results[net]["best_epoch"]),
@@ -69,12 +70,19 @@ def comparison_lines(results: dict, nets: list[str]) -> list[str]:
         f"{_percent(comparison[f'{net}_vs_{reference}']['best_valid_loss_improvement_percent'])}."
         for net in others
     ]
-    return lines + [
-        f"Intervals: 95%, of {comparison['bootstrap_resamples']} paired bootstrap resamples of the "
-        f"{counted(comparison['test_faces'], 'test face')} (both models scored on the same resampled faces); a difference is "
-        "significant where its interval excludes 0. They cover the choice of test faces, not the training's "
-        "own randomness (its seed): see docs/evaluation.md for combining several seeds.",
-    ]
+    if comparison["seeds"] > 1:
+        pooled = (f"Each net's figure is its mean over {comparison['seeds']} trainings (train.seeds), the table's "
+                  "curves and epochs its first seed's. Intervals: 95%, of "
+                  f"{comparison['bootstrap_resamples']} paired two-level bootstrap resamples: the seeds drawn with "
+                  f"replacement and the {counted(comparison['test_faces'], 'test face')} drawn with replacement, "
+                  "the same draws for both models; they cover both the choice of test faces and the training's "
+                  "own randomness")
+    else:
+        pooled = (f"Intervals: 95%, of {comparison['bootstrap_resamples']} paired bootstrap resamples of the "
+                  f"{counted(comparison['test_faces'], 'test face')} (both models scored on the same resampled "
+                  "faces). They cover the choice of test faces, not the training's own randomness (its seed): "
+                  "list several in train.seeds to cover it too (docs/evaluation.md)")
+    return lines + [f"{pooled}. A difference is significant where its interval excludes 0."]
 
 
 def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
@@ -158,8 +166,14 @@ def _against_reference(results: dict, reference: str, others: list[str]) -> str:
             outcome = "beats it" if improvement > 0 else "trails"
         # A change of RMSE: the improvement negated, its interval's bounds negated and swapped.
         change, low, high = _signed_percents(-improvement, -interval[1], -interval[0])
-        clauses.append(f"{net} {outcome} ({change}%, {'95% interval ' if not clauses else ''}{low} to {high})")
+        support = "" if clauses else f", {_support(results['comparison'])}"
+        clauses.append(f"{net} {outcome} ({change}%, {'95% interval ' if not clauses else ''}{low} to {high}{support})")
     return f"against {reference} in test RMSE, {' and '.join(clauses)}" if clauses else ""
+
+
+def _support(comparison: dict) -> str:
+    """What the comparisons rest on: "3 seeds x 252 test faces"."""
+    return f"{counted(comparison['seeds'], 'seed')} x {counted(comparison['test_faces'], 'test face')}"
 
 
 def _baseline_verdict(results: dict, nets: list[str]) -> str:

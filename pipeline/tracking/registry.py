@@ -46,6 +46,11 @@ MODELS_URI = "models:/"
 NET_TAG = "net"
 DATA_TAG = "data_hash"
 RMSE_TAG = "test_rmse_px"
+SEED_TAG = "seed"
+# Set by promote on each version of the workspace's trainings: the mean test RMSE of its net over the
+# seeds of train.seeds, which the champion is chosen by, and how many seeds that mean is of.
+NET_MEAN_TAG = "net_mean_test_rmse_px"
+NET_SEEDS_TAG = "net_seeds"
 EXPERIMENT_TAG = "dvc_experiment"
 # The registered model's tag naming the project whose aliases it holds, as host:root.
 OWNER_TAG = "project"
@@ -108,16 +113,26 @@ def register(model_name: str, trained: Trained, test_rmse_px: float) -> ModelVer
         return client.get_model_version(model_name, version.version)
 
 
-def promote(model_name: str, versions: dict[str, ModelVersion]) -> ModelVersion:
-    """Each net's alias on its version and the champion alias on the version of the lowest test RMSE
-    (the first net on a tie): the workspace's nets, tested on the same faces. An alias of a net the
-    workspace no longer has is removed, so that every alias names a model of the workspace."""
-    champion = min(versions.values(), key=lambda version: float(version.tags[RMSE_TAG]))
+def promote(model_name: str, versions: dict[str, list[ModelVersion]]) -> ModelVersion:
+    """The workspace's nets, tested on the same faces, each with a version per seed of train.seeds (the
+    first seed's first): each net's alias on its first seed's version, the net's own files
+    (models/<net>.pt), and the champion alias on the net with the lowest mean test RMSE over its seeds
+    (the first net on a tie), on its version of the lowest test RMSE. Every version is tagged with its
+    net's mean and number of seeds, so the champion's tags say why. An alias of a net the workspace no
+    longer has is removed, so that every alias names a model of the workspace."""
+    means = {net: sum(float(version.tags[RMSE_TAG]) for version in trainings) / len(trainings)
+             for net, trainings in versions.items()}
+    best_net = min(means, key=means.get)
+    champion = min(versions[best_net], key=lambda version: float(version.tags[RMSE_TAG]))
     client = mlflow.MlflowClient()
     with store_calls(f"the aliases of {model_name} were not moved"):
         claim(client, model_name)
-        for net, version in versions.items():
-            client.set_registered_model_alias(model_name, net, version.version)
+        for net, trainings in versions.items():
+            for version in trainings:
+                for key, value in ((NET_MEAN_TAG, repr(means[net])), (NET_SEEDS_TAG, str(len(trainings)))):
+                    if version.tags.get(key) != value:
+                        client.set_model_version_tag(model_name, version.version, key, value)
+            client.set_registered_model_alias(model_name, net, trainings[0].version)
         client.set_registered_model_alias(model_name, CHAMPION, champion.version)
         for alias, number in client.get_registered_model(model_name).aliases.items():
             if alias not in versions and alias != CHAMPION and _net_of(client, model_name, number) == alias:
@@ -188,6 +203,8 @@ def _new_version(client: mlflow.MlflowClient, model_name: str, run: mlflow.entit
     if not logged:
         raise TrackingError(f"run {run_id} has no model to register as {model_name}")
     tags = {key: run.data.tags[key] for key in (NET_TAG, WEIGHTS_TAG, DATA_TAG)}
+    if SEED_TAG in run.data.params:  # a run of a training before seeds were listed has none
+        tags[SEED_TAG] = run.data.params[SEED_TAG]
     return client.create_model_version(model_name, logged[0].model_uri, run_id=run_id, tags=tags,
                                        model_id=logged[0].model_id)
 
@@ -218,7 +235,8 @@ class Loaded:
             return run
         tags = self.version.tags
         tested = f", test RMSE {float(tags[RMSE_TAG]):.2f} px" if RMSE_TAG in tags else ""
-        return (f"version {self.version.version} of {self.version.name}: {tags.get(NET_TAG)}, "
+        seed = f" seed {tags[SEED_TAG]}" if SEED_TAG in tags else ""
+        return (f"version {self.version.version} of {self.version.name}: {tags.get(NET_TAG)}{seed}, "
                 f"data {tags.get(DATA_TAG)}{tested}, {run}")
 
 
@@ -301,13 +319,14 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def warn_if_not_workspace(uri: str, loaded: Loaded, workspace_weights: dict[str, str]) -> None:
-    """One line when an alias names a version of a net whose weights are not the workspace's model of
-    that net (`workspace_weights`: by net, models/<net>.json's checksum), as after `dvc exp apply`."""
+def warn_if_not_workspace(uri: str, loaded: Loaded, workspace_weights: dict[str, set[str]]) -> None:
+    """One line when an alias names a version of a net whose weights are none of the workspace's
+    trainings of that net (`workspace_weights`: by net, the checksums its models' .json files record),
+    as after `dvc exp apply`."""
     if loaded.version is None or "@" not in uri:
         return
     net, weights = loaded.version.tags.get(NET_TAG), loaded.version.tags.get(WEIGHTS_TAG)
-    if net in workspace_weights and workspace_weights[net] != weights:
+    if net in workspace_weights and weights not in workspace_weights[net]:
         print(f"warning: {uri} is version {loaded.version.version}, whose weights are not this workspace's model of "
               f"{net}: run `python -m pipeline.promote` to point the aliases at the workspace's models",
               file=sys.stderr)

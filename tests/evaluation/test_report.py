@@ -22,7 +22,7 @@ def results():
         "net5": net(1.5, 0.0016, 38, 30),
         "baseline": {"test_rmse_px": 4.0, "per_keypoint_rmse_px": {name: 4.0 for name in KEYPOINTS}},
         "comparison": {
-            "target_valid_loss": 0.0025, "target_valid_rmse_px": 2.4, "test_faces": 13, "bootstrap_resamples": 2000,
+            "target_valid_loss": 0.0025, "target_valid_rmse_px": 2.4, "test_faces": 13, "seeds": 1, "bootstrap_resamples": 2000,
             "net4_vs_baseline": compared(50.0, [41.2, 58.0]),
             "net5_vs_baseline": compared(62.5, [55.0, 69.9]),
             "net5_vs_net4": {**compared(25.0, [-3.1, 44.4]), "best_valid_loss_improvement_percent": -36.0},
