@@ -1,4 +1,6 @@
+import dataclasses
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,16 +78,53 @@ def test_bad_checkpoint_interval_is_named(tmp_path, value, fragment):
     expect_error(tmp_path, lambda p: p["checkpoint"].update(interval_seconds=value), fragment)
 
 
-@pytest.mark.parametrize("section", ["synthetic", "prepare", "train"])
+@pytest.mark.parametrize("section, key, value", [
+    ("synthetic", "seed", lambda seed: seed), ("prepare", "seed", lambda seed: seed),
+    ("train", "seeds", lambda seed: [1, seed]),
+])
 @pytest.mark.parametrize("seed", [-1, 10**29, 2**32])
-def test_seeds_outside_every_generators_range_are_named(tmp_path, section, seed):
-    expect_error(tmp_path, lambda p: p[section].update(seed=seed), f"{section}.seed must be an integer in 0..4294967295")
+def test_seeds_outside_every_generators_range_are_named(tmp_path, section, key, value, seed):
+    named = f"{section}.{key}" + ("[1]" if key == "seeds" else "")
+    expect_error(tmp_path, lambda p: p[section].update({key: value(seed)}), f"{named} must be an integer in 0..4294967295")
 
 
 def test_the_largest_seed_trains_its_flips_too(tmp_path):
-    config = load_config(write_params(tmp_path, lambda p: p["train"].update(seed=2**32 - 1)))
-    torch.Generator().manual_seed(config.train.seed + 1)
-    np.random.default_rng(config.train.seed)
+    config = load_config(write_params(tmp_path, lambda p: p["train"].update(seeds=[2**32 - 1])))
+    torch.Generator().manual_seed(config.train.seeds[0] + 1)
+    np.random.default_rng(config.train.seeds[0])
+
+
+@pytest.mark.parametrize("seeds, message", [
+    ([], "train.seeds must list one seed at least, such as [42]"),
+    ([1, 2, 1], "train.seeds lists 1 twice: each seed is one training, once"),
+    ([1, 2.5], "train.seeds[1] must be an integer, got 2.5"),
+    ([1, True], "train.seeds[1] must be an integer, got True"),
+    ([1, "2"], "train.seeds[1] must be an integer, got '2'"),
+    (7, "train.seeds must be a list, such as [1, 2, 3], got 7"),
+    ({"a": 1}, "train.seeds must be a list, such as [1, 2, 3], got {'a': 1}"),
+])
+def test_a_seed_list_that_is_empty_repeats_or_holds_no_integer_is_refused_in_one_line(tmp_path, seeds, message):
+    path = write_params(tmp_path, lambda p: p["train"].update(seeds=seeds))
+    with pytest.raises(PipelineError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: {message}"
+
+
+def test_the_old_single_seed_key_is_refused_with_its_successor_named(tmp_path):
+    path = write_params(tmp_path, lambda p: p["train"].update(seed=42))
+    with pytest.raises(PipelineError, match=r"unknown key train.seed \(did you mean train.seeds\?\)"):
+        load_config(path)
+
+
+def test_each_training_records_its_own_seed_where_the_list_stands(tmp_path):
+    config = load_config(write_params(tmp_path, lambda p: p["train"].update(seeds=[3, 1, 2])))
+    train = config.training_params("net4", 1)["train"]
+    assert list(train) == [("seed" if name == "seeds" else name) for name in dataclasses.asdict(config.train)]
+    assert train["seed"] == 1
+    assert [config.files_seed(seed) for seed in (3, 1, 2)] == [None, 1, 2]
+    assert config.paths.model("net4") == Path("models/net4.pt")
+    assert config.paths.model("net4", 2) == Path("models/net4-seeds/seed2.pt")
+    assert config.paths.history("net4", 2).parent == config.paths.seeds_folder("net4")
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
@@ -114,7 +153,7 @@ def test_broken_yaml_is_one_line(tmp_path):
 
 def test_an_integer_of_thousands_of_digits_is_one_line(tmp_path):
     """Python refuses to convert it, inside the parser: a ValueError traceback before."""
-    path = write_params(tmp_path, lambda params: params["train"].update(seed=123454321))
+    path = write_params(tmp_path, lambda params: params["prepare"].update(seed=123454321))
     path.write_text(path.read_text().replace("123454321", "9" * 5000))
     with pytest.raises(PipelineError) as caught:
         load_config(path)
@@ -131,7 +170,7 @@ def test_the_yaml_error_says_the_problem_and_its_line_in_one_line(tmp_path):
 
 
 # Scalars that YAML 1.1 (PyYAML) and YAML 1.2 (DVC's ruamel.yaml) read differently.
-DIALECT_SCALARS = {"train.seed": "010", "train.max_epochs": "0o3", "data.csv": "1:30", "train.deterministic": "on"}
+DIALECT_SCALARS = {"prepare.seed": "010", "train.max_epochs": "0o3", "data.csv": "1:30", "train.deterministic": "on"}
 
 
 def params_with_scalars(scalars: dict[str, str]) -> str:
@@ -155,11 +194,11 @@ def test_params_are_read_as_dvc_reads_them_whatever_yaml_11_says(tmp_path):
     scalars = {key: value for key, value in DIALECT_SCALARS.items() if key != "train.deterministic"}
     text = params_with_scalars(scalars)
     path.write_text(text)
-    assert yaml.safe_load(text)["train"]["seed"] == 8 and True in yaml.safe_load(text)["nets"]  # YAML 1.1's reading
+    assert yaml.safe_load(text)["prepare"]["seed"] == 8 and True in yaml.safe_load(text)["nets"]  # YAML 1.1's reading
     dvc, config = flatten(parse_yaml(text, str(path))), load_config(path)
     loaded = flatten(config.to_dict())
     assert {key: loaded[key] for key in scalars} == {key: dvc[key] for key in scalars} == {
-        "train.seed": 10, "train.max_epochs": 3, "data.csv": "1:30"}
+        "prepare.seed": 10, "train.max_epochs": 3, "data.csv": "1:30"}
     assert "on" in config.nets and dvc["nets.on.flip"] is True
 
 
@@ -277,7 +316,7 @@ def test_sizes_that_can_only_be_mistakes_are_refused(tmp_path, section, key, val
     lambda p: p["train"].update(device="x" * 100_000),
     lambda p: p["train"].update(batch_size=[list(range(1000))] * 1000),
     lambda p: p["train"].update(keep={"k" * 10_000: "v" * 10_000}),
-    lambda p: p["train"].update(seed=10**1000),
+    lambda p: p["train"].update(seeds=[10**1000]),
     lambda p: p["nets"].update({"n" * 10_000: {"flip": "yes"}}),
     lambda p: p["nets"]["net4"].update({"x" * 10_000: 1}),
 ])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pipeline.base.model import KeypointNet
 from pipeline.evaluation.metrics import (NEGLIGIBLE_RMSE_PX, best_valid, face_squared_errors_px,
                                          first_epoch_reaching, improvement_interval, improvement_percent, mean_shape,
-                                         per_keypoint_rmse_px, predict, resampled_rmse_px, rmse_curves, rmse_px,
+                                         per_keypoint_rmse_px, pooled_score, predict, resampled_rmse_px, rmse_curves, rmse_px,
                                          score, summarize, training_comparison)
 from pipeline.faces.data import loss_to_rmse_px
 from pipeline.faces.kaggle import KEYPOINTS
@@ -174,6 +174,53 @@ def test_the_resamples_do_not_depend_on_how_many_are_drawn_at_once(monkeypatch):
     monkeypatch.setattr("pipeline.evaluation.metrics.BOOTSTRAP_DRAWS_AT_ONCE", 97 * 7)  # chunks of 7 resamples
     assert np.array_equal(resampled_rmse_px(errors, 1000, 3), whole)
     assert len(whole) == 1000 and whole.mean() == pytest.approx(2.0, rel=0.05)
+
+
+def test_trainings_that_agree_exactly_give_the_one_level_interval():
+    reference = face_errors(3.0, n_faces=80)
+    model = reference * np.random.default_rng(2).uniform(0.7, 1.2, len(reference))
+    one_level = improvement_interval(reference, model, 2000, 0)
+    # Three seeds whose trainings erred alike on every face: drawing seeds adds nothing.
+    assert improvement_interval(np.stack([reference] * 3), np.stack([model] * 3), 2000, 0) == one_level
+    # (to the last bits of a mean of three equal numbers)
+    assert np.allclose(resampled_rmse_px(np.stack([model] * 3), 2000, 0), resampled_rmse_px(model, 2000, 0),
+                       rtol=1e-14, atol=0)
+    # One seed: the bootstrap of one training, draw for draw.
+    assert np.array_equal(resampled_rmse_px(model[None], 2000, 0), resampled_rmse_px(model, 2000, 0))
+
+
+def test_trainings_that_disagree_widen_the_interval():
+    reference = face_errors(3.0, n_faces=80)
+    model = 0.9**2 * reference
+    one_level = improvement_interval(reference, model, 2000, 0)
+    # The seeds' trainings of the model fell out 0.85x, 0.9x and 0.95x of the reference's error on
+    # every face (the reference's the same each time): the same mean gain, a seed-to-seed spread.
+    spread = np.stack([factor**2 * reference for factor in (0.85, 0.9, 0.95)])
+    two_level = improvement_interval(np.stack([reference] * 3), spread, 2000, 0)
+    assert one_level[1] - one_level[0] < 0.1  # a consistent 10% on every face: the faces add no doubt
+    assert two_level[0] < one_level[0] - 2 and two_level[1] > one_level[1] + 2
+    assert two_level[0] == pytest.approx(5.0, abs=0.1) and two_level[1] == pytest.approx(15.0, abs=0.1)
+
+
+def test_the_resampled_seeds_are_paired_between_models():
+    """Row i of every net is seed i: the same seed draws for both, so a seed that is hard for both
+    cancels out of their difference."""
+    reference = face_errors(3.0, n_faces=50)
+    hard_seeds = np.array([1.0, 1.5, 2.0])[:, None]
+    net4, net5 = hard_seeds * reference, 0.95**2 * hard_seeds * reference
+    low, high = improvement_interval(net4, net5, 2000, 0)
+    assert low == pytest.approx(5.0, abs=0.01) and high == pytest.approx(5.0, abs=0.01)
+
+
+def test_a_nets_figures_pool_its_seeds():
+    per_keypoint = {name: 1.0 for name in KEYPOINTS}
+    one = {"test_rmse_px": 2.0, "per_keypoint_rmse_px": per_keypoint}
+    assert pooled_score({42: one}) == one  # one seed: its figures, nothing more
+    two = {"test_rmse_px": 3.0, "per_keypoint_rmse_px": {name: 2.0 for name in KEYPOINTS}}
+    pooled = pooled_score({1: one, 2: two})
+    assert pooled["test_rmse_px"] == 2.5 and set(pooled["per_keypoint_rmse_px"].values()) == {1.5}
+    assert pooled["test_rmse_px_sd"] == pytest.approx(math.sqrt(0.5))
+    assert pooled["seeds"] == {"1": {"test_rmse_px": 2.0}, "2": {"test_rmse_px": 3.0}}
 
 
 def test_a_reference_that_errs_by_nothing_gives_no_percentages():
