@@ -237,7 +237,7 @@ def write_faces(path: Path, config: Config, n_faces: int) -> tuple[int, int]:
     images, keypoints = render_faces(n_faces, config.synthetic.seed, config.synthetic.missing_fraction)
     complete = ~np.isnan(keypoints).any(axis=1)
     faces = FaceSet(images_of(images[complete][:, None]), scale_keypoints(keypoints[complete]))
-    training, validation = split(faces, config.train.valid_fraction, seed=config.train.seed,
+    training, validation = split(faces, config.train.valid_fraction, seed=config.train.seeds[0],
                                  key="train.valid_fraction")
     np.savez(path, train_X=training.X, train_y=training.y, valid_X=validation.X, valid_y=validation.y)
     return len(training), len(validation)

@@ -237,7 +237,8 @@ def point_aliases(model_name: str, versions: dict[str, list[ModelVersion | None]
         print(f"evaluate: experiment {experiment}'s versions are tagged {EXPERIMENT_TAG}={experiment}; the aliases "
               "stay on the workspace's (`dvc exp apply` and `python -m pipeline.promote` move them here)")
         return
-    unregistered = [net for net, trainings in versions.items() if None in trainings]
+    # (`is None`: a ModelVersion's == compares it as a dict)
+    unregistered = [net for net, trainings in versions.items() if any(version is None for version in trainings)]
     if all(version is None for trainings in versions.values() for version in trainings):
         return
     try:

@@ -184,18 +184,20 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def keep_only_listed_seeds(config: Config, net_name: str) -> None:
-    """The net's folder of seeds (an output of train@<net>, so there even when empty) with the files of
-    the seeds train.seeds lists after the first, and no others: those of a longer list, trained earlier,
-    would be evaluated with the seeds of today's."""
-    folder = config.paths.seeds_folder(net_name)
+    """The net's folder of seeds (an output of train@<net>) with the files of the seeds train.seeds lists
+    after the first and no others (those of a longer list, trained earlier, would be evaluated with
+    today's), and its index of them: a folder never empty, which DVC would warn of at every run."""
+    paths, seeds = config.paths, config.train.seeds[1:]
+    folder = paths.seeds_folder(net_name)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = config.paths
-    listed = {path.name for seed in config.train.seeds[1:]
+    listed = {path.name for seed in seeds
               for path in (paths.model(net_name, seed), paths.model_info(net_name, seed),
                            paths.history(net_name, seed), paths.train_metrics(net_name, seed))}
+    index = paths.seeds_index(net_name)
     for path in folder.iterdir():
-        if path.name not in listed and path.is_file():
+        if path.name not in listed and path != index and path.is_file():
             path.unlink()
+    write_json(index, {"net": net_name, "first_seed": config.train.seeds[0], "seeds_here": list(seeds)})
 
 
 def set_up_process(config: Config, ranks: Ranks = Ranks()) -> torch.device:

@@ -119,6 +119,10 @@ class PathsConfig:
         (empty with one seed), so that dvc.yaml declares them whatever train.seeds lists."""
         return Path(self.models) / f"{net}-seeds"
 
+    def seeds_index(self, net: str) -> Path:
+        """The seeds whose trainings the net's folder of seeds holds, and the first, whose files are the net's own."""
+        return self.seeds_folder(net) / "seeds.json"
+
 
 @dataclass(frozen=True)
 class DataConfig:

@@ -17,7 +17,7 @@ from pipeline.tracking.trained_by import WEIGHTS_TAG, run_of_weights
 
 
 def test_overrides_become_dvc_settings_and_unknown_keys_a_guess():
-    keys = ["train.max_epochs", "train.seed"]
+    keys = ["train.max_epochs", "train.seeds"]
     assert overrides_from(["--train.max_epochs", "3"], keys) == ["train.max_epochs=3"]
     assert dvc_command("train", ["train.max_epochs=3"]) == ["dvc", "exp", "run", "-S", "train.max_epochs=3", "train"]
     assert dvc_command("main", []) == ["dvc", "repro"]

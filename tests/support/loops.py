@@ -41,7 +41,7 @@ def make_trainer(max_epochs, callbacks=(), flip=False, lr=0.01, momentum=0.9, ke
     (start, stop)) anneals them, train.keep and train.patience as given; `callbacks` come after the
     stage's own."""
     net, declared = ("net6", NetConfig(flip=flip, dropout=dropout)) if dropout else ("net5" if flip else "net4", None)
-    trainer, _ = stage_trainer(net, "cpu", declared, max_epochs=max_epochs, batch_size=16, seed=0,
+    trainer, _ = stage_trainer(net, "cpu", declared, max_epochs=max_epochs, batch_size=16, seeds=(0,),
                                keep=keep, patience=patience,
                                schedules={"lr": Schedule(lr, lr), "momentum": Schedule(momentum, momentum)})
     # Past params.yaml's checks: the tests anneal to values no user would (a negative learning rate).

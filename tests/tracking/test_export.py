@@ -86,7 +86,7 @@ def test_the_train_stage_gives_its_model_its_first_training_face_as_the_example(
     config = load_config()
     summary = read_summary(config.paths.prepared_summary)
     training, _ = split(load_faces(config.paths.train_faces, summary), config.train.valid_fraction,
-                        seed=config.train.seed, key="train.valid_fraction")
+                        seed=config.train.seeds[0], key="train.valid_fraction")
     [model] = mlflow.search_logged_models(filter_string=f"source_run_id = '{trained_run_of(reproduced, 'net4')}'",
                                           output_format="list")
     local = mlflow.artifacts.download_artifacts(model.model_uri, dst_path=str(tmp_path))

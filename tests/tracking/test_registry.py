@@ -120,10 +120,10 @@ def test_registering_moves_no_alias_promoting_does_and_a_version_deleted_by_hand
     client = mlflow.MlflowClient()
     one, two = register(REGISTERED_MODEL, first_net4, 5.0), register(REGISTERED_MODEL, net5, 4.0)
     assert aliases(client) == {}
-    assert promote(REGISTERED_MODEL, {"net4": one, "net5": two}).version == two.version == 2
+    assert promote(REGISTERED_MODEL, {"net4": [one], "net5": [two]}).version == two.version == 2
     three = register(REGISTERED_MODEL, second_net4, 3.0)
     assert three.version == 3 and aliases(client) == {"net4": 1, "net5": 2, "champion": 2}
-    assert promote(REGISTERED_MODEL, {"net4": three, "net5": two}).version == 3
+    assert promote(REGISTERED_MODEL, {"net4": [three], "net5": [two]}).version == 3
     # `dvc checkout` of the first net4, evaluated again (by other code: another figure): the same version.
     again = register(REGISTERED_MODEL, first_net4, 5.5)
     assert again.version == 1 and again.tags["test_rmse_px"] == "5.5"
@@ -132,11 +132,27 @@ def test_registering_moves_no_alias_promoting_does_and_a_version_deleted_by_hand
     client.delete_model_version(REGISTERED_MODEL, "2")
     four = register(REGISTERED_MODEL, net5, 4.0)
     assert four.version == 4
-    promote(REGISTERED_MODEL, {"net4": again, "net5": four})
+    promote(REGISTERED_MODEL, {"net4": [again], "net5": [four]})
     assert aliases(client) == {"net4": 1, "net5": 4, "champion": 4}
     # A net the workspace no longer has loses its alias; the champion stays on the workspace's best.
-    promote(REGISTERED_MODEL, {"net4": again})
+    promote(REGISTERED_MODEL, {"net4": [again]})
     assert aliases(client) == {"net4": 1, "champion": 1}
+
+
+def test_the_champion_is_the_net_of_the_lowest_mean_on_its_best_seed_and_its_tags_say_so():
+    client = mlflow.MlflowClient()
+    # net4's seeds: 3.0 and 5.0 (mean 4.0, the best single training of all); net5's: 3.5 and 3.7 (mean 3.6).
+    net4 = [register(REGISTERED_MODEL, logged_run("net4", seed), rmse) for seed, rmse in ((1, 3.0), (2, 5.0))]
+    net5 = [register(REGISTERED_MODEL, logged_run("net5", seed), rmse) for seed, rmse in ((3, 3.7), (4, 3.5))]
+    champion = promote(REGISTERED_MODEL, {"net4": net4, "net5": net5})
+    assert champion.version == net5[1].version
+    # Each net's alias: its first seed's version, the net's own files.
+    assert aliases(client) == {"net4": int(net4[0].version), "net5": int(net5[0].version),
+                               "champion": int(net5[1].version)}
+    tags = client.get_model_version(REGISTERED_MODEL, champion.version).tags
+    assert (tags["net"], tags["test_rmse_px"], float(tags["net_mean_test_rmse_px"]), tags["net_seeds"]) == (
+        "net5", "3.5", pytest.approx(3.6), "2")
+    assert float(client.get_model_version(REGISTERED_MODEL, net4[0].version).tags["net_mean_test_rmse_px"]) == 4.0
 
 
 def serve(project, port):
