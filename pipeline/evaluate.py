@@ -130,7 +130,8 @@ def mlflow_metrics(results: dict, net: str, seed: int) -> dict[str, float]:
 
 
 def dvc_metrics(results: dict, nets: list[str]) -> dict:
-    """evaluate.json: each net's and the baseline's test RMSE, and each comparison's 95% interval
+    """evaluate.json: each net's and the baseline's test RMSE (a net's mean over train.seeds, with
+    several seeds also their standard deviation and each seed's), and each comparison's 95% interval
     (`ci95`, a list [low, high], which `dvc metrics show` leaves out of its table), with the nets'
     improvement over the first net, no more, so that the table fits a terminal: a column for each
     net's improvement over the baseline would widen it past 200 characters (it follows from the two

@@ -77,10 +77,12 @@ def test_the_metrics_files_hold_the_headline_figures_and_the_keypoints_have_thei
     headline = (project / "reports" / "comparison.md").read_text().splitlines()[0]
     # As a signed change of RMSE: the improvement and its interval negated.
     stated = re.search(r"net5 (beats it|trails|is not significantly different) \(([-+][\d.]+)%, 95% interval "
-                       r"([-+][\d.]+) to ([-+][\d.]+)\)", headline)
+                       r"([-+][\d.]+) to ([-+][\d.]+), 1 seed x (\d+) test faces\)", headline)
     low, high = results["net5_vs_net4"]["ci95"]
     expected = (-results["net5_vs_net4"]["improvement_percent"], -high, -low)
-    assert [float(figure) for figure in stated.groups()[1:]] == pytest.approx(expected, abs=0.05)
+    assert [float(figure) for figure in stated.groups()[1:4]] == pytest.approx(expected, abs=0.05)
+    assert int(stated.group(5)) == len(load_faces(project / "data/prepared/test.npz",
+                                                  read_summary(project / "data/prepared/summary.json")))
     assert (stated.group(1) == "is not significantly different") == (low <= 0 <= high)
     keypoints = pd.read_csv(project / "metrics" / "keypoint_errors.csv", index_col="keypoint")
     assert list(keypoints.index) == list(KEYPOINTS) and list(keypoints.columns) == ["net4", "net5", "baseline"]
@@ -189,7 +191,7 @@ def test_weights_trained_elsewhere_are_evaluated_with_a_warning_and_no_run(copy_
     shutil.rmtree(copy_of / "training-runs")
     evaluate.main()
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
-    assert warnings[:2] == [f"warning: {net}: no training in this project noted the MLflow run of these weights (they "
+    assert warnings[:2] == [f"warning: models/{net}.pt: no training in this project noted the MLflow run of these weights (they "
                             "were trained elsewhere): its test figures are not logged to MLflow" for net in ("net4", "net5")]
     assert (copy_of / "metrics/evaluate.json").is_file()
 

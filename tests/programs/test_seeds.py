@@ -49,7 +49,8 @@ def test_three_seeds_train_each_net_three_times_and_one_seed_gives_todays_output
         assert figures[net]["test_rmse_px"] == pytest.approx(sum(per_seed) / 3)
         assert len(set(per_seed)) == 3 and figures[net]["test_rmse_px_sd"] > 0
     report = (project / "reports/comparison.md").read_text()
-    assert "3 seeds x 18 test faces)" in report.splitlines()[0]
+    n_test = json.loads((project / "data/prepared/summary.json").read_text())["n_test"]
+    assert f"3 seeds x {n_test} test faces)" in report.splitlines()[0]
     assert "paired two-level bootstrap" in report
 
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
