@@ -72,6 +72,15 @@ class PathsConfig:
         return Path(self.prepared) / "test.npz"
 
     @property
+    def train_incomplete_faces(self) -> Path:
+        """The training portion of the faces lacking some keypoints (NaN), split apart from the complete ones."""
+        return Path(self.prepared) / "train_incomplete.npz"
+
+    @property
+    def test_incomplete_faces(self) -> Path:
+        return Path(self.prepared) / "test_incomplete.npz"
+
+    @property
     def prepared_summary(self) -> Path:
         return Path(self.prepared) / "summary.json"
 
