@@ -36,9 +36,13 @@ def test_prepare_builds_the_synthetic_set_offline(project):
     assert len(lines) == 1 + 120
     summary = json.loads((project / "data/prepared/summary.json").read_text())
     assert summary["source"] == "data/synthetic/training.csv" and summary["n_rows"] == 120
-    assert summary["n_train"] + summary["n_test"] + summary["n_dropped_incomplete"] == 120
-    assert len(summary["data_hash"]) == 16
-    assert (project / "data/prepared/train.npz").is_file() and (project / "data/prepared/test.npz").is_file()
+    # Every row once: in a portion, complete or not, or dropped (without a keypoint, or a repeated image).
+    assert sum(summary[key] for key in ("n_train", "n_test", "n_train_incomplete", "n_test_incomplete",
+                                        "n_dropped_unlabelled", "n_dropped_repeated")) == 120
+    assert summary["n_train_incomplete"] + summary["n_test_incomplete"] == 36  # synthetic.missing_fraction: 0.3
+    assert len(summary["data_hash"]) == 16 and len(summary["incomplete_hash"]) == 16
+    assert sorted(summary["sha256"]) == ["test.npz", "test_incomplete.npz", "train.npz", "train_incomplete.npz"]
+    assert all((project / "data/prepared" / name).is_file() for name in summary["sha256"])
     assert (project / "plots/samples.png").stat().st_size > 10_000
 
 
@@ -48,8 +52,9 @@ def test_prepare_reads_a_users_kaggle_csv(project):
     result = run(project, "dvc", "repro", "prepare")
     summary = json.loads((project / "data/prepared/summary.json").read_text())
     assert summary["source"] == "data/raw/training.csv"
-    assert summary["n_rows"] == 60 and summary["n_dropped_incomplete"] == 10
-    assert "10 dropped for missing keypoints" in result.stdout
+    assert summary["n_rows"] == 60 and summary["n_dropped_unlabelled"] == 0
+    assert (summary["n_train_incomplete"], summary["n_test_incomplete"]) == (8, 2)  # rows lacking 8 keypoints, kept
+    assert "0 dropped for lacking every keypoint" in result.stdout and "and 8 + 2 lacking some keypoints" in result.stdout
 
 
 def test_changing_the_users_csv_reruns_prepare(project):
