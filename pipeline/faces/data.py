@@ -191,7 +191,8 @@ def first_copies(path: Path) -> FirstCopies:
 
     The images go into one array of as many rows as the file has lines, the complete from its start
     and the incomplete from its end: the system commits its memory page by page as rows are written,
-    so the rows a file lacks (unlabelled, repeated) cost none, and no image is held twice.
+    so the rows a file lacks (unlabelled, repeated) cost none, and no image is held twice. (An incomplete row
+    whose image a later complete row has is known as a copy only then: its image is kept till the end.)
     """
     require_file(path)  # before counting its lines: a named pipe would be read away
     capacity = count_lines(path)
