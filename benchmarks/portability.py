@@ -233,8 +233,10 @@ def time_interleaved(settings: tuple[Setting, ...], faces: Path, rounds: int) ->
 
 
 def write_faces(path: Path, config: Config, n_faces: int) -> tuple[int, int]:
-    """Synthetic faces as the prepare stage makes them (complete rows only), split as the train stage splits."""
-    images, keypoints = render_faces(n_faces, config.synthetic.seed, config.synthetic.missing_fraction)
+    """Synthetic faces as the prepare stage gives them to training (complete rows only), split as the train stage
+    splits."""
+    settings = config.synthetic
+    images, keypoints = render_faces(n_faces, settings.seed, settings.missing_fraction, settings.missing_pattern)
     complete = ~np.isnan(keypoints).any(axis=1)
     faces = FaceSet(images_of(images[complete][:, None]), scale_keypoints(keypoints[complete]))
     training, validation = split(faces, config.train.valid_fraction, seed=config.train.seeds[0],

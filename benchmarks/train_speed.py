@@ -249,9 +249,12 @@ def csv_load_report(directory: Path, seed: int) -> str:
     path = directory / "training.csv"
     kaggle_size_csv(path, seed)
     started = time.perf_counter()
-    rest, held_out, loaded = load_split(path, seed, 0.15, "prepare.test_fraction")
+    loaded = load_split(path, seed, 0.15, "prepare.test_fraction")
     seconds = time.perf_counter() - started
-    return (f"Kaggle-size CSV ({loaded.n_rows} rows, {len(rest) + len(held_out)} complete, {path.stat().st_size / 1e6:.0f} MB): "
+    n_complete = len(loaded.train) + len(loaded.test)
+    n_incomplete = len(loaded.train_incomplete) + len(loaded.test_incomplete)
+    return (f"Kaggle-size CSV ({loaded.report.n_rows} rows, {n_complete} complete, {n_incomplete} incomplete, "
+            f"{path.stat().st_size / 1e6:.0f} MB): "
             f"pipeline.faces.data.load_split {seconds:.2f} s (target <= {MAX_CSV_SECONDS:.0f} s) "
             f"{verdict(seconds <= MAX_CSV_SECONDS)}")
 

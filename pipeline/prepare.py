@@ -1,4 +1,5 @@
-"""Stage `prepare`: the chosen CSV -> complete, shuffled, scaled faces split into train and test."""
+"""Stage `prepare`: the chosen CSV -> shuffled, scaled faces, the complete ones split into train and test,
+and apart from them the incomplete ones (some keypoints unlabelled), split alike."""
 
 from __future__ import annotations
 
@@ -27,18 +28,31 @@ def main() -> None:
     config = load_config()
     source = config.source_csv
     fraction = config.prepare.test_fraction
-    train, test, report = load_split(source, config.prepare.seed, fraction, TEST_FRACTION)
+    prepared = load_split(source, config.prepare.seed, fraction, TEST_FRACTION)
+    train, test, report = prepared.train, prepared.test, prepared.report
+    train_incomplete, test_incomplete = prepared.train_incomplete, prepared.test_incomplete
     warn_of_repeats(source, report)
     check_portions(train, test, fraction)
     paths = config.paths
-    summary = save_prepared(paths.prepared_summary, {paths.train_faces: train, paths.test_faces: test}, {
+    n_repeated = len(report.repeated) + len(report.repeated_incomplete)
+    summary = save_prepared(paths.prepared_summary, {
+        paths.train_faces: train, paths.test_faces: test,
+        paths.train_incomplete_faces: train_incomplete, paths.test_incomplete_faces: test_incomplete,
+    }, {
         "source": str(source),
+        # n_rows is the sum of the six counts after it.
         "n_rows": report.n_rows,
-        "n_dropped_incomplete": report.n_dropped,
-        "n_dropped_repeated": len(report.repeated),
+        "n_dropped_unlabelled": report.n_unlabelled,
+        "n_dropped_repeated": n_repeated,
         "n_train": len(train),
         "n_test": len(test),
+        "n_train_incomplete": len(train_incomplete),
+        "n_test_incomplete": len(test_incomplete),
+        # The hash of the complete portions alone, what the nets train and are scored on: the same value as
+        # before incomplete faces were kept, so that models/<net>.json and the runs' tags still match it. The
+        # incomplete portions have a hash of their own, for whatever comes to train on them.
         "data_hash": content_hash(train, test),
+        "incomplete_hash": content_hash(train_incomplete, test_incomplete),
     })
     samples = train.take(slice(0, N_SAMPLE_FACES))
     face_grid(
@@ -48,20 +62,25 @@ def main() -> None:
         title=f"{N_SAMPLE_FACES} training faces from {source}",
     )
     print(
-        f"prepare: {source}: {report.n_rows} rows, {report.n_dropped} dropped for missing keypoints, "
-        f"{len(report.repeated)} for repeating an earlier row's image, "
-        f"{len(train)} train + {len(test)} test, data hash {summary['data_hash']}"
+        f"prepare: {source}: {report.n_rows} rows, {report.n_unlabelled} dropped for lacking every keypoint, "
+        f"{n_repeated} for repeating another row's image, "
+        f"{len(train)} train + {len(test)} test, and {len(train_incomplete)} + {len(test_incomplete)} lacking "
+        f"some keypoints, data hash {summary['data_hash']}"
     )
 
 
 def warn_of_repeats(source: Path, report: LoadReport) -> None:
-    """One line: how many complete rows were dropped for repeating an image (faces.data.first_copies)."""
-    if not report.repeated:
-        return
-    line, original = next(iter(report.repeated.items()))
-    print(f"warning: {source}: {len(report.repeated)} complete rows repeat the image of an earlier row (line {line} "
-          f"repeats line {original}) and were dropped, so that no face is both trained on and tested on",
-          file=sys.stderr)
+    """A line for the complete rows dropped for repeating an image, one for the incomplete rows (faces.data.first_copies)."""
+    if report.repeated:
+        line, original = next(iter(report.repeated.items()))
+        print(f"warning: {source}: {len(report.repeated)} complete rows repeat the image of an earlier row (line {line} "
+              f"repeats line {original}) and were dropped, so that no face is both trained on and tested on",
+              file=sys.stderr)
+    if report.repeated_incomplete:
+        line, original = next(iter(report.repeated_incomplete.items()))
+        print(f"warning: {source}: {counted(len(report.repeated_incomplete), 'incomplete row')} "
+              f"{'repeats' if len(report.repeated_incomplete) == 1 else 'repeat'} the image of a complete row or of an earlier incomplete one (line {line} repeats line {original}) and were dropped, "
+              "so that no face is both trained on and tested on", file=sys.stderr)
 
 
 def check_portions(train: StoredFaces, test: StoredFaces, fraction: float) -> None:

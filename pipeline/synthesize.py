@@ -12,7 +12,8 @@ from pipeline.faces.synthetic import render_faces
 def main() -> None:
     config = load_config()
     settings = config.synthetic
-    images, keypoints = render_faces(settings.n_faces, settings.seed, settings.missing_fraction)
+    images, keypoints = render_faces(settings.n_faces, settings.seed, settings.missing_fraction,
+                                     settings.missing_pattern)
     write_training_csv(config.paths.synthetic_csv, images, keypoints)
     print(f"synthesize: {settings.n_faces} faces -> {config.paths.synthetic_csv}")
 

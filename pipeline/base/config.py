@@ -24,6 +24,9 @@ from pipeline.base.text import shown
 MAX_SEED = 2**32 - 1
 # The weights a training saves: those of the epoch with the lowest valid loss, or of the last epoch.
 KEEP = ("best", "last")
+# Which keypoints the synthetic set's partly labelled rows lack (pipeline.faces.synthetic._choose_missing_keypoints):
+# random ones (70% of the rows all 11 outer keypoints, the others some of them), or all 11 outer ones, as Kaggle's.
+MISSING_PATTERNS = ("random", "kaggle")
 # The options of NetConfig that are model.KeypointNet's keywords, and those that are train keys.
 MODEL_OPTIONS = ("dropout", "hidden")
 TRAIN_OVERRIDES = ("max_epochs", "patience")
@@ -70,6 +73,15 @@ class PathsConfig:
     @property
     def test_faces(self) -> Path:
         return Path(self.prepared) / "test.npz"
+
+    @property
+    def train_incomplete_faces(self) -> Path:
+        """The training portion of the faces lacking some keypoints (NaN), split apart from the complete ones."""
+        return Path(self.prepared) / "train_incomplete.npz"
+
+    @property
+    def test_incomplete_faces(self) -> Path:
+        return Path(self.prepared) / "test_incomplete.npz"
 
     @property
     def prepared_summary(self) -> Path:
@@ -137,11 +149,14 @@ class DataConfig:
 class SyntheticConfig:
     n_faces: int
     missing_fraction: float
+    missing_pattern: str
     seed: int
 
     def __post_init__(self):
         _require_within(self.n_faces, 1, MAX_FACES, "synthetic.n_faces")
         _require(0 <= self.missing_fraction < 1, "synthetic.missing_fraction", "must be in [0, 1)")
+        _require(self.missing_pattern in MISSING_PATTERNS, "synthetic.missing_pattern",
+                 f"must be {' or '.join(MISSING_PATTERNS)}, got {shown(self.missing_pattern)}")
         _require_seed(self.seed, "synthetic.seed")
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.base.config import MISSING_PATTERNS
 from pipeline.faces.kaggle import IMAGE_SIZE, KAGGLE_MEANS, KEYPOINTS
 
 _CENTRE = IMAGE_SIZE / 2
@@ -59,11 +60,14 @@ class _Head:
     half_height: float
 
 
-def render_faces(n: int, seed: int, missing_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Render n synthetic 96x96 grayscale faces.
+def render_faces(n: int, seed: int, missing_fraction: float,
+                 missing_pattern: str = "random") -> tuple[np.ndarray, np.ndarray]:
+    """Render n synthetic 96x96 grayscale faces, round(missing_fraction * n) of them partly labelled, as
+    `missing_pattern` (MISSING_PATTERNS) says.
     Returns (images, keypoints): images uint8 of shape (n, 96, 96); keypoints float64 of shape
-    (n, 30) in pixels, in pipeline.faces.kaggle.KEYPOINT_COLUMNS order, NaN where a keypoint is 'not labelled'."""
-    _validate_arguments(n, missing_fraction)
+    (n, 30) in pixels, in pipeline.faces.kaggle.KEYPOINT_COLUMNS order, NaN where a keypoint is 'not labelled'.
+    The images are those of the same seed whatever the missing keypoints: they are drawn first."""
+    _validate_arguments(n, missing_fraction, missing_pattern)
     rng = np.random.default_rng(seed)
     grid = _pixel_grid()
     mean_face = _canonical_mean_face()
@@ -71,17 +75,19 @@ def render_faces(n: int, seed: int, missing_fraction: float) -> tuple[np.ndarray
     keypoints = np.empty((n, 2 * len(KEYPOINTS)))
     for row in range(n):
         images[row], keypoints[row] = _render_face(rng, grid, mean_face)
-    missing = _choose_missing_keypoints(rng, n, missing_fraction)
+    missing = _choose_missing_keypoints(rng, n, missing_fraction, missing_pattern)
     keypoints[np.repeat(missing, 2, axis=1)] = np.nan
     return images, keypoints
 
 
-def _validate_arguments(n, missing_fraction) -> None:
+def _validate_arguments(n, missing_fraction, missing_pattern) -> None:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     if isinstance(missing_fraction, bool) or not isinstance(missing_fraction, numbers.Real) \
             or not 0 <= missing_fraction < 1:
         raise ValueError(f"missing_fraction must be a number in [0, 1), got {missing_fraction!r}")
+    if missing_pattern not in MISSING_PATTERNS:
+        raise ValueError(f"missing_pattern must be one of {', '.join(MISSING_PATTERNS)}, got {missing_pattern!r}")
 
 
 def _pixel_grid() -> tuple[np.ndarray, np.ndarray]:
@@ -434,11 +440,19 @@ def _photograph(canvas, rng, grid) -> np.ndarray:
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
-def _choose_missing_keypoints(rng, n, missing_fraction) -> np.ndarray:
-    """(n, 15) mask of unlabelled keypoints, for round(missing_fraction * n) random rows."""
+def _choose_missing_keypoints(rng, n, missing_fraction, missing_pattern="random") -> np.ndarray:
+    """(n, 15) mask of unlabelled keypoints, for round(missing_fraction * n) random rows, as `missing_pattern`
+    says: "random", 70% of the rows lack all 11 outer keypoints and the others a random 1 to 10 of them;
+    "kaggle", every row all 11, as in Kaggle's file, where most rows have only the 4 central keypoints. The
+    rows are drawn alike for both; "random" then draws on for each row, what it drew before "kaggle" existed,
+    so that a seed gives the same CSV as then."""
     missing = np.zeros((n, len(KEYPOINTS)), dtype=bool)
     optional = np.array([_AT[name] for name in KEYPOINTS if name not in _ALWAYS_LABELLED])
-    for row in rng.choice(n, size=round(missing_fraction * n), replace=False):
+    rows = rng.choice(n, size=round(missing_fraction * n), replace=False)
+    if missing_pattern == "kaggle":
+        missing[np.ix_(rows, optional)] = True
+        return missing
+    for row in rows:
         if rng.random() < _ALL_OPTIONAL_MISSING_PROBABILITY:
             missing[row, optional] = True
         else:

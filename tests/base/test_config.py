@@ -138,6 +138,17 @@ def test_bad_source_and_flip(tmp_path):
     expect_error(tmp_path, lambda p: p["nets"]["net5"].update(flip="yes"), "nets.net5.flip must be true or false")
 
 
+@pytest.mark.parametrize("value, fragment", [
+    ("Kaggle", "synthetic.missing_pattern must be random or kaggle, got 'Kaggle'"),
+    (1, "synthetic.missing_pattern must be a non-empty string, got 1"),
+])
+def test_a_bad_missing_pattern_is_named(tmp_path, value, fragment):
+    expect_error(tmp_path, lambda p: p["synthetic"].update(missing_pattern=value), fragment)
+    assert default_config().synthetic.missing_pattern == "random"  # today's pattern, so today's CSV
+    assert load_config(write_params(tmp_path, lambda p: p["synthetic"].update(missing_pattern="kaggle"))
+                       ).synthetic.missing_pattern == "kaggle"
+
+
 def test_unknown_net_is_named():
     with pytest.raises(PipelineError, match="unknown net 'net9'"):
         default_config().net("net9")

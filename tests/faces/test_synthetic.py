@@ -1,13 +1,14 @@
 """Tests of the synthetic face renderer: layout, determinism, Kaggle statistics and conventions."""
 
+import hashlib
 import math
 
 import numpy as np
 import pytest
 
 from pipeline.faces.kaggle import IMAGE_SIZE, KAGGLE_MEANS, KEYPOINT_COLUMNS, KEYPOINTS
-from pipeline.faces.synthetic import (_HEAD_RADIUS, _NOSE_RADIUS, _Pose, _to_canonical, _to_image,
-                                render_faces)
+from pipeline.faces.synthetic import (_HEAD_RADIUS, _NOSE_RADIUS, _Pose, _choose_missing_keypoints, _to_canonical,
+                                      _to_image, render_faces)
 
 ALWAYS_LABELLED = ("left_eye_center", "right_eye_center", "nose_tip", "mouth_center_bottom_lip")
 LEFT_RIGHT_PAIRS = tuple((f"left_{part}", f"right_{part}") for part in (
@@ -137,3 +138,38 @@ def test_rejects_bad_n(n):
 def test_rejects_bad_missing_fraction(fraction):
     with pytest.raises(ValueError, match=r"missing_fraction must be a number in \[0, 1\)"):
         render_faces(3, 0, fraction)
+
+
+@pytest.mark.parametrize("pattern", ["Kaggle", "", None])
+def test_rejects_bad_missing_pattern(pattern):
+    with pytest.raises(ValueError, match=r"missing_pattern must be one of random, kaggle"):
+        render_faces(3, 0, 0.3, pattern)
+
+
+def outer_columns():
+    return [column for column, name in enumerate(KEYPOINT_COLUMNS) if name.rsplit("_", 1)[0] not in ALWAYS_LABELLED]
+
+
+def test_the_kaggle_pattern_leaves_the_partial_rows_the_four_central_keypoints_alone():
+    """As in Kaggle's file, where 70% of the rows have only the eye centres, the nose tip and the bottom lip."""
+    images, keypoints = render_faces(60, seed=2, missing_fraction=0.7, missing_pattern="kaggle")
+    missing = np.isnan(keypoints)
+    partial = missing.any(axis=1)
+    assert partial.sum() == 42 and len(outer_columns()) == 22
+    assert (missing[partial] == np.isin(np.arange(30), outer_columns())).all()  # exactly the 11 outer keypoints
+    # The same faces as the random pattern's: only the missing keypoints differ.
+    random_images, random_keypoints = render_faces(60, seed=2, missing_fraction=0.7, missing_pattern="random")
+    np.testing.assert_array_equal(images, random_images)
+    np.testing.assert_array_equal(keypoints[~missing], random_keypoints[~missing])
+
+
+def test_the_random_pattern_draws_the_masks_it_drew_before_the_kaggle_one():
+    """What keeps the default synthetic CSV (missing_fraction 0.3, seed 7) the same bytes: the masks of the rule
+    as it was, pinned: 70% of the partial rows lack all 11 outer keypoints, the others a random 1 to 10."""
+    digests = {(seed, n, fraction): hashlib.sha256(_choose_missing_keypoints(
+                   np.random.default_rng(seed), n, fraction, "random").tobytes()).hexdigest()[:16]
+               for seed, n, fraction in ((7, 2400, 0.3), (1, 40, 0.5))}
+    assert digests == {(7, 2400, 0.3): "06470af8b9cda87d", (1, 40, 0.5): "de06b847b40ba9e6"}
+    missing = _choose_missing_keypoints(np.random.default_rng(1), 12, 0.5)  # "random" by default
+    assert [(row, missing[row].sum()) for row in np.flatnonzero(missing.any(axis=1))] == [
+        (0, 7), (1, 10), (3, 3), (4, 11), (6, 5), (9, 6)]

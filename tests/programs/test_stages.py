@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.faces.kaggle import COLUMNS, KAGGLE_MEANS, write_training_csv
+from pipeline.faces.data import load_incomplete_faces, read_summary
+from pipeline.faces.kaggle import COLUMNS, KAGGLE_MEANS, KEYPOINT_COLUMNS, write_training_csv
 from pipeline.base.sources import stage_code
 from tests.support.project import ROOT, make_project, run, set_params
 
@@ -36,10 +37,29 @@ def test_prepare_builds_the_synthetic_set_offline(project):
     assert len(lines) == 1 + 120
     summary = json.loads((project / "data/prepared/summary.json").read_text())
     assert summary["source"] == "data/synthetic/training.csv" and summary["n_rows"] == 120
-    assert summary["n_train"] + summary["n_test"] + summary["n_dropped_incomplete"] == 120
-    assert len(summary["data_hash"]) == 16
-    assert (project / "data/prepared/train.npz").is_file() and (project / "data/prepared/test.npz").is_file()
+    # Every row once: in a portion, complete or not, or dropped (without a keypoint, or a repeated image).
+    assert sum(summary[key] for key in ("n_train", "n_test", "n_train_incomplete", "n_test_incomplete",
+                                        "n_dropped_unlabelled", "n_dropped_repeated")) == 120
+    assert summary["n_train_incomplete"] + summary["n_test_incomplete"] == 36  # synthetic.missing_fraction: 0.3
+    assert len(summary["data_hash"]) == 16 and len(summary["incomplete_hash"]) == 16
+    assert sorted(summary["sha256"]) == ["test.npz", "test_incomplete.npz", "train.npz", "train_incomplete.npz"]
+    assert all((project / "data/prepared" / name).is_file() for name in summary["sha256"])
     assert (project / "plots/samples.png").stat().st_size > 10_000
+
+
+def test_the_kaggle_pattern_of_missing_keypoints_reaches_the_incomplete_portions(project):
+    """synthetic.missing_fraction 0.7 and missing_pattern kaggle: the real file's share of partial rows, each
+    with only the eye centres, the nose tip and the bottom lip."""
+    set_params(project, {"synthetic.missing_fraction": 0.7, "synthetic.missing_pattern": "kaggle"})
+    result = run(project, "dvc", "repro", "prepare")
+    assert "31 train + 5 test, and 71 + 13 lacking some keypoints" in result.stdout  # 36 complete rows, 84 partial
+    summary = read_summary(project / "data/prepared/summary.json")
+    central = [KEYPOINT_COLUMNS.index(f"{name}_{axis}") for name in ("left_eye_center", "right_eye_center",
+                                                                      "nose_tip", "mouth_center_bottom_lip")
+               for axis in "xy"]
+    for portion in ("train_incomplete", "test_incomplete"):
+        faces = load_incomplete_faces(project / f"data/prepared/{portion}.npz", summary)
+        assert (np.isnan(faces.y) == ~np.isin(np.arange(30), central)).all()
 
 
 def test_prepare_reads_a_users_kaggle_csv(project):
@@ -48,8 +68,9 @@ def test_prepare_reads_a_users_kaggle_csv(project):
     result = run(project, "dvc", "repro", "prepare")
     summary = json.loads((project / "data/prepared/summary.json").read_text())
     assert summary["source"] == "data/raw/training.csv"
-    assert summary["n_rows"] == 60 and summary["n_dropped_incomplete"] == 10
-    assert "10 dropped for missing keypoints" in result.stdout
+    assert summary["n_rows"] == 60 and summary["n_dropped_unlabelled"] == 0
+    assert (summary["n_train_incomplete"], summary["n_test_incomplete"]) == (8, 2)  # rows lacking 8 keypoints, kept
+    assert "0 dropped for lacking every keypoint" in result.stdout and "and 8 + 2 lacking some keypoints" in result.stdout
 
 
 def test_changing_the_users_csv_reruns_prepare(project):
