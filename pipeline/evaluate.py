@@ -31,11 +31,12 @@ from pipeline.base.reporting import reports_errors
 from pipeline.base.weights import load_model, weights_checksum
 from pipeline.evaluation import plots
 from pipeline.evaluation.colours import BASELINE_COLOUR, net_colour
-from pipeline.evaluation.metrics import (comparisons, face_squared_errors_px, mean_shape, pooled_score, predict,
-                                         rmse_curves, score, summarize)
+from pipeline.evaluation.metrics import (comparisons, face_squared_errors_px, labelled_faces, labelled_keypoint_rmse_px,
+                                         mean_shape, pooled_score, predict, rmse_curves, score, summarize)
 from pipeline.evaluation.report import (BASELINE_LABEL, SUMMARY_HEADER, answer, comparison_lines, comparison_markdown,
                              summary_rows, text_table)
-from pipeline.faces.data import FaceSet, load_faces, pixels_of, read_summary, unscale_keypoints
+from pipeline.faces.data import (FaceSet, load_faces, load_incomplete_faces, pixels_of, read_summary,
+                                 unscale_keypoints)
 from pipeline.faces.kaggle import read_table
 from pipeline.tracking.datasets import faces_inputs
 from pipeline.tracking.evaluation_log import log_evaluation
@@ -157,8 +158,13 @@ def dvc_metrics(results: dict, nets: list[str]) -> dict:
 
 
 def keypoint_errors_csv(results: dict, labels: list[str]) -> str:
-    """One row per keypoint, one column of test RMSE px per net and the baseline."""
+    """One row per keypoint: a column of test RMSE px per net and the baseline on the complete test faces
+    (those of every comparison); then the test faces labelled for the keypoint, complete or not
+    (`labelled_faces`), and a column per net and the baseline of the RMSE on those (`<model>_every_labelled`)."""
     table = pd.DataFrame({label: results[label]["per_keypoint_rmse_px"] for label in labels})
+    table["labelled_faces"] = pd.Series(results["comparison"]["labelled_faces"])
+    for label in labels:
+        table[f"{label}_every_labelled"] = pd.Series(results[label]["labelled_keypoint_rmse_px"])
     return table.rename_axis("keypoint").to_csv(lineterminator="\n")
 
 
@@ -267,7 +273,10 @@ def main() -> None:
     # The first seed's: the learning curves and the training figures are those of one training.
     histories = {net: read_history(paths.history(net)) for net in nets}
     train, test = load_faces(paths.train_faces, summary), load_faces(paths.test_faces, summary)
-    predictions = {}
+    # The test faces that lack some keypoints: each keypoint is scored on every test face labelled for it too.
+    incomplete = load_incomplete_faces(paths.test_incomplete_faces, summary)
+    every_test_y = np.concatenate([test.y, incomplete.y])
+    predictions, every_prediction = {}, {}
     for net, seed in trainings:
         # On the CPU whatever the training device: the test set is small, and CPU kernels give the
         # same evaluate.json on every machine.
@@ -275,14 +284,21 @@ def main() -> None:
         model = load_model(model_path, "cpu")
         check_weights(model_path, infos[net, seed], model, paths.model_info(net, files[net, seed]))
         predictions[net, seed] = predict(model, test.X)
+        every_prediction[net, seed] = np.concatenate([predictions[net, seed], predict(model, incomplete.X)]) \
+            if len(incomplete) else predictions[net, seed]
     baseline = mean_shape(train.y, len(test))
     face_errors = {**{net: np.stack([face_squared_errors_px(predictions[net, seed], test.y) for seed in seeds])
                       for net in nets},
                    "baseline": face_squared_errors_px(baseline, test.y)}
-    scores = {net: pooled_score({seed: score(predictions[net, seed], test.y) for seed in seeds}) for net in nets}
+    scores = {net: pooled_score({seed: {**score(predictions[net, seed], test.y), "labelled_keypoint_rmse_px":
+                                        labelled_keypoint_rmse_px(every_prediction[net, seed], every_test_y)}
+                                 for seed in seeds}) for net in nets}
+    baseline_score = {**score(baseline, test.y), "labelled_keypoint_rmse_px": labelled_keypoint_rmse_px(
+        mean_shape(train.y, len(every_test_y)), every_test_y)}
     resamples = config.evaluate.bootstrap_resamples
-    results = summarize(scores, score(baseline, test.y), histories, face_errors, resamples, config.evaluate.seed,
+    results = summarize(scores, baseline_score, histories, face_errors, resamples, config.evaluate.seed,
                         bootstrap_progress(resamples))
+    results["comparison"]["labelled_faces"] = labelled_faces(every_test_y)
     for net in nets:  # the epoch whose weights were tested, for the report (report.kept_weights_paragraph)
         results[net]["kept_epoch"] = infos[net, seeds[0]].get("kept_epoch")
     write_json(paths.test_figures, dvc_metrics(results, nets))

@@ -68,14 +68,30 @@ def score(predicted: np.ndarray, true: np.ndarray) -> dict:
     return {"test_rmse_px": rmse_px(predicted, true), "per_keypoint_rmse_px": per_keypoint_rmse_px(predicted, true)}
 
 
+def labelled_keypoint_rmse_px(predicted: np.ndarray, true: np.ndarray) -> dict[str, float | None]:
+    """Per keypoint, over its x and y of every face labelled for it (`true` NaN where unlabelled): the
+    test faces that lack some other keypoint count too, so a keypoint labelled on most faces is judged
+    on most faces. None for a keypoint no face has."""
+    squared = squared_errors_px(predicted, true).reshape(len(true), len(KEYPOINTS), 2)
+    faces = labelled_faces(true)
+    return {name: float(np.sqrt(np.nanmean(squared[:, index]))) if faces[name] else None
+            for index, name in enumerate(KEYPOINTS)}
+
+
+def labelled_faces(true: np.ndarray) -> dict[str, int]:
+    """Per keypoint, the faces labelled for it (both coordinates given)."""
+    labelled = ~np.isnan(true.reshape(len(true), len(KEYPOINTS), 2)).any(axis=2)
+    return {name: int(count) for name, count in zip(KEYPOINTS, labelled.sum(axis=0))}
+
+
 def pooled_score(scores: dict[int, dict]) -> dict:
     """A net's figures over its trainings, one score per seed: each the mean over the seeds, since a
     user retraining the net gets one training drawn at random. With several seeds, also each seed's
     test RMSE and their standard deviation (n - 1), which says how far one training strays."""
     pooled = {
         "test_rmse_px": float(np.mean([figures["test_rmse_px"] for figures in scores.values()])),
-        "per_keypoint_rmse_px": {name: float(np.mean([figures["per_keypoint_rmse_px"][name]
-                                                      for figures in scores.values()])) for name in KEYPOINTS},
+        **{table: {name: _mean([figures[table][name] for figures in scores.values()]) for name in KEYPOINTS}
+           for table in ("per_keypoint_rmse_px", "labelled_keypoint_rmse_px") if table in next(iter(scores.values()))},
     }
     if len(scores) > 1:
         pooled["test_rmse_px_sd"] = float(np.std([figures["test_rmse_px"] for figures in scores.values()], ddof=1))
@@ -103,6 +119,10 @@ def improvement_percent(reference: float, value: float, negligible: float = 0.0)
     if reference <= negligible:
         return None
     return 100.0 * (reference - value) / reference
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if None in values else float(np.mean(values))
 
 
 def face_squared_errors_px(predicted: np.ndarray, true: np.ndarray) -> np.ndarray:

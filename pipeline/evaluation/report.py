@@ -106,6 +106,11 @@ def comparison_markdown(results: dict, nets: list[str], data_hash: str, n_test: 
         (name, *(f"{results[label]['per_keypoint_rmse_px'][name]:.3f}" for label in labels))
         for name in KEYPOINTS
     ]
+    labelled = results["comparison"]["labelled_faces"]
+    labelled_rows = [
+        (name, str(labelled[name]), *(_px(results[label]["labelled_keypoint_rmse_px"][name]) for label in labels))
+        for name in KEYPOINTS
+    ]
     images = "\n\n".join(
         f"![{title}]({Path(os.path.relpath(path, Path(report).parent)).as_posix()})" for title, path in pictures.items()
     )
@@ -129,6 +134,14 @@ def comparison_markdown(results: dict, nets: list[str], data_hash: str, n_test: 
         "## Test RMSE per keypoint (px)",
         "",
         markdown_table(("keypoint", *nets, BASELINE_LABEL), keypoint_rows),
+        "",
+        "## Test RMSE per keypoint over every labelled test face (px)",
+        "",
+        f"Each keypoint on every test face labelled for it: the {n_test} complete ones and those that lack some "
+        "other keypoint (prepare's incomplete test portion), so a keypoint labelled on most faces is judged "
+        "on most faces.",
+        "",
+        markdown_table(("keypoint", "labelled test faces", *nets, BASELINE_LABEL), labelled_rows),
         "",
         "## Pictures",
         "",
@@ -227,6 +240,10 @@ def _interval(figures: dict) -> str:
     decimals = _decimals(low, high)
     # + 0.0 turns the -0.0 of a bound rounded to zero into 0.0.
     return f"{round(low, decimals) + 0.0:.{decimals}f}% to {round(high, decimals) + 0.0:.{decimals}f}%"
+
+
+def _px(rmse: float | None) -> str:
+    return "-" if rmse is None else f"{rmse:.3f}"
 
 
 def _epoch(epoch: int | None) -> str:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pipeline.base.model import KeypointNet
 from pipeline.evaluation.metrics import (NEGLIGIBLE_RMSE_PX, best_valid, face_squared_errors_px,
                                          first_epoch_reaching, improvement_interval, improvement_percent, mean_shape,
-                                         per_keypoint_rmse_px, pooled_score, predict, resampled_rmse_px, rmse_curves, rmse_px,
+                                         labelled_faces, labelled_keypoint_rmse_px, per_keypoint_rmse_px, pooled_score, predict, resampled_rmse_px, rmse_curves, rmse_px,
                                          score, summarize, training_comparison)
 from pipeline.faces.data import loss_to_rmse_px
 from pipeline.faces.kaggle import KEYPOINTS
@@ -210,6 +210,21 @@ def test_the_resampled_seeds_are_paired_between_models():
     net4, net5 = hard_seeds * reference, 0.95**2 * hard_seeds * reference
     low, high = improvement_interval(net4, net5, 2000, 0)
     assert low == pytest.approx(5.0, abs=0.01) and high == pytest.approx(5.0, abs=0.01)
+
+
+def test_each_keypoint_is_scored_on_the_faces_labelled_for_it_and_no_others():
+    true = np.zeros((3, 30))
+    true[1, 0:2] = np.nan  # face 1 lacks left_eye_center
+    true[:, 2:4] = np.nan  # no face has right_eye_center
+    predicted = np.zeros((3, 30))
+    predicted[:, 0] = [1, 1000, 3]  # face 1's wild guess where it has no label must not count
+    predicted[:, 1] = [1, 1000, 3]
+    errors = labelled_keypoint_rmse_px(predicted, true)
+    # Faces 0 and 2, x and y: sqrt((1 + 1 + 9 + 9) / 4) scaled units.
+    assert errors["left_eye_center"] == pytest.approx(math.sqrt(5) * 48)
+    assert errors["right_eye_center"] is None and errors["nose_tip"] == 0.0
+    assert labelled_faces(true)["left_eye_center"] == 2 and labelled_faces(true)["nose_tip"] == 3
+    assert labelled_faces(true)["right_eye_center"] == 0
 
 
 def test_a_nets_figures_pool_its_seeds():

@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline import evaluate
 from pipeline.base.weights import load_model, weights_checksum
 from pipeline.evaluation.metrics import mean_shape, predict, rmse_px
-from pipeline.faces.data import load_faces, read_summary
+from pipeline.faces.data import load_faces, load_incomplete_faces, read_summary
 from pipeline.faces.kaggle import KEYPOINTS, write_training_csv
 from pipeline.tracking.trained_by import WEIGHTS_TAG
 from tests.support.project import REPRODUCED_EPOCHS, copy_project, default_config, make_project, run, set_params
@@ -85,8 +85,10 @@ def test_the_metrics_files_hold_the_headline_figures_and_the_keypoints_have_thei
                                                   read_summary(project / "data/prepared/summary.json")))
     assert (stated.group(1) == "is not significantly different") == (low <= 0 <= high)
     keypoints = pd.read_csv(project / "metrics" / "keypoint_errors.csv", index_col="keypoint")
-    assert list(keypoints.index) == list(KEYPOINTS) and list(keypoints.columns) == ["net4", "net5", "baseline"]
-    for label in keypoints.columns:
+    labels = ["net4", "net5", "baseline"]
+    assert list(keypoints.index) == list(KEYPOINTS) and list(keypoints.columns) == [
+        *labels, "labelled_faces", *(f"{label}_every_labelled" for label in labels)]
+    for label in labels:
         assert results[label]["test_rmse_px"] == pytest.approx(math.sqrt(np.mean(np.square(keypoints[label]))))
     for net in ("net4", "net5"):
         trained = json.loads((project / "metrics" / "train" / f"{net}.json").read_text())
@@ -105,6 +107,28 @@ def test_the_errors_are_those_of_the_held_out_test_faces(evaluated):
     assert results["net5"]["test_rmse_px"] == pytest.approx(rmse_px(net5, test.y), rel=1e-6)
     assert results["baseline"]["test_rmse_px"] == pytest.approx(
         rmse_px(mean_shape(train.y, len(test)), test.y), rel=1e-6)
+
+
+def test_each_keypoint_is_also_scored_on_every_test_face_labelled_for_it(evaluated):
+    project, _, _ = evaluated
+    summary = read_summary(project / "data/prepared/summary.json")
+    test = load_faces(project / "data/prepared/test.npz", summary)
+    incomplete = load_incomplete_faces(project / "data/prepared/test_incomplete.npz", summary)
+    assert len(incomplete) > 0  # the tiny synthetic set has incomplete rows in its test portion
+    net4 = load_model(project / "models" / "net4.pt")
+    predicted = np.concatenate([predict(net4, test.X), predict(net4, incomplete.X)])
+    true = np.concatenate([test.y, incomplete.y])
+    keypoints = pd.read_csv(project / "metrics" / "keypoint_errors.csv", index_col="keypoint")
+    for index, name in enumerate(KEYPOINTS):
+        labelled = ~np.isnan(true[:, 2 * index])
+        assert keypoints.at[name, "labelled_faces"] == labelled.sum() >= len(test)
+        expected = rmse_px(predicted[labelled, 2 * index:2 * index + 2], true[labelled, 2 * index:2 * index + 2])
+        assert keypoints.at[name, "net4_every_labelled"] == pytest.approx(expected, rel=1e-6)
+    # The four central keypoints are labelled on every face, complete or not; the outer ones on fewer.
+    assert keypoints.at["nose_tip", "labelled_faces"] == len(test) + len(incomplete)
+    assert keypoints["labelled_faces"].min() < len(test) + len(incomplete)
+    report = (project / "reports/comparison.md").read_text()
+    assert f"| nose_tip | {len(test) + len(incomplete)} | " in report
 
 
 def test_the_pictures_are_drawn(evaluated):
