@@ -18,6 +18,7 @@ from ruamel.yaml.error import MarkedYAMLError
 from pipeline.base.errors import PipelineError
 from pipeline.base.params_file import PARAMS_FILE
 from pipeline.base.text import shown
+from pipeline.faces.kaggle import FLIP_PAIRS, KEYPOINT_COLUMNS, KEYPOINTS
 
 # Seeds go to numpy, which refuses negative ones, and to torch, which takes at most 64 bits (the
 # flips' generator gets seed + 1): 32 bits suit every generator there is.
@@ -46,6 +47,8 @@ MAX_FACES = 1_000_000
 MAX_EPOCHS = 100_000
 MAX_BATCH_SIZE = 65_536
 MAX_HIDDEN = 100_000
+# The seed's width of the two dense layers: a net's that sets no hidden (model.KeypointNet's default).
+HIDDEN = 500
 MAX_RESAMPLES = 1_000_000
 # Names taken elsewhere: evaluation's name of the mean-shape baseline, and aliases that the Model
 # Registry gives another meaning (the best net's alias; MLflow's own latest and v<N>).
@@ -274,9 +277,20 @@ class NetConfig:
     # The train keys a net may set for itself (TRAIN_OVERRIDES): net7 trains longer and stops early.
     max_epochs: int | None = None
     patience: int | None = None
+    # The keypoints it predicts, by Kaggle's names without _x/_y (absent: all 15): the tutorial's specialists.
+    keypoints: tuple[str, ...] | None = None
+    # Trained on every face labelled for one of its keypoints at least, the loss over the labelled
+    # coordinates only; without it, on the faces labelled for all of them (the tutorial's rule).
+    masked: bool | None = None
+    # The net whose kept weights (under the same seed) start every layer but the output layer.
+    init_from: str | None = None
 
     def check(self, key: str) -> None:
         """Its values' rules, naming them under `key` (nets.<name>), which the net does not know itself."""
+        if self.keypoints is not None:
+            _require_keypoints(self.keypoints, f"{key}.keypoints")
+            if self.flip:
+                _require_whole_flip_pairs(self.keypoints, key)
         for index, rate in enumerate(self.dropout or ()):
             _require(0 <= rate < 1, f"{key}.dropout[{index}]", "must be a rate in [0, 1)")
         if self.hidden is not None:
@@ -288,7 +302,13 @@ class NetConfig:
 
     def model_options(self) -> dict:
         """The options of model.KeypointNet this net sets; the others are the seed's."""
-        return {name: getattr(self, name) for name in MODEL_OPTIONS if getattr(self, name) is not None}
+        options = {name: getattr(self, name) for name in MODEL_OPTIONS if getattr(self, name) is not None}
+        return {**options, "outputs": len(self.columns)} if self.keypoints is not None else options
+
+    @property
+    def columns(self) -> tuple[int, ...]:
+        """The columns of KEYPOINT_COLUMNS it predicts, in their order there: its outputs, x then y of each keypoint."""
+        return keypoint_columns(self.keypoints)
 
     def to_dict(self) -> dict:
         """The keys it was given, as params.yaml spells them (the dropout rates as a list)."""
@@ -307,23 +327,62 @@ class Config:
     evaluate: EvaluateConfig
     registry: RegistryConfig
     nets: dict[str, NetConfig]
+    # Predictors made of nets whose keypoints are disjoint and cover all 15: the tutorial's specialists, combined.
+    composites: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for name in self.nets:
-            if len(name) > MAX_NET_NAME:
-                raise PipelineError(f"nets: {shown(name)} is a name of {len(name)} characters: at most {MAX_NET_NAME} "
-                                    "(it names files and DVC stages)")
-            if not NET_NAME.fullmatch(name):
-                raise PipelineError(f"nets: {shown(name)} is not a net name: use ASCII letters, digits, _ and -, "
-                                    "starting with a letter or digit (it names files and DVC stages)")
-            if RESERVED_NET_NAMES.fullmatch(name):
-                raise PipelineError(f"nets: {shown(name)} is taken: the evaluation or the Model Registry uses that name "
-                                    "for something else (baseline, champion, latest, v<N>)")
+            _require_model_name(name, "nets")
             self.nets[name].check(f"nets.{name}")
+        for name in self.nets:
+            self._check_start(name)
+        for name, members in self.composites.items():
+            _require_model_name(name, "composites")
+            _require(name not in self.nets, f"composites.{name}", "is also the name of a net: name it otherwise")
+            self._check_composite(name, members)
+
+    def _check_start(self, name: str) -> None:
+        """nets.<name>.init_from names another net, of the same width, not started from `name` in turn."""
+        key, source = f"nets.{name}.init_from", self.nets[name].init_from
+        if source is None:
+            return
+        _require(source in self.nets, key, f"names {shown(source)}, which is no net of `nets` "
+                                           f"({', '.join(self.nets)})")
+        chain = [name, source]
+        while (following := self.nets[chain[-1]].init_from) is not None:
+            _require(following not in chain, key, f"makes a cycle: {' <- '.join([*chain, following])}")
+            chain.append(following)
+        widths = [self.nets[net].hidden or HIDDEN for net in (name, source)]
+        _require(widths[0] == widths[1], key, f"names {source}, whose dense layers are {widths[1]} wide, where "
+                                              f"{name}'s are {widths[0]} (nets.<net>.hidden): its weights cannot fit")
+
+    def _check_composite(self, name: str, members: tuple[str, ...]) -> None:
+        """composites.<name> lists nets of `nets` whose keypoints are disjoint and cover all 15."""
+        key = f"composites.{name}"
+        _require(len(members) > 0, key, "must list one net at least")
+        owner: dict[str, str] = {}
+        for index, member in enumerate(members):
+            _require(member in self.nets, f"{key}[{index}]", f"names {shown(member)}, which is no net of `nets`")
+            for keypoint in self.nets[member].keypoints or KEYPOINTS:
+                _require(keypoint not in owner, key, f"has {keypoint} twice: in {owner.get(keypoint)} and in {member} "
+                                                     "(each keypoint from one net)")
+                owner[keypoint] = member
+        missing = [keypoint for keypoint in KEYPOINTS if keypoint not in owner]
+        _require(not missing, key, f"lacks {', '.join(missing)}: its nets must cover all {len(KEYPOINTS)} keypoints")
 
     @property
     def source_csv(self) -> Path:
         return Path(self.paths.synthetic_csv if self.data.source == "synthetic" else self.data.csv)
+
+    @property
+    def full_nets(self) -> list[str]:
+        """The nets that predict all 15 keypoints: those scored on their own, beside the composites."""
+        return [name for name, net in self.nets.items() if net.keypoints is None or len(net.columns) == len(KEYPOINT_COLUMNS)]
+
+    @property
+    def predictors(self) -> list[str]:
+        """What answers all 30 columns: the full nets, then the composites; evaluate compares them."""
+        return [*self.full_nets, *self.composites]
 
     def net(self, name: str) -> NetConfig:
         if name not in self.nets:
@@ -350,6 +409,48 @@ class Config:
     def to_dict(self) -> dict:
         """The params as params.yaml spells them: each net with the keys it was given."""
         return {**dataclasses.asdict(self), "nets": {name: net.to_dict() for name, net in self.nets.items()}}
+
+
+def keypoint_columns(keypoints: tuple[str, ...] | None) -> tuple[int, ...]:
+    """The columns of KEYPOINT_COLUMNS (x, y) of `keypoints` (None: all 15), in Kaggle's order whatever theirs."""
+    chosen = set(KEYPOINTS if keypoints is None else keypoints)
+    return tuple(column for index, name in enumerate(KEYPOINTS) if name in chosen for column in (2 * index, 2 * index + 1))
+
+
+def _require_keypoints(keypoints: tuple[str, ...], key: str) -> None:
+    _require(len(keypoints) > 0, key, "must list one keypoint at least (leave it out for all 15)")
+    for index, name in enumerate(keypoints):
+        guess = difflib.get_close_matches(name, KEYPOINTS, n=1)
+        _require(name in KEYPOINTS, f"{key}[{index}]",
+                 f"{shown(name)} is not a keypoint: Kaggle's names without _x/_y, such as "
+                 f"{guess[0] if guess else KEYPOINTS[0]}")
+        _require(name not in keypoints[:index], key, f"lists {name} twice")
+
+
+def _require_whole_flip_pairs(keypoints: tuple[str, ...], key: str) -> None:
+    """A flip swaps each left keypoint with its right one: a net that has one of them cannot flip."""
+    for left, right in FLIP_PAIRS:
+        if left % 2:
+            continue  # the pairs are of columns: the x column names the keypoint
+        pair = KEYPOINTS[left // 2], KEYPOINTS[right // 2]
+        lone = [side for side in pair if side in keypoints]
+        if len(lone) == 1:
+            other = pair[1 - pair.index(lone[0])]
+            raise PipelineError(f"{key}.flip is true, but {key}.keypoints has {lone[0]} without {other}: a flip "
+                                f"turns one into the other, so the net cannot flip (set flip: false, or add {other})")
+
+
+def _require_model_name(name: str, key: str) -> None:
+    """A net's or a composite's name: it names files, DVC stages and the Model Registry's aliases."""
+    if len(name) > MAX_NET_NAME:
+        raise PipelineError(f"{key}: {shown(name)} is a name of {len(name)} characters: at most {MAX_NET_NAME} "
+                            "(it names files and DVC stages)")
+    if not NET_NAME.fullmatch(name):
+        raise PipelineError(f"{key}: {shown(name)} is not a net name: use ASCII letters, digits, _ and -, "
+                            "starting with a letter or digit (it names files and DVC stages)")
+    if RESERVED_NET_NAMES.fullmatch(name):
+        raise PipelineError(f"{key}: {shown(name)} is taken: the evaluation or the Model Registry uses that name "
+                            "for something else (baseline, champion, latest, v<N>)")
 
 
 def load_config(path: Path = PARAMS_FILE) -> Config:

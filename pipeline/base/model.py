@@ -8,13 +8,16 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from pipeline.base.config import HIDDEN
+
 N_OUTPUTS = 30
-# The seed's width of the two dense layers.
-HIDDEN = 500
 # Dropout rates after the three pooling blocks and after the first dense layer: none, as in the seed's nets.
 NO_DROPOUT = (0.0, 0.0, 0.0, 0.0)
-# The weights whose rows are the dense layers' width: the one option of the network its weights give.
+# The weights whose rows are the dense layers' width, and those whose rows are the outputs: the options
+# of the network its weights give.
 FIRST_DENSE_WEIGHT = "head.1.weight"
+OUTPUT_WEIGHT = "head.5.weight"
+OUTPUT_LAYER = "head.5."
 
 
 class KeypointNet(nn.Module):
@@ -27,9 +30,11 @@ class KeypointNet(nn.Module):
     `dropout` gives the rates after the three blocks and after the first dense layer (the
     tutorial's net6: 0.1, 0.2, 0.3, 0.5). A Dropout module exists only where a rate is above 0,
     so a net without dropout is the seed's, module for module, and draws the same random numbers.
+
+    `outputs` is two per keypoint it predicts: 30 for all 15, fewer for a specialist of a group.
     """
 
-    def __init__(self, hidden: int = HIDDEN, dropout: Sequence[float] = NO_DROPOUT):
+    def __init__(self, hidden: int = HIDDEN, dropout: Sequence[float] = NO_DROPOUT, outputs: int = N_OUTPUTS):
         super().__init__()
         if len(dropout) != len(NO_DROPOUT):
             raise ValueError(f"dropout takes {len(NO_DROPOUT)} rates, got {list(dropout)}")
@@ -43,7 +48,7 @@ class KeypointNet(nn.Module):
             nn.Flatten(),
             nn.Linear(128 * 11 * 11, hidden), _relu(dropout[3]),
             nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, N_OUTPUTS),
+            nn.Linear(hidden, outputs),
         )
         self.reset_parameters()
 
@@ -76,7 +81,7 @@ def for_inference(state_dict: Mapping[str, torch.Tensor]) -> KeypointNet:
     """The network that these trained weights load into, for evaluation and prediction.
 
     Built from the weights alone, so that any weights file loads without its training's record:
-    their shapes give the dense layers' width, and dropout, which does nothing in evaluation mode,
+    their shapes give the dense layers' width and the outputs, and dropout, which does nothing in evaluation mode,
     is left out.
     """
-    return KeypointNet(hidden=state_dict[FIRST_DENSE_WEIGHT].shape[0])
+    return KeypointNet(hidden=state_dict[FIRST_DENSE_WEIGHT].shape[0], outputs=state_dict[OUTPUT_WEIGHT].shape[0])
