@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import os
 import resource
 import sys
@@ -27,15 +28,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.base.config import Config, TrainConfig, flatten, load_config
 from pipeline.base.errors import Interrupted, PipelineError
-from pipeline.base.files import atomic_write, exclusive_lock, write_json
-from pipeline.base.model import HIDDEN, KeypointNet, parameter_count
+from pipeline.base.files import atomic_write, exclusive_lock, read_json, write_json
+from pipeline.base.model import HIDDEN, KeypointNet, parameter_count, start_from
 from pipeline.base.reporting import reports_errors
 from pipeline.base.sources import code_hash
-from pipeline.base.weights import save_model, weights_checksum
+from pipeline.base.weights import MODEL_REMEDY, checksum, load_checked, save_model, weights_checksum
 from pipeline.evaluation.colours import net_colour
 from pipeline.evaluation.metrics import best_valid
 from pipeline.faces.augment import flip_random_half
-from pipeline.faces.data import load_faces, loss_to_rmse_px, read_summary, split
+from pipeline.faces.data import (faces_for_net, load_faces, load_incomplete_faces, loss_to_rmse_px, read_summary,
+                                 split)
 from pipeline.tracking.datasets import faces_inputs
 from pipeline.tracking.dead_runs import LOCK_TAG, close_dead_runs, lock_tag
 from pipeline.tracking.export import example_faces
@@ -66,32 +68,37 @@ def memory_format(config: Config) -> torch.memory_format:
 
 
 def build_trainer(config: Config, net_name: str, device: torch.device, ranks: Ranks = Ranks(),
-                  seed: int | None = None) -> Trainer:
+                  seed: int | None = None, start: dict | None = None) -> Trainer:
     """The seed's network as the net sets it (dropout, width) and Nesterov SGD, annealed as params.yaml
     says; seeded throughout with `seed` (the first of train.seeds by default). It ends with the weights
     train.keep chooses, and stops early after train.patience epochs with no new best (the net's own
-    max_epochs and patience where it sets them)."""
-    settings = config.train_of(net_name)
+    max_epochs and patience where it sets them). A net started from another's weights (init_from) takes
+    `start`, those weights, or reads them (starting_weights)."""
+    settings, net = config.train_of(net_name), config.net(net_name)
     seed = settings.seeds[0] if seed is None else seed
     torch.manual_seed(seed)
-    model = place_model(KeypointNet(**config.net(net_name).model_options()), device, memory_format(config))
+    network = KeypointNet(**net.model_options())
+    if net.init_from is not None:  # after the fresh weights are drawn: the output layer's are those of any net
+        start_from(network, start if start is not None else starting_weights(config, net_name, seed)[0])
+    model = place_model(network, device, memory_format(config))
     if ranks.world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = NesterovSGD(model.parameters(), lr=settings.schedules["lr"].start,
                             momentum=settings.schedules["momentum"].start)
     # Separate streams, so that net4 and net5 see their batches in the same order.
-    flip = config.net(net_name).flip
+    flip = net.flip
     return Trainer(
         model=model,
         optimizer=optimizer,
         max_epochs=settings.max_epochs,
         batch_size=settings.batch_size,
         generator=torch.Generator(device=device).manual_seed(seed),
-        augment=flip_random_half if flip else None,
+        augment=functools.partial(flip_random_half, columns=net.columns) if flip else None,
         augment_generator=torch.Generator(device=device).manual_seed(seed + 1) if flip else None,
         schedules={name: (schedule.start, schedule.stop) for name, schedule in settings.schedules.items()},
         keep_best=settings.keep == "best",
         bf16=settings.bf16,
+        masked=bool(net.masked),
         # A graph replays one process's kernels; DistributedDataParallel's all-reduces are not in it.
         cuda_graphs=settings.cuda_graphs and device.type == "cuda" and ranks.world_size == 1,
         callbacks=[
@@ -103,10 +110,33 @@ def build_trainer(config: Config, net_name: str, device: torch.device, ranks: Ra
     )
 
 
-def final_figures(history: list[dict]) -> dict:
-    """The training's headline figures, for `dvc metrics show`; the rest is in the history."""
+def starting_weights(config: Config, net_name: str, seed: int) -> tuple[dict, str]:
+    """The kept weights of the net that nets.<net_name>.init_from names, trained under `seed`, and their
+    checksum: refused unless that net's record says they were trained on today's prepared data with the
+    params params.yaml gives it (weights of an older training would start this net from another place)."""
+    paths, source = config.paths, config.net(net_name).init_from
+    key, files_seed = f"nets.{net_name}.init_from", config.files_seed(seed)
+    path, info_path = paths.model(source, files_seed), paths.model_info(source, files_seed)
+    retrain = f"train {source} first (`dvc repro train@{source}`)"
+    if not path.is_file() or not info_path.is_file():
+        raise PipelineError(f"{key}: {path}: no such file: {retrain}")
+    info = read_json(info_path, retrain)
+    if (info.get("config") != config.training_params(source, seed)
+            or info.get("data_hash") != read_summary(paths.prepared_summary)["data_hash"]):
+        raise PipelineError(f"{key}: {path} was trained with other params or data than params.yaml and the prepared "
+                            f"data give {source} now: {retrain}")
+    weights = load_checked(path, MODEL_REMEDY)
+    if checksum(weights) != info.get(WEIGHTS_TAG):
+        raise PipelineError(f"{key}: {path}: not the weights {info_path} records: {retrain}")
+    return weights, info[WEIGHTS_TAG]
+
+
+def final_figures(history: list[dict], train_faces: int) -> dict:
+    """The training's headline figures, for `dvc metrics show`; the rest is in the history. `train_faces`:
+    the faces it trained on (its validation part apart), which a specialist or a masked net has more of."""
     loss, epoch = best_valid(pd.DataFrame(history))
     return {
+        "train_faces": train_faces,
         "epochs": history[-1]["epoch"],
         "best_epoch": epoch,
         "best_valid_loss": loss,
@@ -214,11 +244,12 @@ def set_up_process(config: Config, ranks: Ranks = Ranks()) -> torch.device:
 
 
 def training_settings(config: Config, net_name: str, data_hash: str, device: torch.device, ranks: Ranks,
-                      seed: int | None = None) -> dict:
-    """What shapes a training's result: a checkpoint saved with other settings is not resumed."""
+                      seed: int | None = None, started_from: dict | None = None) -> dict:
+    """What shapes a training's result: a checkpoint saved with other settings is not resumed.
+    `started_from`: a net started from another's weights records them (Training.started_from)."""
     seed = config.train.seeds[0] if seed is None else seed
     return {
-        "net": net_name, "train": config.train_of(net_name).of_seed(seed),
+        "net": net_name, "train": config.train_of(net_name).of_seed(seed), **(started_from or {}),
         "net_settings": config.net(net_name).to_dict(),
         "data_hash": data_hash, "device": device.type, "world_size": ranks.world_size,
         "code": code_hash("pipeline.train"),
@@ -261,22 +292,31 @@ class Training:
     train_faces: DeviceFaces
     valid_faces: DeviceFaces
     summary: dict  # prepare's: the data's hash and source
+    # A net started from another's weights: {"init_from": {"net": that net, WEIGHTS_TAG: their checksum}}.
+    started_from: dict
 
 
 def restore_or_start(config: Config, net_name: str, seed: int, device: torch.device, ranks: Ranks) -> Training:
     """Phase 1: the data on the device, the seeded trainer, and its checkpoint's state if it has one."""
     paths = config.paths
-    summary = read_summary(paths.prepared_summary)
-    train_set, valid_set = split(load_faces(paths.train_faces, summary), config.train.valid_fraction,
-                                 seed=seed, key="train.valid_fraction")
-    trainer = build_trainer(config, net_name, device, ranks, seed)
+    summary, net = read_summary(paths.prepared_summary), config.net(net_name)
+    # Every complete face, and the incomplete ones labelled for the net's keypoints (faces_for_net).
+    faces = faces_for_net(load_faces(paths.train_faces, summary),
+                          load_incomplete_faces(paths.train_incomplete_faces, summary), net.columns, bool(net.masked))
+    train_set, valid_set = split(faces, config.train.valid_fraction, seed=seed, key="train.valid_fraction")
+    start, started_from = None, {}
+    if net.init_from is not None:
+        start, start_checksum = starting_weights(config, net_name, seed)
+        started_from = {"init_from": {"net": net.init_from, WEIGHTS_TAG: start_checksum}}
+    trainer = build_trainer(config, net_name, device, ranks, seed, start)
     checkpoint = Checkpoint(paths.checkpoint(net_name, config.files_seed(seed)),
-                            training_settings(config, net_name, summary["data_hash"], device, ranks, seed),
+                            training_settings(config, net_name, summary["data_hash"], device, ranks, seed,
+                                              started_from),
                             config.checkpoint.interval_seconds, saves=ranks.lead)
     checkpoint.resume(trainer)
     layout = memory_format(config)
     return Training(seed, trainer, checkpoint, DeviceFaces.of(train_set, device, layout),
-                    DeviceFaces.of(valid_set, device, layout), summary)
+                    DeviceFaces.of(valid_set, device, layout), summary, started_from)
 
 
 @contextlib.contextmanager
@@ -332,15 +372,17 @@ def finish(config: Config, net_name: str, training: Training, history: list[dict
     write_json(paths.model_info(net_name, seed), {
         "net": net_name, "data_hash": training.summary["data_hash"], "kept_epoch": history[-1]["kept_epoch"],
         "config": config.training_params(net_name, training.seed), WEIGHTS_TAG: weights,
+        **training.started_from,
     })
     write_history(paths.history(net_name, seed), history)
-    write_json(paths.train_metrics(net_name, seed), final_figures(history))
+    write_json(paths.train_metrics(net_name, seed), final_figures(history, len(training.train_faces)))
     # The run and the checksum let evaluate register this training's own model, and no run planted
     # in a shared store with the same tags.
     record_training_run(paths.training_runs, net_name, weights, logger.run_id)
     # After the files: a failure to write them (a full disk) leaves no logged model for the rerun to
-    # log a second time.
-    logger.log_model(network, example_faces(training.train_faces.images))
+    # log a second time. A net of some keypoints answers as part of a composite (its model is logged there).
+    if net_name in config.full_nets:
+        logger.log_model(network, example_faces(training.train_faces.images))
 
 
 def trained_config(config: Config, net_name: str, seed: int) -> dict:

@@ -348,6 +348,11 @@ class Config:
             return
         _require(source in self.nets, key, f"names {shown(source)}, which is no net of `nets` "
                                            f"({', '.join(self.nets)})")
+        _require(source != name, key, f"names {name} itself: a net starts from another's weights")
+        names = list(self.nets)
+        _require(names.index(source) < names.index(name), key,
+                 f"names {source}, which `nets` lists after {name}: list {source} first (DVC trains the nets in the "
+                 "order `nets` lists them, and a net starts from weights already trained)")
         chain = [name, source]
         while (following := self.nets[chain[-1]].init_from) is not None:
             _require(following not in chain, key, f"makes a cycle: {' <- '.join([*chain, following])}")

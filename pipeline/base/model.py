@@ -63,6 +63,16 @@ class KeypointNet(nn.Module):
         return self.head(self.features(images))
 
 
+def start_from(model: KeypointNet, trained: Mapping[str, torch.Tensor]) -> list[str]:
+    """Copy another net's trained weights into every layer of `model` but the output layer, which keeps its
+    fresh Glorot weights (the tutorial's load_weights_from): what a net learnt of all the keypoints starts
+    a net of some of them, whose outputs are others. Returns the names of the weights copied."""
+    state = model.state_dict()
+    copied = [name for name in state if not name.startswith(OUTPUT_LAYER)]
+    model.load_state_dict({**state, **{name: trained[name] for name in copied}})
+    return copied
+
+
 def parameter_count(**options) -> int:
     """The parameters of KeypointNet(**options), counted on PyTorch's meta device: none is allocated, so
     a net too large for the machine is counted as quickly as any other."""

@@ -309,6 +309,16 @@ def load_faces(path: Path, summary: dict) -> FaceSet:
     return FaceSet(X=images_of(pixels), y=keypoints)
 
 
+def faces_for_net(complete: FaceSet, incomplete: FaceSet, columns: tuple[int, ...], masked: bool) -> FaceSet:
+    """The faces a net of these target `columns` (of KEYPOINT_COLUMNS) trains on, with those columns: every
+    complete face, then the incomplete faces labelled for all of them (the tutorial's specialists), or with
+    `masked` for one at least (the loss then skips the unlabelled coordinates, NaN: loop.batch_loss)."""
+    labelled = ~np.isnan(incomplete.y[:, list(columns)])
+    rows = labelled.any(axis=1) if masked else labelled.all(axis=1)
+    return FaceSet(X=np.concatenate([complete.X, incomplete.X[rows]]),
+                   y=np.concatenate([complete.y[:, list(columns)], incomplete.y[rows][:, list(columns)]]))
+
+
 def load_incomplete_faces(path: Path, summary: dict) -> FaceSet:
     """The faces of an incomplete portion (train_incomplete.npz, test_incomplete.npz), checked as load_faces
     checks the complete ones: y holds NaN where a keypoint is unlabelled, and each face has one at least."""

@@ -112,6 +112,8 @@ class Trainer:
     # The weights a training ends with: the lowest valid loss's (a callback, KeepBest, keeps them) or the last epoch's.
     keep_best: bool = True
     bf16: bool = False
+    # Targets may be unlabelled (NaN): the loss is the mean over the labelled coordinates only (masked_loss).
+    masked: bool = False
     callbacks: list[Callback] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     rank: int = 0
@@ -181,8 +183,22 @@ def batch_loss(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor, gl
     # No autocast cache: a CUDA graph would otherwise capture weights cast before the step's update.
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=trainer.bf16, cache_enabled=False):
         predicted = trainer.model(images)
+    if trainer.masked:
+        return masked_loss(predicted.to(targets.dtype), targets)
     return F.mse_loss(predicted.to(targets.dtype), targets, reduction="sum") * (
         trainer.world_size / (global_rows * targets.shape[1]))
+
+
+def masked_loss(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean squared error over the labelled coordinates of `targets` (NaN where unlabelled), which
+    alone pass a gradient back: an unlabelled coordinate's is exactly zero, whatever the net predicts.
+
+    Multiplied by the mask rather than indexed, so that the batch's shapes stay fixed (a CUDA graph
+    replays it) and nothing waits for the host. Under torchrun each rank takes the mean of its own share,
+    and DistributedDataParallel averages those: shares with fewer labels weigh as much as the others."""
+    labelled = ~targets.isnan()
+    differences = (predicted - targets.nan_to_num()) * labelled
+    return differences.square().sum() / labelled.sum().clamp(min=1)
 
 
 def train_step(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor, global_rows: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from dvc.utils.serialize import parse_yaml
 
 from pipeline.base.config import MAX_EXPANDED_VALUES, flatten, load_config
 from pipeline.base.errors import PipelineError
+from pipeline.faces.kaggle import KEYPOINTS
 from pipeline.train import main as train_main
 from tests.support.project import DEFAULT_PARAMS, default_config, default_params
 
@@ -19,7 +20,7 @@ def write_params(tmp_path, change):
     params = default_params()
     change(params)
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
+    path.write_text(yaml.safe_dump(params, sort_keys=False))  # `nets` in its order, which init_from relies on
     return path
 
 
@@ -344,3 +345,71 @@ def test_a_net_name_of_more_than_64_characters_is_refused_before_any_stage(tmp_p
     expect_error(tmp_path, lambda p: p["nets"].update({name: {"flip": True}}),
                  "is a name of 65 characters: at most 64")
     assert "n" * 64 in load_config(write_params(tmp_path, lambda p: p["nets"].update({"n" * 64: {"flip": True}}))).nets
+
+
+EYES = ["left_eye_center", "right_eye_center"]
+GROUPS = {"eyes": EYES, "nose": ["nose_tip"]}
+
+
+def with_nets(nets, composites=None):
+    def change(params):
+        params["nets"].update(nets)
+        if composites is not None:
+            params["composites"] = composites
+    return change
+
+
+def test_a_group_net_predicts_its_keypoints_columns_in_kaggles_order_and_records_only_what_it_was_given(tmp_path):
+    config = load_config(write_params(tmp_path, with_nets(
+        {"eyes": {"flip": True, "keypoints": ["right_eye_center", "left_eye_center"], "masked": True}})))
+    assert config.nets["eyes"].columns == (0, 1, 2, 3)
+    assert config.nets["eyes"].model_options() == {"outputs": 4}
+    assert config.nets["net4"].columns == tuple(range(30)) and config.nets["net4"].model_options() == {}
+    assert config.to_dict()["nets"]["net4"] == {"flip": False}
+    assert config.full_nets == ["net4", "net5"] and config.predictors == ["net4", "net5"]
+
+
+def test_composites_of_disjoint_groups_covering_every_keypoint_load(tmp_path):
+    rest = [name for name in KEYPOINTS if name not in EYES]
+    config = load_config(write_params(tmp_path, with_nets(
+        {"eyes": {"flip": True, "keypoints": EYES, "init_from": "net5"}, "rest": {"flip": False, "keypoints": rest}},
+        {"pair": ["eyes", "rest"], "whole": ["net4"]})))
+    assert config.composites == {"pair": ("eyes", "rest"), "whole": ("net4",)}
+    assert config.predictors == ["net4", "net5", "pair", "whole"]
+
+
+@pytest.mark.parametrize("nets, composites, fragment", [
+    ({"eyes": {"flip": False, "keypoints": ["left_eye"]}}, None,
+     "nets.eyes.keypoints[0] 'left_eye' is not a keypoint: Kaggle's names without _x/_y, such as left_eye_center"),
+    ({"eyes": {"flip": False, "keypoints": ["nose_tip_x"]}}, None, "nets.eyes.keypoints[0] 'nose_tip_x' is not a keypoint"),
+    ({"eyes": {"flip": False, "keypoints": []}}, None, "nets.eyes.keypoints must list one keypoint at least"),
+    ({"eyes": {"flip": False, "keypoints": ["nose_tip", "nose_tip"]}}, None, "nets.eyes.keypoints lists nose_tip twice"),
+    ({"eyes": {"flip": True, "keypoints": ["left_eye_center", "nose_tip"]}}, None,
+     "nets.eyes.flip is true, but nets.eyes.keypoints has left_eye_center without right_eye_center"),
+    ({"eyes": {"flip": True, "keypoints": ["right_eyebrow_outer_end"]}}, None,
+     "nets.eyes.keypoints has right_eyebrow_outer_end without left_eyebrow_outer_end"),
+    ({"eyes": {"flip": False, "masked": "yes"}}, None, "nets.eyes.masked must be true or false"),
+    ({"eyes": {"flip": False, "init_from": "net9"}}, None, "nets.eyes.init_from names 'net9', which is no net of `nets`"),
+    ({"eyes": {"flip": False, "init_from": "eyes"}}, None, "nets.eyes.init_from names eyes itself"),
+    ({"eyes": {"flip": False, "init_from": "net5", "hidden": 1000}}, None,
+     "nets.eyes.init_from names net5, whose dense layers are 500 wide, where eyes's are 1000"),
+    ({"eyes": {"flip": False, "init_from": "later"}, "later": {"flip": False}}, None,
+     "nets.eyes.init_from names later, which `nets` lists after eyes: list later first"),
+    ({"eyes": {"flip": True, "keypoints": EYES}}, {"pair": ["eyes", "net4"]},
+     "composites.pair has left_eye_center twice: in eyes and in net4"),
+    ({"eyes": {"flip": True, "keypoints": EYES}}, {"pair": ["eyes"]},
+     "composites.pair lacks left_eye_inner_corner, left_eye_outer_corner"),
+    ({}, {"pair": ["net9"]}, "composites.pair[0] names 'net9', which is no net of `nets`"),
+    ({}, {"net5": ["net4"]}, "composites.net5 is also the name of a net"),
+    ({}, {"champion": ["net4"]}, "composites: 'champion' is taken"),
+    ({}, {"pair": []}, "composites.pair must list one net at least"),
+])
+def test_bad_groups_starts_and_composites_are_refused_in_one_line_naming_the_key(tmp_path, nets, composites, fragment):
+    expect_error(tmp_path, with_nets(nets, composites), fragment)
+
+
+def test_a_cycle_of_starts_is_refused_naming_it(tmp_path):
+    def change(params):
+        params["nets"] = {"a": {"flip": False, "init_from": "b"}, "b": {"flip": False, "init_from": "a"}}
+    # Whichever comes first names the other, listed after it.
+    expect_error(tmp_path, change, "nets.a.init_from names b, which `nets` lists after a")

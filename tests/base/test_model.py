@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.base.model import KeypointNet, for_inference
+from pipeline.base.model import OUTPUT_LAYER, KeypointNet, for_inference, start_from
 
 
 def test_output_shape_and_layers_follow_the_seed():
@@ -101,3 +101,25 @@ def test_the_inference_net_of_trained_weights_has_their_width_and_no_dropout():
     images = torch.rand(3, 1, 96, 96)
     with torch.no_grad():
         assert torch.equal(model(images), trained.eval()(images))
+
+
+def test_a_group_nets_output_layer_has_two_units_per_keypoint_and_loads_from_its_weights_alone():
+    net = KeypointNet(outputs=4)
+    assert net(torch.zeros(2, 1, 96, 96)).shape == (2, 4)
+    assert for_inference(net.state_dict())(torch.zeros(1, 1, 96, 96)).shape == (1, 4)
+
+
+def test_starting_from_another_net_copies_every_layer_but_the_output_layer():
+    torch.manual_seed(0)
+    trained = KeypointNet().state_dict()
+    torch.manual_seed(1)
+    specialist = KeypointNet(outputs=4)
+    fresh = {name: value.clone() for name, value in specialist.state_dict().items()}
+    copied = start_from(specialist, trained)
+    state = specialist.state_dict()
+    assert copied == [name for name in state if not name.startswith(OUTPUT_LAYER)] and len(copied) == 10
+    for name in state:
+        torch.testing.assert_close(state[name], trained[name] if name in copied else fresh[name], rtol=0, atol=0)
+    # The output layer is the fresh net's: Glorot weights, zero biases, of its own width.
+    assert state[OUTPUT_LAYER + "weight"].shape == (4, 500) and not state[OUTPUT_LAYER + "weight"].equal(
+        trained[OUTPUT_LAYER + "weight"][:4])

@@ -433,3 +433,23 @@ def test_prepare_writes_counts_checksums_and_hashes_of_the_incomplete_portions(t
     assert summary["data_hash"] == content_hash(*(faces.stored() for faces in complete))
     assert summary["incomplete_hash"] == content_hash(*(faces.stored() for faces in incomplete))
     assert all(np.isnan(faces.y[:, 4:20]).all() for faces in incomplete)
+
+
+def test_a_net_trains_on_the_complete_faces_and_the_incomplete_ones_labelled_for_its_keypoints():
+    nan = np.nan
+    complete = data.FaceSet(np.zeros((2, 1, 96, 96), np.float32), np.arange(60, dtype=np.float32).reshape(2, 30))
+    incomplete_y = np.full((3, 30), nan, np.float32)
+    incomplete_y[0, :4] = 1  # both eye centres
+    incomplete_y[1, :2] = 2  # the left eye centre alone
+    incomplete_y[2, 20:22] = 3  # the nose tip alone
+    incomplete = data.FaceSet(np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1) * np.ones((1, 1, 96, 96), np.float32),
+                              incomplete_y)
+    eyes = (0, 1, 2, 3)
+    strict = data.faces_for_net(complete, incomplete, eyes, masked=False)
+    assert strict.y.tolist() == [[0, 1, 2, 3], [30, 31, 32, 33], [1, 1, 1, 1]] and strict.X[2, 0, 0, 0] == 0
+    masked = data.faces_for_net(complete, incomplete, eyes, masked=True)
+    assert len(masked) == 4 and masked.X[3, 0, 0, 0] == 1
+    assert masked.y[3, :2].tolist() == [2, 2] and np.isnan(masked.y[3, 2:]).all()
+    # A net of all 15 keypoints, not masked: the complete faces alone, as before incomplete ones were kept.
+    whole = data.faces_for_net(complete, incomplete, tuple(range(30)), masked=False)
+    assert np.array_equal(whole.y, complete.y) and np.array_equal(whole.X, complete.X)

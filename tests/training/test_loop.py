@@ -1,3 +1,4 @@
+import math
 import dataclasses
 import io
 from types import SimpleNamespace
@@ -9,7 +10,7 @@ from tests.support.loops import EpochWeights, assert_weights, bright_square_face
 from pipeline.base.errors import PipelineError
 from pipeline.faces.data import loss_to_rmse_px
 from pipeline.training.callbacks import EarlyStopping, EpochTable
-from pipeline.training.loop import Callback, DeviceFaces, fit, lowest_valid_loss
+from pipeline.training.loop import Callback, DeviceFaces, fit, lowest_valid_loss, masked_loss
 from tests.support.plain_loop import assert_same_training, fast_and_plain
 
 
@@ -250,3 +251,29 @@ def test_early_stopping_counts_from_the_history_so_a_resumed_training_stops_wher
 def test_the_stage_loop_computes_the_losses_and_weights_of_the_plain_eager_loop(net):
     """In float64, where rounding cannot hide a difference in the mathematics."""
     assert_same_training(*fast_and_plain(net, "cpu", torch.float64), tolerance=1e-9)
+
+
+def test_the_masked_loss_is_the_mean_over_labelled_coordinates_and_passes_no_gradient_to_the_others():
+    predicted = torch.tensor([[0.5, -0.2, 0.9, 0.3], [0.15, 0.4, -0.6, 0.2]], requires_grad=True)
+    nan = float("nan")
+    targets = torch.tensor([[0.0, 0.0, nan, nan], [0.1, nan, -0.5, 0.0]])
+    loss = masked_loss(predicted, targets)
+    labelled = ~targets.isnan()
+    torch.testing.assert_close(loss, ((predicted - targets)[labelled] ** 2).mean())
+    loss.backward()
+    assert (predicted.grad[~labelled] == 0).all() and (predicted.grad[labelled] != 0).all()
+    assert torch.isfinite(predicted.grad).all()
+    # Fully labelled targets: the plain mean squared error.
+    full = torch.zeros(2, 4)
+    torch.testing.assert_close(masked_loss(predicted.detach(), full), torch.nn.functional.mse_loss(predicted.detach(), full))
+
+
+def test_a_masked_net_trains_on_faces_with_unlabelled_coordinates_to_finite_losses():
+    faces = bright_square_faces(48, 0)
+    y = faces.y.copy()
+    y[::2, 4:] = float("nan")  # half the faces labelled for their first two keypoints only
+    trainer = make_trainer(max_epochs=3)
+    trainer.masked = True
+    history = fit(trainer, DeviceFaces.of(type(faces)(faces.X, y), torch.device("cpu")), data(16, seed=1))
+    assert all(math.isfinite(row["train_loss"]) for row in history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
