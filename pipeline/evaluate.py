@@ -1,4 +1,4 @@
-"""Stage `evaluate`: every net and the mean-shape baseline on the held-out test faces.
+"""Stage `evaluate`: every net and composite and the mean-shape baseline on the held-out test faces.
 
 Writes <paths.metrics>/evaluate.json (the headline test figures, DVC metrics),
 <paths.metrics>/keypoint_errors.csv, <paths.metrics>/valid_rmse.csv (DVC's plot of the nets), four pictures
@@ -6,6 +6,12 @@ under paths.plots and reports/comparison.md, and adds each net's test figures an
 net's own training run in MLflow (the run the training noted for its weights, trained_by.record_training_run),
 whose model it registers as a version of registry.model_name; in the workspace, it points the nets'
 aliases and the champion alias at them (pipeline.tracking.registry).
+
+The models compared are config.predictors: the nets that predict all 15 keypoints, and the composites
+(params.yaml's composites), whose nets each predict a group of them; a composite under a seed puts its
+nets' trainings under that seed side by side (composite.combine). A net of a group is read and checked
+like any net, but is no model of the comparison. A composite has no training run: evaluate makes it a
+run of its own, with its model, and registers that (pipeline.tracking.composite_runs).
 
 Usage: python -m pipeline.evaluate
 """
@@ -24,6 +30,7 @@ import torch
 from mlflow.entities import DatasetInput
 from mlflow.entities.model_registry import ModelVersion
 
+from pipeline.base.composite import combine, composite_checksum, load_composite, member_columns
 from pipeline.base.config import Config, flatten, load_config
 from pipeline.base.errors import PipelineError
 from pipeline.base.files import read_json, write_json, write_text
@@ -38,7 +45,9 @@ from pipeline.evaluation.report import (BASELINE_LABEL, SUMMARY_HEADER, answer, 
 from pipeline.faces.data import (FaceSet, load_faces, load_incomplete_faces, pixels_of, read_summary,
                                  unscale_keypoints)
 from pipeline.faces.kaggle import read_table
+from pipeline.tracking.composite_runs import composite_run
 from pipeline.tracking.datasets import faces_inputs
+from pipeline.tracking.export import example_faces
 from pipeline.tracking.evaluation_log import log_evaluation
 from pipeline.tracking.registry import EXPERIMENT_TAG, Trained, in_workspace, promote, register, trained_run
 from pipeline.tracking.store import EXPERIMENT, TrackingError, connect
@@ -172,6 +181,8 @@ def valid_rmse_csv(histories: dict[str, pd.DataFrame], nets: list[str], baseline
     """Every net's valid RMSE px per epoch, and the mean-shape baseline's test RMSE as a line across
     the epochs, each row with its model's colour of the pictures, which DVC's plot draws it in
     (.dvc/plots/valid_rmse.json)."""
+    if not nets:  # composites only: no net trained a history of its own
+        return pd.DataFrame(columns=["epoch", "model", "rmse_px", "colour"]).to_csv(index=False, lineterminator="\n")
     curves = [pd.DataFrame({"epoch": histories[net]["epoch"], "model": net,
                             "rmse_px": rmse_curves(histories[net])["valid_rmse_px"], "colour": net_colour(index)})
               for index, net in enumerate(nets)]
@@ -183,9 +194,10 @@ def valid_rmse_csv(histories: dict[str, pd.DataFrame], nets: list[str], baseline
 
 def draw_pictures(folder: Path, results: dict, histories: dict[str, pd.DataFrame], test: FaceSet,
                   predictions: dict, nets: list[str]) -> dict[str, Path]:
-    """The four evaluation pictures, by title. The faces show the net with the lowest test error."""
+    """The four evaluation pictures, by title. The faces show the model (net or composite) with the
+    lowest test error; the curves, the nets that have a history (no composite has)."""
     path = {name: folder / name for name in PICTURE_TITLES}
-    plots.learning_curves(path["learning_curves.png"], {net: rmse_curves(histories[net]) for net in nets},
+    plots.learning_curves(path["learning_curves.png"], {net: rmse_curves(histories[net]) for net in histories},
                           results["baseline"]["test_rmse_px"])
     plots.schedules(path["schedules.png"], histories)
     best = min(nets, key=lambda net: results[net]["test_rmse_px"])
@@ -212,6 +224,23 @@ def trained_here(folder: str, net: str, weights: str, model_path: Path) -> Train
               "were trained elsewhere): its test figures are not logged to MLflow", file=sys.stderr)
         return None
     return Trained(net, run_id, weights)
+
+
+def composite_trained(config: Config, name: str, seed: int, infos: dict, data_hash: str,
+                      faces: np.ndarray) -> Trained | None:
+    """Composite `name`'s run of its nets' trainings under `seed` (composite_runs.composite_run: made now
+    if none is noted), or None with a warning where the store fails: the files are written."""
+    paths, files = config.paths, config.files_seed(seed)
+    weights = {member: infos[member, seed][WEIGHTS_TAG] for member in config.composites[name]}
+    try:
+        return composite_run(paths.training_runs, name, weights, composite_checksum(config, name, weights), seed,
+                             data_hash, load_composite(config, name, files), faces,
+                             net_colour(config.predictors.index(name)),
+                             [paths.models, paths.metrics, paths.plots, paths.reports])
+    except TrackingError as error:
+        print(f"warning: {name}: no MLflow run holds the composite's model ({error}): its test figures are not "
+              "logged to MLflow", file=sys.stderr)
+        return None
 
 
 def log_to_run(model_name: str, trained: Trained | None, metrics: dict[str, float], artifacts: list[Path],
@@ -262,7 +291,8 @@ def main() -> None:
     # The nets' forward passes too give the same bits on any CPU where their training did.
     use_portable_cpu_kernels(config.train.portable_cpu)
     paths = config.paths
-    nets, seeds = list(config.nets), config.train.seeds
+    # Every net is read and checked; the models compared are the full nets and the composites.
+    nets, scored, seeds = list(config.nets), config.predictors, config.train.seeds
     summary = read_summary(paths.prepared_summary)
     data_hash = summary["data_hash"]
     # Every training: each net under each seed, the first seed's the net's own files (PathsConfig).
@@ -270,8 +300,9 @@ def main() -> None:
     files = {(net, seed): config.files_seed(seed) for net, seed in trainings}
     infos = {(net, seed): read_model_info(paths.model_info(net, files[net, seed]), net, seed, config, data_hash)
              for net, seed in trainings}
-    # The first seed's: the learning curves and the training figures are those of one training.
-    histories = {net: read_history(paths.history(net)) for net in nets}
+    # The first seed's: the learning curves and the training figures are those of one training, of the
+    # nets compared (a composite's nets have theirs in their runs).
+    histories = {net: read_history(paths.history(net)) for net in config.full_nets}
     train, test = load_faces(paths.train_faces, summary), load_faces(paths.test_faces, summary)
     # The test faces that lack some keypoints: each keypoint is scored on every test face labelled for it too.
     incomplete = load_incomplete_faces(paths.test_incomplete_faces, summary)
@@ -286,28 +317,35 @@ def main() -> None:
         predictions[net, seed] = predict(model, test.X)
         every_prediction[net, seed] = np.concatenate([predictions[net, seed], predict(model, incomplete.X)]) \
             if len(incomplete) else predictions[net, seed]
+    for name, members in config.composites.items():
+        columns = member_columns(config, name)
+        for seed in seeds:
+            predictions[name, seed] = combine(columns, [predictions[member, seed] for member in members])
+            every_prediction[name, seed] = combine(columns, [every_prediction[member, seed] for member in members])
     baseline = mean_shape(train.y, len(test))
     face_errors = {**{net: np.stack([face_squared_errors_px(predictions[net, seed], test.y) for seed in seeds])
-                      for net in nets},
+                      for net in scored},
                    "baseline": face_squared_errors_px(baseline, test.y)}
     scores = {net: pooled_score({seed: {**score(predictions[net, seed], test.y), "labelled_keypoint_rmse_px":
                                         labelled_keypoint_rmse_px(every_prediction[net, seed], every_test_y)}
-                                 for seed in seeds}) for net in nets}
+                                 for seed in seeds}) for net in scored}
     baseline_score = {**score(baseline, test.y), "labelled_keypoint_rmse_px": labelled_keypoint_rmse_px(
         mean_shape(train.y, len(every_test_y)), every_test_y)}
     resamples = config.evaluate.bootstrap_resamples
     results = summarize(scores, baseline_score, histories, face_errors, resamples, config.evaluate.seed,
                         bootstrap_progress(resamples))
     results["comparison"]["labelled_faces"] = labelled_faces(every_test_y)
-    for net in nets:  # the epoch whose weights were tested, for the report (report.kept_weights_paragraph)
+    for net in config.full_nets:  # the epoch whose weights were tested, for the report (report.kept_weights_paragraph)
         results[net]["kept_epoch"] = infos[net, seeds[0]].get("kept_epoch")
-    write_json(paths.test_figures, dvc_metrics(results, nets))
-    write_text(Path(paths.metrics) / KEYPOINT_ERRORS, keypoint_errors_csv(results, [*nets, "baseline"]))
-    write_text(Path(paths.metrics) / VALID_RMSE, valid_rmse_csv(histories, nets, results["baseline"]["test_rmse_px"]))
+    write_json(paths.test_figures, dvc_metrics(results, scored))
+    write_text(Path(paths.metrics) / KEYPOINT_ERRORS, keypoint_errors_csv(results, [*scored, "baseline"]))
+    write_text(Path(paths.metrics) / VALID_RMSE, valid_rmse_csv(histories, list(histories),
+                                                                results["baseline"]["test_rmse_px"]))
     pictures = draw_pictures(Path(paths.plots), results, histories, test,
-                             {net: predictions[net, seeds[0]] for net in nets}, nets)
+                             {net: predictions[net, seeds[0]] for net in scored}, scored)
     report = paths.comparison_report
-    write_text(report, comparison_markdown(results, nets, data_hash, len(test), pictures, report, EXPERIMENT))
+    write_text(report, comparison_markdown(results, scored, data_hash, len(test), pictures, report, EXPERIMENT,
+                                           config.composites))
     try:
         connect()
     except TrackingError as error:
@@ -315,19 +353,24 @@ def main() -> None:
         print(f"warning: test figures not logged to MLflow ({error})", file=sys.stderr)
     else:
         model_name = config.registry.model_name
+        exported_from = example_faces(torch.from_numpy(train.X))
+
+        def trained(net: str, seed: int) -> Trained | None:
+            if net in config.composites:
+                return composite_trained(config, net, seed, infos, data_hash, exported_from)
+            return trained_here(paths.training_runs, net, infos[net, seed][WEIGHTS_TAG],
+                                paths.model(net, files[net, seed]))
+
         point_aliases(model_name, {net: [
-            log_to_run(model_name,
-                       trained_here(paths.training_runs, net, infos[net, seed][WEIGHTS_TAG],
-                                    paths.model(net, files[net, seed])),
-                       mlflow_metrics(results, net, seed),
+            log_to_run(model_name, trained(net, seed), mlflow_metrics(results, net, seed),
                        [*pictures.values(), report, Path(paths.metrics) / KEYPOINT_ERRORS],
                        faces_inputs(summary, test=len(test)))
-            for seed in seeds] for net in nets})
+            for seed in seeds] for net in scored})
     print(f"evaluate: {len(test)} test faces{f', {len(seeds)} seeds of each net' if len(seeds) > 1 else ''}, "
           f"data hash {data_hash}")
-    print(text_table(SUMMARY_HEADER, summary_rows(results, nets)))
-    print("\n".join(comparison_lines(results, nets)))
-    print(f"{answer(results, nets)}.")
+    print(text_table(SUMMARY_HEADER, summary_rows(results, scored)))
+    print("\n".join(comparison_lines(results, scored)))
+    print(f"{answer(results, scored)}.")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageCms, ImageOps
 
+from pipeline.base.composite import composite_checksum, load_composite
 from pipeline.base.config import Config, load_config
 from pipeline.base.errors import PipelineError
 from pipeline.base.files import atomic_write, read_json, write_text
@@ -368,7 +369,8 @@ def training_run(net: str, model: torch.nn.Module) -> str:
 
 def workspace_weights(config: Config) -> dict[str, set[str]]:
     """The checksums of each net's weights in models/, one per seed of train.seeds, as their .json
-    files record them (nets without any left out: nothing to compare an alias with)."""
+    files record them (nets without any left out: nothing to compare an alias with); and each composite's
+    checksum of its nets' weights under each seed, which its versions are tagged with."""
     recorded: dict[str, set[str]] = {}
     for net in config.nets:
         for seed in config.train.seeds:
@@ -376,6 +378,12 @@ def workspace_weights(config: Config) -> dict[str, set[str]]:
                 weights = read_json(config.paths.model_info(net, config.files_seed(seed)), "").get(WEIGHTS_TAG)
                 if weights:
                     recorded.setdefault(net, set()).add(weights)
+    for name, members in config.composites.items():
+        for seed in config.train.seeds:
+            with contextlib.suppress(PipelineError, KeyError):
+                weights = {member: read_json(config.paths.model_info(member, config.files_seed(seed)), "")[WEIGHTS_TAG]
+                           for member in members}
+                recorded.setdefault(name, set()).add(composite_checksum(config, name, weights))
     return recorded
 
 
@@ -392,6 +400,18 @@ def load_predictor(config: Config, net: str) -> tuple[Callable[[NamedFaces], np.
         registry.warn_if_not_workspace(net, loaded, workspace_weights(config))
         return (lambda faces: loaded.model.predict(faces.images)[list(KEYPOINT_COLUMNS)].to_numpy(),
                 lambda: f"{net} ({loaded.described()})")
+    if net in config.composites:
+        # Its nets' own files (the first seed's trainings), side by side: the model evaluate registered for it.
+        members = config.composites[net]
+        composite = load_composite(config, net)
+        return (lambda faces: predict_pixels(composite, faces),
+                lambda: f"{net}, of " + "; ".join(model_description(config.paths.model_info(member), member, model)
+                                                  for member, model in zip(members, composite.members)))
+    if net not in config.predictors and net in config.nets:
+        users = ", ".join(name for name, members in config.composites.items() if net in members)
+        raise PipelineError(f"--net {net}: predicts {len(config.nets[net].keypoints)} of the 15 keypoints "
+                            f"(nets.{net}.keypoints): name a net of all 15 or a composite"
+                            f"{f' of it ({users})' if users else ''} instead")
     config.net(net)
     weights = load_model(config.paths.model(net), "cpu")
     return (lambda faces: predict_pixels(weights, faces),
@@ -408,6 +428,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="face images (PNG, JPG, TIFF, ...), or one test.csv with columns ImageId,Image")
     parser.add_argument("--net", default="net5",
                         help="the trained net to use: a net of params.yaml, its weights in models/ (default: net5), "
+                             "a composite of params.yaml (its nets' weights side by side), "
                              "or a model of the MLflow Model Registry, such as models:/facial-keypoints@champion")
     parser.add_argument("--output", type=Path, default=Path("predictions.csv"),
                         help="the keypoints in each image's pixels, one row per image (default: predictions.csv)")

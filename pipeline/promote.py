@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.base.composite import composite_checksum
 from pipeline.base.config import Config, load_config
 from pipeline.base.errors import PipelineError
 from pipeline.base.files import read_json
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     model_name = config.registry.model_name
     figures = read_json(config.paths.test_figures, REMEDY)
     trainings = {net: [tested_training(config, net, seed, figures) for seed in config.train.seeds]
-                 for net in config.nets}
+                 for net in config.predictors}
     connect()
     versions = {net: [register(model_name, trained, tested) for trained, tested in each]
                 for net, each in trainings.items()}
@@ -47,15 +48,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def tested_training(config: Config, net: str, seed: int, figures: dict) -> tuple[Trained, float]:
-    """The net's training under `seed`, with the run the training noted for its weights, and its test
-    RMSE as evaluate.json has it; refused in one line where either is missing."""
+    """The net's (or composite's) training under `seed`, with the run the training (evaluate, for a
+    composite) noted for its weights, and its test RMSE as evaluate.json has it; refused in one line
+    where either is missing."""
     paths, files = config.paths, config.files_seed(seed)
-    info_path = paths.model_info(net, files)
-    info = read_json(info_path, REMEDY)
-    if WEIGHTS_TAG not in info:
-        raise PipelineError(f"{info_path}: records no {WEIGHTS_TAG} (written by an older training): train it "
-                            f"again (`dvc repro train@{net}`)")
-    run_id = recorded_training_run(paths.training_runs, net, info[WEIGHTS_TAG])
+    weights = {member: recorded_weights(config, member, files) for member in config.composites.get(net, (net,))}
+    checksum = composite_checksum(config, net, weights) if net in config.composites else weights[net]
+    run_id = recorded_training_run(paths.training_runs, net, checksum)
+    if run_id is None and net in config.composites:
+        raise PipelineError(f"{net}: no evaluation in this project noted the MLflow run of its nets' weights: "
+                            "evaluate it here (`dvc repro --force evaluate`)")
     if run_id is None:
         raise PipelineError(f"{paths.model(net, files)}: no training in this project noted the MLflow run of these "
                             f"weights (they were trained elsewhere): train it here (`dvc repro --force train@{net}`)")
@@ -65,7 +67,17 @@ def tested_training(config: Config, net: str, seed: int, figures: dict) -> tuple
     if not isinstance(tested, dict) or "test_rmse_px" not in tested:
         raise PipelineError(f"{paths.test_figures}: no test_rmse_px of {net} under seed {seed}: evaluate it first "
                             "(`dvc repro`)")
-    return Trained(net, run_id, info[WEIGHTS_TAG]), tested["test_rmse_px"]
+    return Trained(net, run_id, checksum), tested["test_rmse_px"]
+
+
+def recorded_weights(config: Config, net: str, files: int | None) -> str:
+    """The checksum of the net's weights as models/<net>.json records it; refused in one line without one."""
+    info_path = config.paths.model_info(net, files)
+    info = read_json(info_path, REMEDY)
+    if WEIGHTS_TAG not in info:
+        raise PipelineError(f"{info_path}: records no {WEIGHTS_TAG} (written by an older training): train it "
+                            f"again (`dvc repro train@{net}`)")
+    return info[WEIGHTS_TAG]
 
 
 if __name__ == "__main__":

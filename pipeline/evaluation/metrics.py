@@ -208,6 +208,10 @@ def summarize(scores: dict[str, dict], baseline: dict, histories: dict[str, pd.D
               progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
     """The content of evaluate.json: per net test and training figures, the baseline, the comparison.
 
+    `scores` are every predictor's (full nets, then composites), `histories` those of the nets that
+    trained (a composite has none, so its entry has test figures only, and no best valid loss is
+    compared with it).
+
     Every net is compared with the mean-shape baseline (a net that does not beat it has learnt no
     faces); the first net (net4 in params.yaml) is the reference the others are compared with, as
     the seed compares net5 with net4. Each comparison of test RMSE carries its 95% interval from
@@ -215,11 +219,11 @@ def summarize(scores: dict[str, dict], baseline: dict, histories: dict[str, pd.D
     "baseline" included: resampled_rmse_px), and whether that interval excludes no difference at all. `progress` hears (comparisons done, of how
     many) after each.
     """
-    training, target_loss = training_comparison(histories)
+    training, target_loss = training_comparison(histories) if histories else ({}, None)
     models = {**scores, "baseline": baseline}
     comparison = {
         "target_valid_loss": target_loss,
-        "target_valid_rmse_px": float(loss_to_rmse_px(target_loss)),
+        "target_valid_rmse_px": None if target_loss is None else float(loss_to_rmse_px(target_loss)),
         "test_faces": int(np.atleast_2d(next(iter(face_errors.values()))).shape[1]),
         # The trainings of each net the figures pool (train.seeds), as many for every net.
         "seeds": int(max(len(np.atleast_2d(errors)) for errors in face_errors.values())),
@@ -235,8 +239,8 @@ def summarize(scores: dict[str, dict], baseline: dict, histories: dict[str, pd.D
             "test_rmse_improvement_interval": interval,
             "significant": interval is not None and (interval[0] > 0 or interval[1] < 0),
         }
-        if reference != "baseline":
+        if reference in training and model in training:
             comparison[name]["best_valid_loss_improvement_percent"] = improvement_percent(
                 training[reference]["best_valid_loss"], training[model]["best_valid_loss"])
-    nets = {net: {**scores[net], **training[net]} for net in scores}
+    nets = {net: {**scores[net], **training.get(net, {})} for net in scores}
     return {**nets, "baseline": baseline, "comparison": comparison}

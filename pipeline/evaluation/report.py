@@ -22,16 +22,16 @@ SEED_IMPROVEMENT = ("The seed reports net5's valid loss about 10% below net4's "
 
 
 def summary_rows(results: dict, nets: list[str]) -> list[tuple[str, ...]]:
-    """One row per net and one for the baseline, under SUMMARY_HEADER; for the console and the report."""
+    """One row per net (or composite) and one for the baseline, under SUMMARY_HEADER; for the console and
+    the report. A composite trained no history of its own: its training columns are "-"."""
     rows = [
         (
             net,
             f"{results[net]['test_rmse_px']:.3f}"
             + (f" ± {results[net]['test_rmse_px_sd']:.3f} sd" if "test_rmse_px_sd" in results[net] else ""),
-            f"{results[net]['best_valid_rmse_px']:.3f}",
-            f"{results[net]['best_valid_loss']:.6f}",
-            str(results[net]["best_epoch"]),
-            _epoch(results[net]["epoch_reaching_target"]),
+            *((f"{results[net]['best_valid_rmse_px']:.3f}", f"{results[net]['best_valid_loss']:.6f}",
+               str(results[net]["best_epoch"]), _epoch(results[net]["epoch_reaching_target"]))
+              if "best_valid_loss" in results[net] else ("-",) * 4),
         )
         for net in nets
     ]
@@ -59,15 +59,14 @@ def comparison_lines(results: dict, nets: list[str]) -> list[str]:
         f"Target valid loss {comparison['target_valid_loss']:.6f} ({comparison['target_valid_rmse_px']:.3f} px): "
         "the larger of the nets' best valid losses, so that every net reaches it and the epoch it "
         "first does so can be compared."
-    ]
+    ] if comparison["target_valid_loss"] is not None else []
     lines += [
         f"{net}: test RMSE {_relative(comparison[f'{net}_vs_baseline'], 'the mean-shape baseline')}."
         for net in nets
     ]
     lines += [
-        f"{net} against {reference}: test RMSE {_relative(comparison[f'{net}_vs_{reference}'], reference)}, "
-        f"best valid loss "
-        f"{_percent(comparison[f'{net}_vs_{reference}']['best_valid_loss_improvement_percent'])}."
+        f"{net} against {reference}: test RMSE {_relative(comparison[f'{net}_vs_{reference}'], reference)}"
+        f"{_best_valid(comparison[f'{net}_vs_{reference}'])}."
         for net in others
     ]
     if comparison["seeds"] > 1:
@@ -98,9 +97,11 @@ def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def comparison_markdown(results: dict, nets: list[str], data_hash: str, n_test: int, pictures: dict[str, Path],
-                        report: Path, experiment: str) -> str:
+                        report: Path, experiment: str, composites: dict[str, tuple[str, ...]] | None = None) -> str:
     """The whole report; pictures are linked relative to the report's folder so that it renders in place.
-    `experiment` is the MLflow experiment that holds the nets' runs."""
+    `experiment` is the MLflow experiment that holds the nets' runs. `nets` are the predictors compared,
+    full nets and `composites` (each with its member nets), which are said in a paragraph of their own."""
+    composites = composites or {}
     labels = [*nets, "baseline"]
     keypoint_rows = [
         (name, *(f"{results[label]['per_keypoint_rmse_px'][name]:.3f}" for label in labels))
@@ -126,6 +127,7 @@ def comparison_markdown(results: dict, nets: list[str], data_hash: str, n_test: 
         markdown_table(SUMMARY_HEADER, summary_rows(results, nets)),
         "",
         *kept_weights_paragraph(results, nets),
+        *composites_paragraph(composites),
         "## Comparison",
         "",
         *(f"- {line}" for line in comparison_lines(results, nets)),
@@ -156,6 +158,17 @@ def kept_weights_paragraph(results: dict, nets: list[str]) -> list[str]:
     kept = [f"{net}'s of epoch {results[net]['kept_epoch']}" for net in nets
             if results[net].get("kept_epoch") is not None]
     return [f"The test figures are those of the weights each training kept: {', '.join(kept)}.", ""] if kept else []
+
+
+def composites_paragraph(composites: dict[str, tuple[str, ...]]) -> list[str]:
+    """What each composite is made of, as a paragraph; none without composites. Its training columns
+    are "-": each of its nets trained on its own keypoints, with a history of its own."""
+    if not composites:
+        return []
+    made = [f"{name} puts {' and '.join(members)} side by side" for name, members in composites.items()]
+    return [f"Composites (params.yaml `composites`): {'; '.join(made)}, each net answering its own keypoints. "
+            "A composite has no training of its own, hence no valid loss: its nets' runs in MLflow have theirs, "
+            "and its own run, named after it, holds its model and these figures.", ""]
 
 
 def _beats_baseline(results: dict, net: str) -> bool:
@@ -222,6 +235,13 @@ def _relative(figures: dict, reference: str) -> str:
         return f"not comparable with {reference}'s, which is next to nothing"
     return (f"{_percent(figures['test_rmse_improvement_percent'])} than {reference} (95% interval "
             f"{_interval(figures)}{'' if figures['significant'] else ', not significant'})")
+
+
+def _best_valid(figures: dict) -> str:
+    """The clause comparing best valid losses, where both models trained (a composite did not)."""
+    if "best_valid_loss_improvement_percent" not in figures:
+        return ""
+    return f", best valid loss {_percent(figures['best_valid_loss_improvement_percent'])}"
 
 
 def _percent(improvement_percent: float | None) -> str:
