@@ -106,6 +106,19 @@ def read_model_info(path: Path, net: str, seed: int, config: Config, data_hash: 
     return info
 
 
+def check_start(config: Config, net: str, infos: dict[tuple[str, int], dict], seed: int, info_path: Path) -> None:
+    """A net started from another's weights (init_from) started from those that net has now: DVC reruns the
+    source's training when its inputs change, but not the trainings started from it, which know it by name
+    only (dvc.yaml cannot list a dependency that some nets lack)."""
+    source = config.net(net).init_from
+    if source is None:
+        return
+    started = (infos[net, seed].get("init_from") or {}).get(WEIGHTS_TAG)
+    if started != infos[source, seed][WEIGHTS_TAG]:
+        raise PipelineError(f"{info_path}: {net} started from weights of {source} ({str(started)[:12]}...) that it no "
+                            f"longer has: train {net} again (`dvc repro --force train@{net}`)")
+
+
 def check_weights(path: Path, info: dict, model: torch.nn.Module, info_path: Path) -> None:
     """The weights are those models/<net>.json describes: DVC restores the two together."""
     if weights_checksum(model) != info[WEIGHTS_TAG]:
@@ -300,6 +313,8 @@ def main() -> None:
     files = {(net, seed): config.files_seed(seed) for net, seed in trainings}
     infos = {(net, seed): read_model_info(paths.model_info(net, files[net, seed]), net, seed, config, data_hash)
              for net, seed in trainings}
+    for net, seed in trainings:
+        check_start(config, net, infos, seed, paths.model_info(net, files[net, seed]))
     # The first seed's: the learning curves and the training figures are those of one training, of the
     # nets compared (a composite's nets have theirs in their runs).
     histories = {net: read_history(paths.history(net)) for net in config.full_nets}

@@ -53,6 +53,9 @@ MAX_RESAMPLES = 1_000_000
 # Names taken elsewhere: evaluation's name of the mean-shape baseline, and aliases that the Model
 # Registry gives another meaning (the best net's alias; MLflow's own latest and v<N>).
 RESERVED_NET_NAMES = re.compile(r"baseline|champion|latest|v\d+", re.IGNORECASE)
+# Mappings that may be empty, {}: params.yaml has `composites: {}` so that DVC, which refuses a params key
+# that params.yaml lacks, can list it among evaluate's params.
+MAY_BE_EMPTY = ("composites",)
 # The values params.yaml may hold once its anchors' aliases are expanded: the file has about 40, and a
 # few aliases of a net's settings stay far below; a "billion laughs" of nested aliases goes far above.
 MAX_EXPANDED_VALUES = 10_000
@@ -593,7 +596,7 @@ def _build(kind, value, key: str):
                      for index, (item_kind, item) in enumerate(zip(item_kinds, value)))
     if origin is dict:
         _, item_kind = typing.get_args(kind)
-        if not isinstance(value, dict) or not value:
+        if not isinstance(value, dict) or (not value and key not in MAY_BE_EMPTY):
             raise PipelineError(f"{where} must be a non-empty mapping, got {shown(value)}")
         return {str(name): _build(item_kind, item, _join(key, name)) for name, item in value.items()}
     if kind is bool:
