@@ -2,6 +2,7 @@
 graphs emulated (tests/support/emulated_cuda.py): `python -m pytest -k emulated`."""
 
 import gc
+import math
 import weakref
 
 import pytest
@@ -11,7 +12,7 @@ from tests.support.emulated_cuda import CaptureViolation, EmulatedCuda
 from tests.support.loops import faces_of, stage_trainer
 from pipeline.base.config import NetConfig
 from pipeline.training.checkpoint import Checkpoint
-from pipeline.training.loop import fit
+from pipeline.training.loop import DeviceFaces, fit
 from pipeline.training.optim import NesterovSGD
 from tests.support.trainings import RaiseIn
 
@@ -97,6 +98,30 @@ def test_emulated_graphs_train_bit_identical_to_the_eager_loop(net):
     assert [graph.replays for graph in cuda.graphs] == [2 * EPOCHS - 3, EPOCHS - 3]
     assert_same_training(replayed, history, eager, expected)
     assert history[-1]["learning_rate"] < history[0]["learning_rate"]  # the annealing reached the replays
+
+
+def test_emulated_graphs_train_a_masked_specialist_bit_identical_to_the_eager_loop():
+    """The eye centres' specialist, masked, a third of its faces lacking the right eye: the masked loss
+    and the group's flips run in the captured step as they do eagerly."""
+    eyes = NetConfig(flip=True, keypoints=("left_eye_center", "right_eye_center"), masked=True)
+
+    def faces(n, seed):
+        whole = faces_of("float32", n, seed)
+        targets = whole.targets[:, :4].clone()
+        targets[::3, 2:] = float("nan")
+        return DeviceFaces(whole.images, targets)
+
+    trainings = []
+    for graphs in (False, True):
+        trainer, _ = stage_trainer("eyes", "cpu", eyes, max_epochs=EPOCHS, batch_size=8, keep="best")
+        trainer.cuda_graphs = graphs
+        cuda = EmulatedCuda()
+        with cuda:
+            trainings.append((trainer, fit(trainer, faces(20, 0), faces(8, 1))))
+    (eager, expected), (replayed, history) = trainings
+    assert [graph.replays for graph in cuda.graphs] == [2 * EPOCHS - 3, EPOCHS - 3]
+    assert_same_training(replayed, history, eager, expected)
+    assert all(math.isfinite(row["valid_loss"]) for row in history)
 
 
 def test_emulated_graphs_catch_an_optimizer_that_reads_its_hyperparameters_as_python_numbers():
