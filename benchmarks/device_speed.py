@@ -163,11 +163,21 @@ def in_processes(jobs: list[tuple[str, str]], config: Config, n_train: int, n_va
         connections.append(ours)
     started = time.perf_counter()
     go.set()
-    results = [connection.recv()[0] for connection in connections]
+    results = [answer(connection, process, job) for connection, process, (job, _) in zip(connections, processes, jobs)]
     elapsed = time.perf_counter() - started
     for process in processes:
         process.join(timeout=60)
     return results, elapsed
+
+
+def answer(connection, process, job: str):
+    """The job's result, or an error naming it once its process has ended without one (it failed, and
+    printed why): a plain recv() would wait for ever."""
+    while not connection.poll(1):
+        if not process.is_alive() and not connection.poll(0):
+            raise SystemExit(f"device_speed: the {job} job's process ended with code {process.exitcode} "
+                             "and no result (its error is above)")
+    return connection.recv()[0]
 
 
 def verdict(met: bool) -> str:

@@ -191,7 +191,8 @@ def params_with_scalars(scalars: dict[str, str]) -> str:
     for dotted, scalar in scalars.items():
         section, key = dotted.split(".")
         params[section][key] = f"<{dotted}>"
-    text = yaml.safe_dump(params, sort_keys=False) + "  on:\n    flip: true\n"
+    params["nets"]["<on>"] = {"flip": True}
+    text = yaml.safe_dump(params, sort_keys=False).replace("<on>:", "on:")
     for dotted, scalar in scalars.items():
         text = text.replace(f"<{dotted}>", scalar)
     return text
