@@ -13,7 +13,7 @@ from torch import nn
 
 from pipeline.base.config import Config
 from pipeline.base.weights import checksum, load_model
-from pipeline.faces.kaggle import KEYPOINT_COLUMNS
+from pipeline.base.shapes import KEYPOINT_COLUMNS
 
 
 def combine(columns: Sequence[Sequence[int]], predicted: Sequence[np.ndarray]) -> np.ndarray:

@@ -18,7 +18,7 @@ from ruamel.yaml.error import MarkedYAMLError
 from pipeline.base.errors import PipelineError
 from pipeline.base.params_file import PARAMS_FILE
 from pipeline.base.text import shown
-from pipeline.faces.kaggle import FLIP_PAIRS, KEYPOINT_COLUMNS, KEYPOINTS
+from pipeline.base.shapes import FLIP_PAIRS, HIDDEN, KEYPOINT_COLUMNS, KEYPOINTS
 
 # Seeds go to numpy, which refuses negative ones, and to torch, which takes at most 64 bits (the
 # flips' generator gets seed + 1): 32 bits suit every generator there is.
@@ -47,8 +47,6 @@ MAX_FACES = 1_000_000
 MAX_EPOCHS = 100_000
 MAX_BATCH_SIZE = 65_536
 MAX_HIDDEN = 100_000
-# The seed's width of the two dense layers: a net's that sets no hidden (model.KeypointNet's default).
-HIDDEN = 500
 MAX_RESAMPLES = 1_000_000
 # Names taken elsewhere: evaluation's name of the mean-shape baseline, and aliases that the Model
 # Registry gives another meaning (the best net's alias; MLflow's own latest and v<N>).

@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from pipeline.base.config import HIDDEN
+from pipeline.base.shapes import HIDDEN
 
 N_OUTPUTS = 30
 # Dropout rates after the three pooling blocks and after the first dense layer: none, as in the seed's nets.

@@ -20,35 +20,11 @@ import pandas as pd
 
 from pipeline.base.errors import PipelineError, os_failure
 from pipeline.base.files import atomic_write
+from pipeline.base.shapes import FLIP_PAIRS, KEYPOINT_COLUMNS, KEYPOINTS
 
 IMAGE_SIZE = 96
 N_PIXELS = IMAGE_SIZE * IMAGE_SIZE
-
-KEYPOINTS = (
-    "left_eye_center",
-    "right_eye_center",
-    "left_eye_inner_corner",
-    "left_eye_outer_corner",
-    "right_eye_inner_corner",
-    "right_eye_outer_corner",
-    "left_eyebrow_inner_end",
-    "left_eyebrow_outer_end",
-    "right_eyebrow_inner_end",
-    "right_eyebrow_outer_end",
-    "nose_tip",
-    "mouth_left_corner",
-    "mouth_right_corner",
-    "mouth_center_top_lip",
-    "mouth_center_bottom_lip",
-)
-KEYPOINT_COLUMNS = tuple(f"{name}_{axis}" for name in KEYPOINTS for axis in ("x", "y"))
 COLUMNS = KEYPOINT_COLUMNS + ("Image",)
-
-# "left" is the subject's left, on the image's right: a horizontal flip swaps each pair.
-FLIP_PAIRS = (
-    (0, 2), (1, 3), (4, 8), (5, 9), (6, 10), (7, 11),
-    (12, 16), (13, 17), (14, 18), (15, 19), (22, 24), (23, 25),
-)
 
 # Column means of the published training.csv, in pixels, in KEYPOINT_COLUMNS order.
 KAGGLE_MEANS = np.array([
